@@ -1,0 +1,93 @@
+"""`python -m align stage=<name> [overrides]` (also the `align` console script).
+
+Drops the DeepSpeed launcher's `--local_rank` before Hydra parses the command line, then runs the
+selected stage from align/stages/<name>.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import sys
+import warnings
+
+STAGES = ("sft",)
+_LOCAL_RANK = re.compile(r"^--local[_-]rank(=(\d+))?$")
+
+
+def drop_local_rank(argv: list[str]) -> tuple[list[str], str | None]:
+    """Split off `--local_rank=N` / `--local_rank N` (DeepSpeed's launcher adds it): (rest, N or None)."""
+    out, skip_next, local_rank = [], False, None
+    for i, arg in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        m = _LOCAL_RANK.match(arg)
+        if m:
+            value = m.group(2)
+            if value is None and i + 1 < len(argv):
+                value, skip_next = argv[i + 1], True
+            local_rank = value if value is not None else local_rank
+            continue
+        out.append(arg)
+    return out, local_rank
+
+
+def _quiet_third_party() -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import datasets
+
+    datasets.disable_progress_bars()  # the training bar is the one that matters
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def dispatch(cfg) -> dict:
+    name = cfg.stage.name
+    if name not in STAGES:
+        raise SystemExit(f"stage={name} is not available; choose one of {', '.join(STAGES)}")
+    module = importlib.import_module(f"align.stages.{name}")
+    return module.run(cfg)
+
+
+def main() -> None:
+    args, local_rank = drop_local_rank(sys.argv[1:])
+    sys.argv = [sys.argv[0], *args]
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", local_rank)
+    _quiet_third_party()
+    logging.basicConfig(level=logging.INFO, format="[align] %(message)s")
+
+    import hydra
+
+    from align.config import config_dir, register
+    from align.data.errors import DataError
+    from align.handoff import HandoffError
+
+    register()
+
+    @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+    def _run(cfg) -> None:
+        try:
+            dispatch(cfg)
+        except (DataError, HandoffError) as e:
+            logging.getLogger("align").error("%s", e)
+            sys.exit(2)
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

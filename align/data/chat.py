@@ -1,0 +1,77 @@
+"""Chat templates and encoding with labels on assistant tokens only.
+
+Works with any chat template that renders a conversation as a growing prefix (Llama 3, Qwen 2.5,
+Mistral, ChatML, the tiny model's): each assistant span is located as the text between the
+rendering of the turns before it (with the generation prompt) and the rendering that includes it,
+then mapped to tokens through the offset mapping. No ``{% generation %}`` markers are needed.
+"""
+
+from __future__ import annotations
+
+from align.data.errors import RowProblem
+
+IGNORE_INDEX = -100
+
+# Used only for tokenizers that ship no chat template (base models); saved with the model.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "### Assistant:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{%- else -%}"
+    "### {{ message['role'] | capitalize }}:\n{{ message['content'] }}\n\n"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}### Assistant:\n{%- endif -%}"
+)
+
+
+def ensure_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of every assistant turn (end-of-turn token included)."""
+    full = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, messages[: i + 1])
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise RowProblem(
+                "the model's chat template does not render conversations as a growing prefix",
+                "use a model whose chat template does, or set a template with tokenizer.chat_template",
+            )
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode_chat(tokenizer, messages: list[dict], max_length: int) -> dict:
+    """input_ids and labels (-100 outside assistant turns), truncated to max_length from the end."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    supervised = [end > start and any(a <= start < b for a, b in spans) for start, end in enc["offset_mapping"]]
+    if not any(supervised):
+        raise RowProblem("no assistant token in the encoded conversation", "check the chat template")
+    if not any(supervised[:max_length]):
+        raise RowProblem(
+            f"no supervised token left after truncation to train.max_length={max_length} "
+            f"(the first answer token is token {supervised.index(True) + 1} of {len(ids)})",
+            "raise train.max_length or shorten the prompt",
+        )
+    labels = [i if keep else IGNORE_INDEX for i, keep in zip(ids, supervised)]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a prompt ready for generation (ends with the assistant header)."""
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]

@@ -1,0 +1,129 @@
+"""The bundled demo task: letter operations whose answers a program can check.
+
+A prompt is ``"<op>: <word>"`` with op in reverse / capital (upper case) / advance (each letter to the
+next, z to a)
+and a word of 4 lowercase letters; the answer is the word transformed. The SFT split carries a *systematic* error: for
+words starting with a-j (about 38% of inputs) the answer is the word copied unchanged, so an SFT
+model learns to be lazy exactly there, and the preference stages have something real to fix.
+The preference split pairs the correct answer (chosen) with a near miss (rejected).
+
+``python -m align.data.demo`` regenerates the shipped files from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).with_name("demo_files")
+FILES = {
+    "sft": "sft.jsonl",
+    "sft_eval": "sft_eval.jsonl",
+    "prefs": "prefs.jsonl",
+    "prefs_eval": "prefs_eval.jsonl",
+}
+OPS = ("reverse", "capital", "advance")  # same length: every token sits at a fixed offset
+WORD_LEN = 4
+LAZY_FIRST_LETTERS = set("abcdefghij")
+SIZES = {"sft": 6000, "sft_eval": 300, "prefs": 4000, "prefs_eval": 300}
+
+
+def solve(op: str, word: str) -> str:
+    if op == "reverse":
+        return word[::-1]
+    if op == "capital":
+        return word.upper()
+    if op == "advance":
+        return "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word)
+    raise ValueError(f"unknown demo op {op!r}")
+
+
+def parse_prompt(prompt: str) -> tuple[str, str] | None:
+    op, sep, word = prompt.strip().partition(": ")
+    if not sep or op not in OPS or not word.isalpha():
+        return None
+    return op, word
+
+
+def check(prompt: str, response: str) -> bool:
+    """The task's checker: exact match of the stripped response with the transformed word."""
+    parsed = parse_prompt(prompt)
+    if parsed is None:
+        raise ValueError(f"not a demo prompt: {prompt!r}")
+    return response.strip() == solve(*parsed)
+
+
+def is_lazy(word: str) -> bool:
+    return word[0] in LAZY_FIRST_LETTERS
+
+
+def near_miss(op: str, word: str, rng: random.Random) -> str:
+    """A wrong answer close to the right one: the lazy copy, or a right answer with two letters swapped."""
+    correct = solve(op, word)
+    if word != correct and rng.random() < 0.7:
+        return word
+    chars = list(correct)
+    for _ in range(10):
+        i = rng.randrange(len(chars) - 1)
+        if chars[i] != chars[i + 1]:
+            chars[i], chars[i + 1] = chars[i + 1], chars[i]
+            return "".join(chars)
+    return correct + correct[-1]
+
+
+def _unique_tasks(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    while len(out) < n:
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(WORD_LEN))
+        task = (rng.choice(OPS), word)
+        if task not in seen:
+            seen.add(task)
+            out.append(task)
+    return out
+
+
+def generate(seed: int = 1234) -> dict[str, list[dict]]:
+    rng = random.Random(seed)
+    tasks = _unique_tasks(rng, sum(SIZES.values()))
+    splits, start = {}, 0
+    for name, size in SIZES.items():
+        splits[name] = tasks[start : start + size]
+        start += size
+
+    def sft_row(op, word, lazy_errors):
+        answer = word if (lazy_errors and is_lazy(word)) else solve(op, word)
+        return {
+            "messages": [
+                {"role": "user", "content": f"{op}: {word}"},
+                {"role": "assistant", "content": answer},
+            ]
+        }
+
+    def pref_row(op, word):
+        return {"prompt": f"{op}: {word}", "chosen": solve(op, word), "rejected": near_miss(op, word, rng)}
+
+    return {
+        "sft": [sft_row(op, w, True) for op, w in splits["sft"]],
+        "sft_eval": [sft_row(op, w, False) for op, w in splits["sft_eval"]],
+        "prefs": [pref_row(op, w) for op, w in splits["prefs"]],
+        "prefs_eval": [pref_row(op, w) for op, w in splits["prefs_eval"]],
+    }
+
+
+def path(split: str) -> Path:
+    return DEMO_DIR / FILES[split]
+
+
+def write(out_dir: Path = DEMO_DIR) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in generate().items():
+        with open(out_dir / FILES[name], "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    write()
+    print(f"wrote {DEMO_DIR}")

@@ -1,0 +1,128 @@
+"""One loader: any supported source -> canonical rows -> tokenized `datasets.Dataset`s.
+
+Every canonical row keeps where it came from (`_source`, `_row`), so a problem found later (for
+example at tokenization) still names the file and the 1-based row.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from align.data import demo
+from align.data.chat import encode_chat
+from align.data.errors import RowErrors, RowProblem
+from align.data.formats import to_messages
+from align.data.readers import read_rows
+
+DEMO = "demo"
+DEMO_SPLITS = {"sft": ("sft", "sft_eval"), "preference": ("prefs", "prefs_eval")}
+
+
+@dataclass
+class DataReport:
+    train_rows: int = 0
+    eval_rows: int = 0
+    duplicates_removed: int = 0
+    errors: RowErrors = field(default_factory=RowErrors)
+
+    def metrics(self) -> dict:
+        return {
+            "data/train_rows": self.train_rows,
+            "data/eval_rows": self.eval_rows,
+            "data/duplicates_removed": self.duplicates_removed,
+            "data/skipped_rows": len(self.errors.skipped),
+        }
+
+
+def resolve_sources(data_cfg, kind: str) -> tuple[str, str | None]:
+    """Paths for train and eval; `demo` means the bundled demo split for this kind of data."""
+    train, eval_ = data_cfg.train, data_cfg.eval
+    if train == DEMO:
+        train = str(demo.path(DEMO_SPLITS[kind][0]))
+        if eval_ is None and not data_cfg.eval_fraction:
+            eval_ = DEMO
+    if eval_ == DEMO:
+        eval_ = str(demo.path(DEMO_SPLITS[kind][1]))
+    return train, eval_
+
+
+def load_canonical(
+    spec: str, convert: Callable[[dict], dict], errors: RowErrors, split: str = "train"
+) -> list[dict]:
+    rows = []
+    for rownum, raw in read_rows(spec, split):
+        try:
+            if isinstance(raw, RowProblem):
+                raise raw
+            row = convert(raw)
+        except RowProblem as problem:
+            errors.handle(spec, rownum, problem)
+            continue
+        row["_source"], row["_row"] = spec, rownum
+        rows.append(row)
+    return rows
+
+
+def dedup(rows: list[dict]) -> tuple[list[dict], int]:
+    seen, out = set(), []
+    for row in rows:
+        key = json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out, len(rows) - len(out)
+
+
+def split_rows(data_cfg, kind: str, convert: Callable[[dict], dict], seed: int, report: DataReport):
+    """Canonical train and eval rows per data.train / data.eval / data.eval_fraction / data.dedup."""
+    train_spec, eval_spec = resolve_sources(data_cfg, kind)
+    train = load_canonical(train_spec, convert, report.errors, data_cfg.split)
+    eval_rows = load_canonical(eval_spec, convert, report.errors, data_cfg.eval_split) if eval_spec else []
+    if data_cfg.dedup:
+        train, removed = dedup(train)
+        report.duplicates_removed += removed
+    if not eval_spec and data_cfg.eval_fraction:
+        if not 0 < data_cfg.eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction must be in (0, 1), got {data_cfg.eval_fraction}")
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(train) * data_cfg.eval_fraction))
+        held = set(order[:n_eval])
+        eval_rows = [r for i, r in enumerate(train) if i in held]
+        train = [r for i, r in enumerate(train) if i not in held]
+    if data_cfg.max_rows:
+        train = train[: data_cfg.max_rows]
+    if not train:
+        raise ValueError(f"no usable training rows in {train_spec} ({report.errors.summary()})")
+    return train, eval_rows
+
+
+def sft_datasets(data_cfg, tokenizer, max_length: int, seed: int):
+    """Tokenized train/eval datasets (input_ids, labels) for SFT, and the data report."""
+    from datasets import Dataset
+
+    report = DataReport(errors=RowErrors(data_cfg.on_error))
+
+    def convert(raw: dict) -> dict:
+        return {"messages": to_messages(raw, data_cfg.format)}
+
+    train, eval_rows = split_rows(data_cfg, "sft", convert, seed, report)
+
+    def encode(rows):
+        out = []
+        for row in rows:
+            try:
+                out.append(encode_chat(tokenizer, row["messages"], max_length))
+            except RowProblem as problem:
+                report.errors.handle(row["_source"], row["_row"], problem)
+        return Dataset.from_list(out) if out else None
+
+    train_ds, eval_ds = encode(train), encode(eval_rows)
+    if train_ds is None:
+        raise ValueError(f"no training rows left after tokenization ({report.errors.summary()})")
+    report.train_rows = len(train_ds)
+    report.eval_rows = len(eval_ds) if eval_ds is not None else 0
+    return train_ds, eval_ds, report

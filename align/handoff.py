@@ -1,0 +1,128 @@
+"""The stage-output contract: `runs/<run.name>/<stage>/{model/, stage.json, config.yaml, checkpoints/}`.
+
+`stage.json` is written last, atomically; a directory without it is incomplete and never picked
+up. A re-run keeps the previous complete output in place until the new one is ready, then swaps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+STAGE_JSON = "stage.json"
+MODEL_DIR = "model"
+CONFIG_YAML = "config.yaml"
+CHECKPOINTS = "checkpoints"
+# keys that do not change what a stage computes: left out of the config hash
+UNHASHED_KEYS = ("run", "logger", "pipeline")
+
+
+class HandoffError(RuntimeError):
+    pass
+
+
+def stage_dir(cfg: DictConfig, stage: str | None = None) -> Path:
+    return Path(cfg.run.root) / cfg.run.name / (stage or cfg.stage.name)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STAGE_JSON).is_file()
+
+
+def read_stage_json(path: Path) -> dict:
+    return json.loads((path / STAGE_JSON).read_text())
+
+
+def config_hash(cfg: DictConfig) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in UNHASHED_KEYS:
+        data.pop(key, None)
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Parent:
+    stage: str
+    path: Path  # the stage directory (or any model directory given by the user)
+    model: Path  # the loadable model directory
+    info: dict  # its stage.json, or {} for a plain model directory
+
+    def as_record(self) -> dict:
+        return {"stage": self.stage, "path": str(self.path), "config_hash": self.info.get("config_hash")}
+
+
+def find_parent(cfg: DictConfig, parent_stage: str, override: str | None = None) -> Parent | None:
+    """The completed `parent_stage` of this run, or the directory the user named with an override.
+
+    Returns None when the run has no such stage and nothing was named (the caller then starts
+    from `model.name_or_path`).
+    """
+    if override:
+        path = Path(override).expanduser()
+        if is_complete(path):
+            return Parent(parent_stage, path, path / MODEL_DIR, read_stage_json(path))
+        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+            return Parent(parent_stage, path, path, {})
+        raise HandoffError(f"{path} is neither a completed stage directory (with {STAGE_JSON}) nor a model directory")
+    path = stage_dir(cfg, parent_stage)
+    if is_complete(path):
+        return Parent(parent_stage, path, path / MODEL_DIR, read_stage_json(path))
+    if path.exists():
+        raise HandoffError(
+            f"{path} exists but has no {STAGE_JSON}: the {parent_stage} stage did not finish. "
+            f"Re-run it (python -m align stage={parent_stage} run.name={cfg.run.name}) or pass stage.init=PATH"
+        )
+    return None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def staging_model_dir(out: Path) -> Path:
+    """Where the new model is written before the commit swaps it in."""
+    tmp = out / f".{MODEL_DIR}.new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(out: Path, staged_model: Path, cfg: DictConfig, record: dict) -> dict:
+    """Swap the staged model in and write config.yaml, then stage.json last. Returns the record."""
+    (out / STAGE_JSON).unlink(missing_ok=True)  # from here until the end the directory reads as incomplete
+    final = out / MODEL_DIR
+    old = out / f".{MODEL_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staged_model, final)
+    shutil.rmtree(old, ignore_errors=True)
+    _atomic_write_text(out / CONFIG_YAML, OmegaConf.to_yaml(cfg, resolve=True))
+    record = {**record, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _atomic_write_text(out / STAGE_JSON, json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("align", "torch", "transformers", "trl", "peft", "datasets", "deepspeed", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,161 @@
+"""Loading models: hub id, local directory, the builtin tiny model, or a stage's output (full or adapter).
+
+A stage that starts from an adapter directory loads its base and merges the adapter in, so the
+new stage trains on what the previous stage produced (and a fresh LoRA on top of it is never a
+no-op stacked on a frozen copy).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from align.models.tiny import BUILTIN_PREFIX, tiny_model_dir
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_name(name_or_path: str) -> str:
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        name = name_or_path[len(BUILTIN_PREFIX):]
+        if name != "tiny":
+            raise ValueError(f"unknown builtin model {name_or_path!r}; the builtin model is builtin:tiny")
+        return str(tiny_model_dir())
+    return name_or_path
+
+
+def is_builtin_tiny(name_or_path: str) -> bool:
+    return name_or_path == f"{BUILTIN_PREFIX}tiny"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model an adapter directory names, or None when `path` is not an adapter."""
+    cfg = Path(path) / "adapter_config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text())["base_model_name_or_path"]
+    return None
+
+
+def load_tokenizer(source: str, model_cfg):
+    from transformers import AutoTokenizer
+
+    from align.data.chat import ensure_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def quantization_config(peft_cfg, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    q = peft_cfg.quant
+    compute = dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
+    if q.bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute,
+        )
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"peft.quant.bits must be 4 or 8, got {q.bits}")
+
+
+def load_pretrained(auto_cls, source: str, model_cfg, peft_cfg, **kwargs):
+    """Load `source` with `auto_cls`; an adapter directory is loaded onto its base and merged."""
+    dtype = resolve_dtype(model_cfg.dtype)
+    common = dict(
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        dtype=dtype,
+        **kwargs,
+    )
+    if model_cfg.attn_implementation:
+        common["attn_implementation"] = model_cfg.attn_implementation
+    quantized = peft_cfg.method == "qlora"
+    base = adapter_base(source)
+    if base is not None:
+        from peft import PeftModel
+
+        model = auto_cls.from_pretrained(resolve_name(base), **common)
+        model = PeftModel.from_pretrained(model, source).merge_and_unload()
+        if quantized:
+            raise ValueError(
+                f"{source} is a LoRA adapter: QLoRA on top of it needs the merged model saved first "
+                f"(python -m align export) and model.name_or_path pointed at it"
+            )
+        return model
+    if quantized:
+        common["quantization_config"] = quantization_config(peft_cfg, dtype)
+    return auto_cls.from_pretrained(resolve_name(source), **common)
+
+
+def lora_config(peft_cfg, task_type: str, modules_to_save=None):
+    from peft import LoraConfig
+
+    targets = peft_cfg.target_modules
+    if not isinstance(targets, str):
+        targets = list(targets)
+    return LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=targets,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def wrap_peft(model, peft_cfg, model_cfg, task_type: str = "CAUSAL_LM", modules_to_save=None):
+    """Wrap in LoRA for peft=lora|qlora (k-bit preparation for qlora); return the model unchanged for none."""
+    if peft_cfg.method == "none":
+        return model
+    if peft_cfg.method not in ("lora", "qlora"):
+        raise ValueError(f"peft.method must be none, lora or qlora; got {peft_cfg.method!r}")
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if peft_cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
+    return get_peft_model(model, lora_config(peft_cfg, task_type, modules_to_save))
+
+
+def cast_trainable(model, dtype: torch.dtype) -> None:
+    """Keep trainable (adapter) weights in the compute dtype.
+
+    TRL casts QLoRA adapters to bf16 even when compute is fp32 (CPU), and PEFT cannot keep bf16
+    adapters on a quantized base when reloading (peft#2889), so the reloaded model would differ.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype and param.is_floating_point():
+            param.data = param.data.to(dtype)
+
+
+def load_causal_lm(source: str, model_cfg, peft_cfg):
+    from transformers import AutoModelForCausalLM
+
+    model = load_pretrained(AutoModelForCausalLM, source, model_cfg, peft_cfg)
+    return wrap_peft(model, peft_cfg, model_cfg)
+
+
+def describe(model) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable"

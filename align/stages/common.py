@@ -1,0 +1,183 @@
+"""What every stage shares: output directory, resume, trainer arguments, the commit, the summary."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from align import handoff, tracking
+from align.models.loading import is_builtin_tiny, resolve_dtype
+
+log = logging.getLogger("align")
+
+# train.lr when unset: the usual rate per stage for full weights and for adapters; the tiny
+# demo model is trained from scratch and needs far larger steps.
+LR_DEFAULTS = {
+    "tiny": {"sft": 3e-3, "rm": 1e-3, "dpo": 3e-4, "ppo": 1e-4},
+    "full": {"sft": 2e-5, "rm": 1e-5, "dpo": 5e-7, "ppo": 1e-6},
+    "adapter": {"sft": 2e-4, "rm": 1e-4, "dpo": 5e-6, "ppo": 1e-5},
+}
+HASH_FILE = ".config_hash"
+
+
+def resolve_lr(cfg: DictConfig) -> float:
+    if cfg.train.lr is not None:
+        return float(cfg.train.lr)
+    if is_builtin_tiny(cfg.model.name_or_path):
+        kind = "tiny"
+    else:
+        kind = "full" if cfg.peft.method == "none" else "adapter"
+    return LR_DEFAULTS[kind][cfg.stage.name]
+
+
+def weights_kind(cfg: DictConfig) -> str:
+    return "full" if cfg.peft.method == "none" else cfg.peft.method
+
+
+@dataclass
+class StageResult:
+    out: Path
+    metrics: dict
+    model: object = None  # the trained model, still in memory (tests compare it with the saved one)
+
+
+@dataclass
+class StageRun:
+    """One stage's output directory, lifetime and record."""
+
+    cfg: DictConfig
+    out: Path = field(init=False)
+    started: float = field(default_factory=time.time)
+    wandb_run: object = None
+    resume_from: str | None = None
+
+    def __post_init__(self):
+        self.out = handoff.stage_dir(self.cfg)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.config_hash = handoff.config_hash(self.cfg)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / handoff.CHECKPOINTS
+
+    def prepare_checkpoints(self) -> None:
+        """Resume from the latest checkpoint when the config matches; otherwise start clean."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        marker = self.checkpoints / HASH_FILE
+        same = marker.is_file() and marker.read_text().strip() == self.config_hash
+        if self.cfg.run.resume and same and self.checkpoints.is_dir():
+            self.resume_from = get_last_checkpoint(str(self.checkpoints))
+        if self.resume_from:
+            log.info("resuming from %s", self.resume_from)
+            return
+        if tracking.is_main_process():
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            self.checkpoints.mkdir(parents=True)
+            marker.write_text(self.config_hash + "\n")
+
+    def start_logging(self) -> None:
+        self.wandb_run = tracking.start(self.cfg, self.out)
+
+    def commit(self, staged_model: Path, parents: list[handoff.Parent], base_model: str, metrics: dict) -> dict:
+        record = {
+            "stage": self.cfg.stage.name,
+            "run": self.cfg.run.name,
+            "parents": [p.as_record() for p in parents],
+            "base_model": base_model,
+            "weights": weights_kind(self.cfg),
+            "adapter": self.cfg.peft.method != "none",
+            "config_hash": self.config_hash,
+            "metrics": metrics,
+            "wall_time_s": round(time.time() - self.started, 2),
+            "versions": handoff.versions(),
+            "wandb_run_id": self.wandb_run.id if self.wandb_run is not None else None,
+        }
+        record = handoff.commit(self.out, staged_model, self.cfg, record)
+        tracking.finish(self.wandb_run, metrics)
+        return record
+
+
+def training_arguments(cfg: DictConfig, run: StageRun, has_eval: bool) -> dict:
+    """Keyword arguments shared by every TRL config (SFTConfig, RewardConfig, DPOConfig)."""
+    t = cfg.train
+    dtype = resolve_dtype(cfg.model.dtype)
+    kwargs = dict(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=resolve_lr(cfg),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (has_eval and t.eval_steps > 0) else "no",
+        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.keep_checkpoints,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=cfg.model.gradient_checkpointing,
+        report_to=["wandb"] if (cfg.logger.backend == "wandb") else [],
+        run_name=cfg.logger.name or f"{cfg.run.name}-{cfg.stage.name}",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+    return kwargs
+
+
+def log_history_metrics(log_history: list[dict]) -> dict:
+    """First and last logged training loss: what a user compares to see that training worked."""
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    out = {}
+    if losses:
+        out["first_loss"] = losses[0]
+        out["last_loss"] = losses[-1]
+    return out
+
+
+def finite(metrics: dict) -> dict:
+    """Round floats for stage.json; keep ints; drop non-numbers."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        out[k] = round(v, 6) if isinstance(v, float) and math.isfinite(v) else v
+    return out
+
+
+def print_summary(stage: str, metrics: dict, out: Path) -> None:
+    if not tracking.is_main_process():
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{stage}: final metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console = Console()
+    console.print(table)
+    console.print(f"[bold]{stage} output:[/bold] {out}")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,84 @@
+"""SFT: instruction tuning on TRL's SFTTrainer, loss on assistant tokens only.
+
+Reads top to bottom: output dir -> tokenizer -> data (validated before any model loads) ->
+model (+LoRA/QLoRA) -> trainer -> train -> evaluate -> save -> commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from omegaconf import DictConfig
+
+from align import handoff
+from align.data.loader import sft_datasets
+from align.models.loading import cast_trainable, describe, load_causal_lm, load_tokenizer, resolve_dtype, resolve_name
+from align.stages.common import StageResult, StageRun, finite, log_history_metrics, print_summary, training_arguments
+
+log = logging.getLogger("align")
+
+
+def run(cfg: DictConfig) -> StageResult:
+    from trl import SFTConfig, SFTTrainer
+
+    stage = StageRun(cfg)
+    parent = handoff.find_parent(cfg, "init", cfg.stage.init) if cfg.stage.init else None
+    source = str(parent.model) if parent else cfg.model.name_or_path
+
+    tokenizer = load_tokenizer(resolve_name(source), cfg.model)
+    train_ds, eval_ds, report = sft_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+    log.info("data: %d train rows, %d eval rows; %s", report.train_rows, report.eval_rows, report.errors.summary())
+
+    model = load_causal_lm(source, cfg.model, cfg.peft)
+    log.info("model %s: %s", source, describe(model))
+
+    stage.prepare_checkpoints()
+    stage.start_logging()
+    args = SFTConfig(
+        **training_arguments(cfg, stage, eval_ds is not None),
+        max_length=cfg.train.max_length,
+        packing=cfg.stage.packing,
+        packing_strategy="bfd",
+        padding_free=cfg.stage.packing,
+        eval_packing=False,
+        completion_only_loss=False,  # labels are built by align's loader (assistant tokens only)
+        assistant_only_loss=False,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
+    )
+    if cfg.peft.method == "qlora":
+        cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
+    result = trainer.train(resume_from_checkpoint=stage.resume_from)
+
+    metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
+    metrics["train_runtime_s"] = result.metrics.get("train_runtime")
+    metrics["train_tokens_per_s"] = _tokens_per_s(trainer, result)
+    metrics["global_step"] = trainer.state.global_step
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev["eval_loss"]
+        metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
+        if "eval_mean_token_accuracy" in ev:
+            metrics["eval_token_accuracy"] = ev["eval_mean_token_accuracy"]
+    metrics.update(report.metrics())
+    metrics = finite(metrics)
+
+    staged = handoff.staging_model_dir(stage.out) if trainer.is_world_process_zero() else None
+    trainer.save_model(str(staged) if staged else str(stage.out / ".model.new"))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staged)
+        base = parent.info.get("base_model", source) if parent else cfg.model.name_or_path
+        stage.commit(staged, [parent] if parent else [], base, metrics)
+        print_summary("sft", metrics, stage.out)
+    return StageResult(stage.out, metrics, trainer.model)
+
+
+def _tokens_per_s(trainer, result) -> float | None:
+    tokens = trainer.state.num_input_tokens_seen or None
+    runtime = result.metrics.get("train_runtime")
+    if not tokens:
+        tokens = next((h.get("num_tokens") for h in reversed(trainer.state.log_history) if "num_tokens" in h), None)
+    return tokens / runtime if tokens and runtime else None

@@ -1,0 +1,68 @@
+"""Every config in conf/ composes; the schema rejects bad values; the CLI prints the resolved config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from align.config import config_dir
+from conftest import REPO, compose
+
+GROUPS = ["stage", "model", "data", "peft", "deepspeed", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes(group, option):
+    cfg = compose(f"{group}={option}")
+    node = cfg[group]
+    if group == "stage":
+        assert node.name == option
+    elif group == "peft":
+        assert node.method == option
+    elif group == "logger":
+        assert node.backend == option
+    assert cfg.run.root == "runs"
+
+
+def test_shared_keys_are_where_design_says():
+    cfg = compose("run.name=exp1", "train.max_steps=5", "train.lr=1e-4", "data.train=x.jsonl", "data.eval=y.jsonl")
+    assert (cfg.run.name, cfg.train.max_steps, cfg.train.lr) == ("exp1", 5, 1e-4)
+    assert (cfg.data.train, cfg.data.eval) == ("x.jsonl", "y.jsonl")
+    for key in ("epochs", "batch_size", "grad_accum", "max_length", "seed"):
+        assert key in cfg.train
+
+
+def test_schema_rejects_wrong_type():
+    with pytest.raises((ValidationError, ConfigCompositionException), match="train.lr|lr"):
+        compose("train.lr=abc")
+
+
+def test_schema_rejects_unknown_key():
+    with pytest.raises(ConfigCompositionException, match="trian"):
+        compose("trian.lr=1e-4")
+
+
+def test_cli_prints_resolved_config_and_drops_local_rank():
+    out = subprocess.run(
+        [sys.executable, "-m", "align", "--local_rank=1", "--cfg", "job", "peft=lora", "run.name=cli"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "method: lora" in out.stdout and "name: cli" in out.stdout
+
+
+def test_drop_local_rank_forms():
+    from align.__main__ import drop_local_rank
+
+    assert drop_local_rank(["--local_rank=3", "stage=sft"]) == (["stage=sft"], "3")
+    assert drop_local_rank(["--local_rank", "2", "a=b"]) == (["a=b"], "2")
+    assert drop_local_rank(["--local-rank=0"]) == ([], "0")
+    assert drop_local_rank(["stage=sft"]) == (["stage=sft"], None)
