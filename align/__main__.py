@@ -13,7 +13,8 @@ import re
 import sys
 import warnings
 
-STAGES = ("sft",)
+STAGES = ("sft", "rm")
+COMMANDS = ("export",)  # `python -m align export stage=rm run.name=x`
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(=(\d+))?$")
 
 
@@ -54,7 +55,11 @@ def _has_cuda() -> bool:
         return False
 
 
-def dispatch(cfg) -> dict:
+def dispatch(cfg, command: str = "train"):
+    if command == "export":
+        from align.export import run
+
+        return run(cfg)
     name = cfg.stage.name
     if name not in STAGES:
         raise SystemExit(f"stage={name} is not available; choose one of {', '.join(STAGES)}")
@@ -64,6 +69,9 @@ def dispatch(cfg) -> dict:
 
 def main() -> None:
     args, local_rank = drop_local_rank(sys.argv[1:])
+    command = "train"
+    if args and args[0] in COMMANDS:
+        command = args.pop(0)
     sys.argv = [sys.argv[0], *args]
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", local_rank)
@@ -81,7 +89,7 @@ def main() -> None:
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     def _run(cfg) -> None:
         try:
-            dispatch(cfg)
+            dispatch(cfg, command)
         except (DataError, HandoffError) as e:
             logging.getLogger("align").error("%s", e)
             sys.exit(2)

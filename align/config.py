@@ -110,6 +110,12 @@ class SFTStageConfig(StageConfig):
 
 
 @dataclass
+class RMStageConfig(StageConfig):
+    name: str = "rm"
+    center_rewards_coef: float | None = None  # adds coef * mean((r_chosen + r_rejected)^2): rewards centred on 0
+
+
+@dataclass
 class AlignConfig:
     stage: Any = MISSING
     run: RunConfig = field(default_factory=RunConfig)
@@ -121,7 +127,7 @@ class AlignConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
-STAGE_SCHEMAS = {"sft": SFTStageConfig}
+STAGE_SCHEMAS = {"sft": SFTStageConfig, "rm": RMStageConfig}
 
 
 def register() -> None:

@@ -26,7 +26,7 @@ def full_run(tmp_path_factory):
 
 # Measured on torch 2.13.0+cpu / transformers 5.23.0 / trl 1.16.0 (x86_64); the seeded model and
 # data order make the first loss reproducible to far below this tolerance.
-PINNED_FIRST_LOSS = 5.5533
+PINNED_FIRST_LOSS = 5.5987
 
 
 def test_first_step_loss_is_pinned(full_run):
@@ -110,3 +110,29 @@ def test_adapter_saves_and_reloads_with_same_logits(tmp_path, method):
     with reloaded.disable_adapter(), torch.no_grad():  # the adapter did train: it moves the output
         base_logits = reloaded(input_ids=ids).logits
     assert (reloaded(input_ids=ids).logits - base_logits).abs().max() > 1e-3
+
+
+def test_packed_examples_do_not_attend_to_each_other():
+    from align.models.loading import load_causal_lm
+
+    cfg = compose()
+    model = load_causal_lm(cfg.model.name_or_path, cfg.model, cfg.peft).train()
+    a, b = torch.tensor([[259, 81, 68, 85, 257]]), torch.tensor([[259, 66, 67, 257, 260, 66]])
+    packed = torch.cat([a, b], 1)
+    positions = torch.cat([torch.arange(5), torch.arange(6)])[None]
+    with torch.no_grad():
+        alone = model(input_ids=b).logits
+        together = model(input_ids=packed, position_ids=positions).logits[:, 5:]
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+
+
+def test_packing_trains_on_fewer_fuller_rows(tmp_path):
+    common = ["data.max_rows=320", "train.epochs=1", "train.batch_size=16"]
+    _, plain = sft(tmp_path / "a", *common)
+    cfg, packed = sft(tmp_path / "b", *common, "stage.packing=true")
+    assert plain.metrics["global_step"] == 20
+    assert packed.metrics["global_step"] < 10  # ~20-token examples packed into 64-token rows
+    assert packed.metrics["last_loss"] < packed.metrics["first_loss"] - 1.0
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(packed.out / "model").config.use_cache is True

@@ -75,3 +75,23 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int) -> dict:
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a prompt ready for generation (ends with the assistant header)."""
     return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def encode_pair(tokenizer, row: dict, max_length: int) -> dict:
+    """Token ids of prompt+chosen and prompt+rejected for a reward model, truncated to max_length."""
+    prompt_len = len(encode_prompt(tokenizer, row["prompt"])) if row["prompt"] else 0
+    if prompt_len >= max_length:
+        raise RowProblem(
+            f"the prompt alone is {prompt_len} tokens, over train.max_length={max_length}",
+            "raise train.max_length or shorten the prompt",
+        )
+    out = {}
+    for key in ("chosen", "rejected"):
+        text = render(tokenizer, row["prompt"] + row[key])
+        out[f"{key}_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+    if out["chosen_ids"] == out["rejected_ids"]:
+        raise RowProblem(f"chosen and rejected are identical after truncation to train.max_length={max_length}",
+                         "raise train.max_length")
+    if row.get("margin") is not None:
+        out["margin"] = row["margin"]
+    return out

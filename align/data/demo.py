@@ -1,11 +1,12 @@
 """The bundled demo task: letter operations whose answers a program can check.
 
-A prompt is ``"<op>: <word>"`` with op in reverse / capital (upper case) / advance (each letter to the
-next, z to a)
-and a word of 4 lowercase letters; the answer is the word transformed. The SFT split carries a *systematic* error: for
+A prompt is ``"<op>: <word>"`` with a word of 4 lowercase letters and op in capital (upper case),
+advance (each letter to the next, z to a) or retreat (each letter to the previous, a to z); the
+answer is the word transformed. The SFT split carries a *systematic* error: for
 words starting with a-j (about 38% of inputs) the answer is the word copied unchanged, so an SFT
 model learns to be lazy exactly there, and the preference stages have something real to fix.
-The preference split pairs the correct answer (chosen) with a near miss (rejected).
+The preference split pairs the correct answer (chosen) with a near miss (rejected): the lazy
+copy, or the answer to another op.
 
 ``python -m align.data.demo`` regenerates the shipped files from a fixed seed.
 """
@@ -23,15 +24,15 @@ FILES = {
     "prefs": "prefs.jsonl",
     "prefs_eval": "prefs_eval.jsonl",
 }
-OPS = ("reverse", "capital", "advance")  # same length: every token sits at a fixed offset
+OPS = ("capital", "advance", "retreat")  # same length: every token sits at a fixed offset
 WORD_LEN = 4
 LAZY_FIRST_LETTERS = set("abcdefghij")
 SIZES = {"sft": 6000, "sft_eval": 300, "prefs": 4000, "prefs_eval": 300}
 
 
 def solve(op: str, word: str) -> str:
-    if op == "reverse":
-        return word[::-1]
+    if op == "retreat":
+        return "".join(chr((ord(c) - 97 - 1) % 26 + 97) for c in word)
     if op == "capital":
         return word.upper()
     if op == "advance":
@@ -59,17 +60,14 @@ def is_lazy(word: str) -> bool:
 
 
 def near_miss(op: str, word: str, rng: random.Random) -> str:
-    """A wrong answer close to the right one: the lazy copy, or a right answer with two letters swapped."""
+    """A wrong answer a reader would make: the lazy copy (70%), or the answer to another op."""
     correct = solve(op, word)
     if word != correct and rng.random() < 0.7:
         return word
-    chars = list(correct)
-    for _ in range(10):
-        i = rng.randrange(len(chars) - 1)
-        if chars[i] != chars[i + 1]:
-            chars[i], chars[i + 1] = chars[i + 1], chars[i]
-            return "".join(chars)
-    return correct + correct[-1]
+    for other in rng.sample([o for o in OPS if o != op], k=len(OPS) - 1):
+        if solve(other, word) != correct:
+            return solve(other, word)
+    return correct[::-1] if correct[::-1] != correct else correct + correct[-1]
 
 
 def _unique_tasks(rng: random.Random, n: int) -> list[tuple[str, str]]:

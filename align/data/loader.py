@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from align.data import demo
-from align.data.chat import encode_chat
+from align.data.chat import encode_chat, encode_pair
 from align.data.errors import RowErrors, RowProblem
 from align.data.formats import to_messages
+from align.data.preferences import to_preference
 from align.data.readers import read_rows
 
 DEMO = "demo"
@@ -102,22 +103,31 @@ def split_rows(data_cfg, kind: str, convert: Callable[[dict], dict], seed: int, 
 
 def sft_datasets(data_cfg, tokenizer, max_length: int, seed: int):
     """Tokenized train/eval datasets (input_ids, labels) for SFT, and the data report."""
+    return _tokenized(data_cfg, "sft", lambda raw: {"messages": to_messages(raw, data_cfg.format)},
+                      lambda row: encode_chat(tokenizer, row["messages"], max_length), seed)
+
+
+def preference_datasets(data_cfg, tokenizer, max_length: int, seed: int):
+    """Tokenized train/eval datasets (chosen_ids, rejected_ids[, margin]) for a reward model, and the report."""
+    return _tokenized(data_cfg, "preference", to_preference, lambda row: encode_pair(tokenizer, row, max_length), seed)
+
+
+def _tokenized(data_cfg, kind: str, convert, encode_row, seed: int):
     from datasets import Dataset
 
     report = DataReport(errors=RowErrors(data_cfg.on_error))
-
-    def convert(raw: dict) -> dict:
-        return {"messages": to_messages(raw, data_cfg.format)}
-
-    train, eval_rows = split_rows(data_cfg, "sft", convert, seed, report)
+    train, eval_rows = split_rows(data_cfg, kind, convert, seed, report)
 
     def encode(rows):
         out = []
         for row in rows:
             try:
-                out.append(encode_chat(tokenizer, row["messages"], max_length))
+                out.append(encode_row(row))
             except RowProblem as problem:
                 report.errors.handle(row["_source"], row["_row"], problem)
+        if out and any("margin" in r for r in out):
+            for r in out:
+                r.setdefault("margin", 0.0)
         return Dataset.from_list(out) if out else None
 
     train_ds, eval_ds = encode(train), encode(eval_rows)

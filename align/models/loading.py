@@ -148,10 +148,19 @@ def cast_trainable(model, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
+def set_use_cache(model, enabled: bool) -> None:
+    """Off while training: with a KV cache, transformers skips packed-sequence detection and packed
+    (padding-free) examples attend to each other. On again for the saved model, for generation."""
+    model.config.use_cache = enabled
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = enabled
+
+
 def load_causal_lm(source: str, model_cfg, peft_cfg):
     from transformers import AutoModelForCausalLM
 
     model = load_pretrained(AutoModelForCausalLM, source, model_cfg, peft_cfg)
+    set_use_cache(model, False)
     return wrap_peft(model, peft_cfg, model_cfg)
 
 
@@ -159,3 +168,31 @@ def describe(model) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable"
+
+
+def load_reward_model(source: str, model_cfg, peft_cfg, pad_token_id: int):
+    """A one-output sequence classifier (the score head); LoRA keeps the head trainable and saved."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = load_pretrained(AutoModelForSequenceClassification, source, model_cfg, peft_cfg, num_labels=1)
+    model.config.pad_token_id = pad_token_id
+    return wrap_peft(model, peft_cfg, model_cfg, task_type="SEQ_CLS", modules_to_save=["score"])
+
+
+@torch.no_grad()
+def score(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Reward of each token sequence (the score head at its last token), as float32."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(sequences), batch_size):
+        chunk = sequences[i : i + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        out.append(logits[:, 0].float().cpu())
+    return torch.cat(out)

@@ -87,9 +87,11 @@ class StageRun:
     def start_logging(self) -> None:
         self.wandb_run = tracking.start(self.cfg, self.out)
 
-    def commit(self, staged_model: Path, parents: list[handoff.Parent], base_model: str, metrics: dict) -> dict:
+    def commit(self, staged_model: Path, parents: list[handoff.Parent], base_model: str, metrics: dict,
+               task: str = "causal_lm") -> dict:
         record = {
             "stage": self.cfg.stage.name,
+            "task": task,
             "run": self.cfg.run.name,
             "parents": [p.as_record() for p in parents],
             "base_model": base_model,
@@ -104,6 +106,21 @@ class StageRun:
         record = handoff.commit(self.out, staged_model, self.cfg, record)
         tracking.finish(self.wandb_run, metrics)
         return record
+
+
+def save_and_commit(stage: StageRun, trainer, tokenizer, parent, base_model: str, metrics: dict,
+                    task: str = "causal_lm") -> StageResult:
+    """Save on every rank (ZeRO gathers), then on the main process swap the model in and write stage.json."""
+    main = trainer.is_world_process_zero()
+    staged = handoff.staging_model_dir(stage.out) if main else stage.out / ".model.new"
+    trainer.save_model(str(staged))
+    if main:
+        tokenizer.save_pretrained(staged)
+        if parent is not None:
+            base_model = parent.info.get("base_model", str(parent.model))
+        stage.commit(staged, [parent] if parent else [], base_model, metrics, task=task)
+        print_summary(stage.cfg.stage.name, metrics, stage.out)
+    return StageResult(stage.out, metrics, trainer.model)
 
 
 def training_arguments(cfg: DictConfig, run: StageRun, has_eval: bool) -> dict:

@@ -13,8 +13,23 @@ from omegaconf import DictConfig
 
 from align import handoff
 from align.data.loader import sft_datasets
-from align.models.loading import cast_trainable, describe, load_causal_lm, load_tokenizer, resolve_dtype, resolve_name
-from align.stages.common import StageResult, StageRun, finite, log_history_metrics, print_summary, training_arguments
+from align.models.loading import (
+    cast_trainable,
+    describe,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_name,
+    set_use_cache,
+)
+from align.stages.common import (
+    StageResult,
+    StageRun,
+    finite,
+    log_history_metrics,
+    save_and_commit,
+    training_arguments,
+)
 
 log = logging.getLogger("align")
 
@@ -66,14 +81,8 @@ def run(cfg: DictConfig) -> StageResult:
     metrics.update(report.metrics())
     metrics = finite(metrics)
 
-    staged = handoff.staging_model_dir(stage.out) if trainer.is_world_process_zero() else None
-    trainer.save_model(str(staged) if staged else str(stage.out / ".model.new"))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(staged)
-        base = parent.info.get("base_model", source) if parent else cfg.model.name_or_path
-        stage.commit(staged, [parent] if parent else [], base, metrics)
-        print_summary("sft", metrics, stage.out)
-    return StageResult(stage.out, metrics, trainer.model)
+    set_use_cache(trainer.model, True)
+    return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics)
 
 
 def _tokens_per_s(trainer, result) -> float | None:

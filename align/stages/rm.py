@@ -1,0 +1,92 @@
+"""Reward model: a one-output sequence classifier trained on preference pairs, from the run's SFT.
+
+Loss (TRL's RewardTrainer): -log sigmoid(r_chosen - r_rejected - margin), margin from an optional
+`margin` column, plus center_rewards_coef * mean((r_chosen + r_rejected)^2) when set. After
+training the eval pairs are scored: accuracy, mean margin, and the reward mean/std that PPO uses
+to normalise rewards.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig
+
+from align import handoff
+from align.data.loader import preference_datasets
+from align.models.loading import (
+    cast_trainable,
+    describe,
+    load_reward_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_name,
+    score,
+)
+from align.stages.common import (
+    StageResult,
+    StageRun,
+    finite,
+    log_history_metrics,
+    save_and_commit,
+    training_arguments,
+)
+
+log = logging.getLogger("align")
+
+
+def run(cfg: DictConfig) -> StageResult:
+    from trl import RewardConfig, RewardTrainer
+
+    stage = StageRun(cfg)
+    parent = handoff.find_parent(cfg, "sft", cfg.stage.init)
+    source = str(parent.model) if parent else cfg.model.name_or_path
+    if parent is None:
+        log.info("no completed sft in run %s: starting from %s", cfg.run.name, source)
+
+    tokenizer = load_tokenizer(resolve_name(source) if not parent else source, cfg.model)
+    train_ds, eval_ds, report = preference_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+    log.info("data: %d train pairs, %d eval pairs; %s", report.train_rows, report.eval_rows, report.errors.summary())
+
+    model = load_reward_model(source, cfg.model, cfg.peft, tokenizer.pad_token_id)
+    log.info("reward model from %s: %s", source, describe(model))
+
+    stage.prepare_checkpoints()
+    stage.start_logging()
+    args = RewardConfig(
+        **training_arguments(cfg, stage, eval_ds is not None),
+        max_length=cfg.train.max_length,
+        center_rewards_coefficient=cfg.stage.center_rewards_coef,
+        disable_dropout=True,
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer)
+    if cfg.peft.method == "qlora":  # TRL casts adapters to bf16; the head must match fp32 activations on CPU
+        cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
+    result = trainer.train(resume_from_checkpoint=stage.resume_from)
+
+    metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
+    metrics["train_runtime_s"] = result.metrics.get("train_runtime")
+    metrics["global_step"] = trainer.state.global_step
+    metrics.update(pair_metrics(trainer.model, eval_ds if eval_ds is not None else train_ds, tokenizer.pad_token_id,
+                                "eval" if eval_ds is not None else "train"))
+    metrics.update(report.metrics())
+    metrics = finite(metrics)
+
+    return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics, task="seq_cls")
+
+
+def pair_metrics(model, dataset, pad_token_id: int, split: str) -> dict:
+    """Accuracy, mean margin and the reward distribution over a set of pairs."""
+    chosen = score(model, dataset["chosen_ids"], pad_token_id)
+    rejected = score(model, dataset["rejected_ids"], pad_token_id)
+    both = torch.cat([chosen, rejected])
+    return {
+        f"{split}_accuracy": (chosen > rejected).float().mean().item(),
+        f"{split}_margin": (chosen - rejected).mean().item(),
+        "reward_mean": both.mean().item(),
+        "reward_std": both.std().item(),
+        "reward_chosen_mean": chosen.mean().item(),
+        "reward_rejected_mean": rejected.mean().item(),
+    }
