@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> StageResult:
     if parent is None:
         log.info("no completed sft in run %s: starting from %s", cfg.run.name, source)
 
-    tokenizer = load_tokenizer(resolve_name(source) if not parent else source, cfg.model)
+    tokenizer = load_tokenizer(resolve_name(source), cfg.model)
     train_ds, eval_ds, report = preference_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
     log.info("data: %d train pairs, %d eval pairs; %s", report.train_rows, report.eval_rows, report.errors.summary())
 
