@@ -83,7 +83,13 @@ class PeftConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = -1  # -1: no DeepSpeed
+    zero_stage: int = -1  # -1: no DeepSpeed; 0..3: the ZeRO stage
+    offload_optimizer: str = "none"  # none | cpu (ZeRO 1-3: optimizer states and step on the CPU)
+    offload_param: str = "none"  # none | cpu (ZeRO-3 only: parameters live on the CPU)
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    bucket_size: Any = "auto"  # reduce/prefetch bucket size: "auto" (from the hidden size) or a number
+    extra: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
 
 
 @dataclass
@@ -115,6 +121,56 @@ class RMStageConfig(StageConfig):
     center_rewards_coef: float | None = None  # adds coef * mean((r_chosen + r_rejected)^2): rewards centred on 0
 
 
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@dataclass
+class DPOStageConfig(StageConfig):
+    name: str = "dpo"
+    beta: float = 0.1  # strength of the pull toward the reference (higher: stay closer)
+    loss_type: Any = "sigmoid"  # one of DPO_LOSS_TYPES, or a list combined with loss_weights, e.g. [sigmoid,sft]
+    loss_weights: list[float] | None = None
+    label_smoothing: float = 0.0  # robust / exo_pair / aot: assumed share of flipped labels
+    precompute_ref_logps: bool = False  # score the data with the reference once, then drop it from memory
+
+
+@dataclass
+class PPOStageConfig(StageConfig):
+    name: str = "ppo"
+    actor: str | None = None  # actor and reference; default: the run's sft (stage.init is the same)
+    reward: str | None = None  # reward model; default: the run's rm
+    critic: str | None = None  # critic init (a sequence classifier); default: the reward model
+    critic_peft: str = "auto"  # auto (LoRA when peft is lora/qlora) | none | lora
+    critic_lr: float | None = None  # None: train.lr
+    # rollout
+    rollout_batch_size: int = 64  # prompts per rank per PPO step
+    max_prompt_length: int = 512
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_tokens: list[str] = field(default_factory=list)  # extra single-token stops besides EOS
+    missing_eos_penalty: float | None = None  # subtracted from the score of a response with no EOS
+    # score
+    reward_norm: bool = True  # (score - mean) / std with the reward model's stored statistics
+    reward_clip: float | None = 10.0
+    # KL penalty
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"  # k1 | k3
+    kl_target: float | None = None  # set: adaptive coefficient tracking this KL per sequence
+    kl_horizon: int = 10000
+    # advantages and losses
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    ppo_epochs: int = 4
+    eval_prompts: int = 256  # held-out prompts scored (greedy) before and after training; 0: none
+
+
 @dataclass
 class AlignConfig:
     stage: Any = MISSING
@@ -127,7 +183,7 @@ class AlignConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
-STAGE_SCHEMAS = {"sft": SFTStageConfig, "rm": RMStageConfig}
+STAGE_SCHEMAS = {"sft": SFTStageConfig, "rm": RMStageConfig, "dpo": DPOStageConfig, "ppo": PPOStageConfig}
 
 
 def register() -> None:

@@ -15,7 +15,7 @@ import shutil
 from omegaconf import DictConfig, OmegaConf
 
 from align import handoff
-from align.models.loading import adapter_base, quantization_config, resolve_dtype, resolve_name
+from align.models.loading import adapter_base, load_merged, quantization_config, resolve_dtype
 
 log = logging.getLogger("align")
 MERGED_DIR = "merged"
@@ -43,7 +43,7 @@ def run(cfg: DictConfig):
     if info.get("weights") == "qlora":
         kwargs["quantization_config"] = quantization_config(trained.peft, dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = auto_cls.from_pretrained(resolve_name(base), **kwargs)
+    model = load_merged(auto_cls, base, **kwargs)
     if info.get("weights") == "qlora":
         model = model.dequantize()
         model.to(dtype)

@@ -100,16 +100,30 @@ def staging_model_dir(out: Path) -> Path:
     return tmp
 
 
-def commit(out: Path, staged_model: Path, cfg: DictConfig, record: dict) -> dict:
-    """Swap the staged model in and write config.yaml, then stage.json last. Returns the record."""
-    (out / STAGE_JSON).unlink(missing_ok=True)  # from here until the end the directory reads as incomplete
-    final = out / MODEL_DIR
-    old = out / f".{MODEL_DIR}.old"
+def staging_dir(out: Path, name: str) -> Path:
+    """Where another output folder of a stage (PPO's critic/) is written before the commit."""
+    tmp = out / f".{name}.new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _swap_in(out: Path, name: str, staged: Path) -> None:
+    final, old = out / name, out / f".{name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
-    os.replace(staged_model, final)
+    os.replace(staged, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def commit(out: Path, staged_model: Path, cfg: DictConfig, record: dict,
+           extra_dirs: dict[str, Path] | None = None) -> dict:
+    """Swap the staged model (and any extra staged folders) in, write config.yaml, then stage.json last."""
+    (out / STAGE_JSON).unlink(missing_ok=True)  # from here until the end the directory reads as incomplete
+    _swap_in(out, MODEL_DIR, staged_model)
+    for name, staged in (extra_dirs or {}).items():
+        _swap_in(out, name, staged)
     _atomic_write_text(out / CONFIG_YAML, OmegaConf.to_yaml(cfg, resolve=True))
     record = {**record, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _atomic_write_text(out / STAGE_JSON, json.dumps(record, indent=2, default=str) + "\n")

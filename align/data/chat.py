@@ -95,3 +95,35 @@ def encode_pair(tokenizer, row: dict, max_length: int) -> dict:
     if row.get("margin") is not None:
         out["margin"] = row["margin"]
     return out
+
+
+def encode_prompt_completions(tokenizer, row: dict, max_length: int) -> dict:
+    """prompt_ids, chosen_ids, rejected_ids for DPO: the completions are what follows the shared prompt
+    tokens (the end-of-turn token included), cut so prompt + completion fits max_length."""
+    if not row["prompt"]:
+        raise RowProblem("the pair has no prompt (chosen and rejected share no leading turns)",
+                         "give a `prompt` column, or conversations that share their opening turns")
+    prompt_ids = encode_prompt(tokenizer, row["prompt"])
+    full = {key: tokenizer(render(tokenizer, row["prompt"] + row[key]), add_special_tokens=False)["input_ids"]
+            for key in ("chosen", "rejected")}
+    # tokenizers may merge across the prompt/answer boundary: keep the prefix both renderings share
+    shared = min(_common_prefix(prompt_ids, ids) for ids in full.values())
+    if shared >= max_length:
+        raise RowProblem(f"the prompt alone is {shared} tokens, over train.max_length={max_length}",
+                         "raise train.max_length or shorten the prompt")
+    out = {"prompt_ids": prompt_ids[:shared]}
+    for key, ids in full.items():
+        out[f"{key}_ids"] = ids[shared:max_length]
+    if out["chosen_ids"] == out["rejected_ids"]:
+        raise RowProblem(f"chosen and rejected are identical after truncation to train.max_length={max_length}",
+                         "raise train.max_length")
+    return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from align.data import demo
-from align.data.chat import encode_chat, encode_pair
+from align.data.chat import encode_chat, encode_pair, encode_prompt, encode_prompt_completions
 from align.data.errors import RowErrors, RowProblem
 from align.data.formats import to_messages
 from align.data.preferences import to_preference
+from align.data.prompts import to_prompt
 from align.data.readers import read_rows
 
 DEMO = "demo"
@@ -110,6 +111,25 @@ def sft_datasets(data_cfg, tokenizer, max_length: int, seed: int):
 def preference_datasets(data_cfg, tokenizer, max_length: int, seed: int):
     """Tokenized train/eval datasets (chosen_ids, rejected_ids[, margin]) for a reward model, and the report."""
     return _tokenized(data_cfg, "preference", to_preference, lambda row: encode_pair(tokenizer, row, max_length), seed)
+
+
+def dpo_datasets(data_cfg, tokenizer, max_length: int, seed: int):
+    """Tokenized train/eval datasets (prompt_ids, chosen_ids, rejected_ids) for DPO, and the report."""
+    return _tokenized(data_cfg, "preference", to_preference,
+                      lambda row: encode_prompt_completions(tokenizer, row, max_length), seed)
+
+
+def prompt_datasets(data_cfg, tokenizer, max_length: int, seed: int):
+    """Tokenized train/eval prompts (prompt_ids, ending with the assistant header) for PPO, and the report.
+    The demo default uses the prompts of the bundled SFT splits."""
+    def encode(row):
+        ids = encode_prompt(tokenizer, row["prompt"])
+        if len(ids) >= max_length:
+            raise RowProblem(f"the prompt is {len(ids)} tokens, not below stage.max_prompt_length={max_length}",
+                             "raise stage.max_prompt_length or shorten the prompt")
+        return {"prompt_ids": ids}
+
+    return _tokenized(data_cfg, "sft", lambda raw: to_prompt(raw, data_cfg.format), encode, seed)
 
 
 def _tokenized(data_cfg, kind: str, convert, encode_row, seed: int):

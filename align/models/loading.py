@@ -79,8 +79,21 @@ def quantization_config(peft_cfg, dtype: torch.dtype):
     raise ValueError(f"peft.quant.bits must be 4 or 8, got {q.bits}")
 
 
+def load_merged(auto_cls, source: str, **kwargs):
+    """`source` as plain weights. An adapter directory is loaded onto the base it names and merged;
+    that base may itself be an adapter (a LoRA stage trained on a LoRA stage), merged the same way."""
+    base = adapter_base(source)
+    if base is None:
+        return auto_cls.from_pretrained(resolve_name(source), **kwargs)
+    from peft import PeftModel
+
+    model = load_merged(auto_cls, base, **kwargs)
+    model = PeftModel.from_pretrained(model, source).merge_and_unload()
+    return model.requires_grad_(True)  # PEFT froze the base for the adapter; merged, it is plain weights again
+
+
 def load_pretrained(auto_cls, source: str, model_cfg, peft_cfg, **kwargs):
-    """Load `source` with `auto_cls`; an adapter directory is loaded onto its base and merged."""
+    """Load `source` with `auto_cls`; an adapter directory (or chain of them) is merged into its base."""
     dtype = resolve_dtype(model_cfg.dtype)
     common = dict(
         revision=model_cfg.revision,
@@ -91,21 +104,25 @@ def load_pretrained(auto_cls, source: str, model_cfg, peft_cfg, **kwargs):
     if model_cfg.attn_implementation:
         common["attn_implementation"] = model_cfg.attn_implementation
     quantized = peft_cfg.method == "qlora"
-    base = adapter_base(source)
-    if base is not None:
-        from peft import PeftModel
-
-        model = auto_cls.from_pretrained(resolve_name(base), **common)
-        model = PeftModel.from_pretrained(model, source).merge_and_unload()
+    if adapter_base(source) is not None:
         if quantized:
             raise ValueError(
                 f"{source} is a LoRA adapter: QLoRA on top of it needs the merged model saved first "
                 f"(python -m align export) and model.name_or_path pointed at it"
             )
-        return model
+        return load_merged(auto_cls, source, **common)
     if quantized:
         common["quantization_config"] = quantization_config(peft_cfg, dtype)
     return auto_cls.from_pretrained(resolve_name(source), **common)
+
+
+def point_adapter_at(model, base: str) -> None:
+    """Record `base` (the parent stage's model) as the base of the adapter about to be saved.
+
+    After a parent adapter was merged in memory, PEFT would otherwise name the parent's own base,
+    and loading the new adapter there would silently drop what the parent stage learned."""
+    for config in getattr(model, "peft_config", {}).values():
+        config.base_model_name_or_path = base
 
 
 def lora_config(peft_cfg, task_type: str, modules_to_save=None):
@@ -162,6 +179,24 @@ def load_causal_lm(source: str, model_cfg, peft_cfg):
     model = load_pretrained(AutoModelForCausalLM, source, model_cfg, peft_cfg)
     set_use_cache(model, False)
     return wrap_peft(model, peft_cfg, model_cfg)
+
+
+def load_for_adapter_trainer(source: str, model_cfg, peft_cfg):
+    """(model, LoraConfig or None) for trainers that attach the adapter themselves (DPO): with a fresh
+    adapter the trainer's reference is the same weights with the adapter switched off."""
+    from transformers import AutoModelForCausalLM
+
+    model = load_pretrained(AutoModelForCausalLM, source, model_cfg, peft_cfg)
+    set_use_cache(model, False)
+    if peft_cfg.method == "none":
+        return model, None
+    if peft_cfg.method not in ("lora", "qlora"):
+        raise ValueError(f"peft.method must be none, lora or qlora; got {peft_cfg.method!r}")
+    if peft_cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
+    return model, lora_config(peft_cfg, "CAUSAL_LM")
 
 
 def describe(model) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -13,8 +12,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from align import handoff, tracking
-from align.models.loading import is_builtin_tiny, resolve_dtype
+from align import distributed, handoff, tracking
+from align.models.loading import is_builtin_tiny, point_adapter_at, resolve_dtype
 
 log = logging.getLogger("align")
 
@@ -61,8 +60,12 @@ class StageRun:
 
     def __post_init__(self):
         self.out = handoff.stage_dir(self.cfg)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.config_hash = handoff.config_hash(self.cfg)
+        self.ds_config = distributed.deepspeed_config(self.cfg)  # validated before anything loads
+        distributed.init(self.cfg)
+        if tracking.is_main_process():
+            self.out.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
 
     @property
     def checkpoints(self) -> Path:
@@ -83,12 +86,13 @@ class StageRun:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
             self.checkpoints.mkdir(parents=True)
             marker.write_text(self.config_hash + "\n")
+        distributed.barrier()  # no rank starts writing checkpoints into a folder rank 0 is clearing
 
     def start_logging(self) -> None:
         self.wandb_run = tracking.start(self.cfg, self.out)
 
     def commit(self, staged_model: Path, parents: list[handoff.Parent], base_model: str, metrics: dict,
-               task: str = "causal_lm") -> dict:
+               task: str = "causal_lm", extra_dirs: dict[str, Path] | None = None, extra: dict | None = None) -> dict:
         record = {
             "stage": self.cfg.stage.name,
             "task": task,
@@ -97,13 +101,15 @@ class StageRun:
             "base_model": base_model,
             "weights": weights_kind(self.cfg),
             "adapter": self.cfg.peft.method != "none",
+            "distributed": {"world_size": distributed.world_size(), "zero_stage": self.cfg.deepspeed.zero_stage},
             "config_hash": self.config_hash,
             "metrics": metrics,
             "wall_time_s": round(time.time() - self.started, 2),
             "versions": handoff.versions(),
             "wandb_run_id": self.wandb_run.id if self.wandb_run is not None else None,
+            **(extra or {}),
         }
-        record = handoff.commit(self.out, staged_model, self.cfg, record)
+        record = handoff.commit(self.out, staged_model, self.cfg, record, extra_dirs)
         tracking.finish(self.wandb_run, metrics)
         return record
 
@@ -112,6 +118,8 @@ def save_and_commit(stage: StageRun, trainer, tokenizer, parent, base_model: str
                     task: str = "causal_lm") -> StageResult:
     """Save on every rank (ZeRO gathers), then on the main process swap the model in and write stage.json."""
     main = trainer.is_world_process_zero()
+    if parent is not None:
+        point_adapter_at(trainer.model, str(parent.model))
     staged = handoff.staging_model_dir(stage.out) if main else stage.out / ".model.new"
     trainer.save_model(str(staged))
     if main:
@@ -156,6 +164,7 @@ def training_arguments(cfg: DictConfig, run: StageRun, has_eval: bool) -> dict:
         run_name=cfg.logger.name or f"{cfg.run.name}-{cfg.stage.name}",
         disable_tqdm=False,
         dataloader_num_workers=0,
+        deepspeed=run.ds_config,
     )
     return kwargs
 
@@ -194,7 +203,3 @@ def print_summary(stage: str, metrics: dict, out: Path) -> None:
     console = Console()
     console.print(table)
     console.print(f"[bold]{stage} output:[/bold] {out}")
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,107 @@
+"""The models PPO trains (actor, critic) and the ones it only runs (reference, reward), on one
+footing with or without DeepSpeed: trained models become DeepSpeed engines (ZeRO 1-3), frozen ones
+are sharded inference engines under ZeRO-3 and plain replicas otherwise."""
+
+from __future__ import annotations
+
+import torch
+
+from align import distributed
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def unwrap(model):
+    """The nn.Module under a DeepSpeed engine."""
+    return getattr(model, "module", model)
+
+
+class Trainable:
+    """A model with its optimizer and schedule. backward() then step() per micro-batch; the optimizer
+    steps every `grad_accum` micro-batches."""
+
+    def __init__(self, model, *, lr: float, cfg, total_steps: int, ds_config: dict | None):
+        from transformers import get_scheduler
+
+        t = cfg.train
+        self.grad_accum, self.max_grad_norm, self.micro = t.grad_accum, t.max_grad_norm, 0
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def schedule(optimizer):
+            return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
+                                 num_training_steps=total_steps)
+
+        if ds_config is not None:
+            import deepspeed
+
+            config = distributed.fill_auto(ds_config, micro_batch=t.batch_size, grad_accum=t.grad_accum,
+                                           max_grad_norm=t.max_grad_norm, dtype=next(model.parameters()).dtype,
+                                           lr=lr, weight_decay=t.weight_decay,
+                                           hidden_size=getattr(model.config, "hidden_size", None))
+            optimizer = None if "optimizer" in config else torch.optim.AdamW(params, lr=lr,
+                                                                             weight_decay=t.weight_decay)
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=schedule, config=config)
+            self.model = self.engine
+        else:
+            self.engine = None
+            self.model = model.to(device())
+            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+            self.scheduler = schedule(self.optimizer)
+        self.params = params
+
+    @property
+    def module(self):
+        return unwrap(self.model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+        else:
+            (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        if self.engine is not None:
+            self.engine.step()  # DeepSpeed applies the update at accumulation boundaries
+            return
+        self.micro += 1
+        if self.micro % self.grad_accum == 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict_for_save(self):
+        """Full weights on every rank under ZeRO-3 (a collective: all ranks call it); None otherwise."""
+        if self.engine is not None and self.engine.zero_optimization_stage() == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return None
+
+
+def frozen(model, cfg, ds_config: dict | None):
+    """A model that is only run: eval mode, no grads; sharded by DeepSpeed under ZeRO-3."""
+    model.requires_grad_(False)
+    model.eval()
+    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+        import deepspeed
+
+        config = distributed.fill_auto(
+            {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": dict(ds_config["zero_optimization"]),
+             "bf16": ds_config.get("bf16", {"enabled": False}), "fp16": ds_config.get("fp16", {"enabled": False})},
+            micro_batch=cfg.train.batch_size, grad_accum=1, max_grad_norm=1.0,
+            dtype=next(model.parameters()).dtype, lr=0.0, weight_decay=0.0,
+            hidden_size=getattr(model.config, "hidden_size", None))
+        config["zero_optimization"].pop("offload_optimizer", None)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine.module
+    return model.to(device())

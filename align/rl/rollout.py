@@ -1,0 +1,120 @@
+"""Running the models on a batch of prompts: sampling responses, per-token log-probs, per-token
+values/scores. Prompts are left-padded, responses right-padded; position ids follow the attention
+mask, so a left-padded row is computed exactly as it would be alone."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from align.rl.rewards import response_mask
+
+
+@dataclass
+class Batch:
+    queries: torch.Tensor  # [B, Q] left-padded prompt ids
+    query_mask: torch.Tensor  # [B, Q]
+    responses: torch.Tensor  # [B, R] sampled ids, pad after the end
+    mask: torch.Tensor  # [B, R] 1 up to and including the stop token
+    ended: torch.Tensor  # [B] a stop token was generated
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        return torch.cat([self.queries, self.responses], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.mask], dim=1)
+
+    def select(self, idx: torch.Tensor) -> "Batch":
+        return Batch(self.queries[idx], self.query_mask[idx], self.responses[idx], self.mask[idx], self.ended[idx])
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(actor, prompts: list[list[int]], *, pad_id: int, stop_ids: list[int], max_new_tokens: int,
+             temperature: float, top_p: float, greedy: bool = False, synced_gpus: bool = False,
+             device=None) -> Batch:
+    """Sample (or decode greedily) one response per prompt with the KV cache; cut each at its first stop."""
+    device = device or next(actor.parameters()).device
+    queries, query_mask = left_pad(prompts, pad_id, device)
+    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    out = actor.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=max_new_tokens,
+                         eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True, synced_gpus=synced_gpus,
+                         **kwargs)
+    responses = out[:, queries.shape[1]:]
+    if responses.shape[1] == 0:
+        responses = torch.full((len(prompts), 1), pad_id, dtype=torch.long, device=device)
+    mask, ended = response_mask(responses, stop_ids)
+    responses = responses.masked_fill(mask == 0, pad_id)
+    return Batch(queries, query_mask, responses, mask, ended)
+
+
+def response_logprobs(model, batch: Batch, temperature: float = 1.0, with_entropy: bool = False):
+    """log pi(token) of every response token under `model` (logits / temperature), and the entropy."""
+    seq, attn = batch.sequences, batch.attention_mask
+    logits = model(input_ids=seq, attention_mask=attn, position_ids=positions(attn), use_cache=False).logits
+    q = batch.queries.shape[1]
+    logits = logits[:, q - 1 : -1].float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def _seq_cls_parts(model):
+    """(backbone, score head) of a sequence classifier, through PEFT and DeepSpeed wrappers."""
+    m = getattr(model, "module", model)
+    if hasattr(m, "peft_config"):  # PeftModel -> LoraModel -> the transformers model (LoRA injected in place)
+        m = m.base_model.model
+    head = getattr(m, "score", None)
+    if head is None:
+        raise ValueError(f"{type(m).__name__} has no `score` head: the critic/reward must be a sequence classifier "
+                         "(a reward model output of `stage=rm`)")
+    return getattr(m, m.base_model_prefix), head
+
+
+def token_scores(model, batch: Batch) -> torch.Tensor:
+    """The score head at every position of prompt+response: [B, Q+R]."""
+    backbone, head = _seq_cls_parts(model)
+    attn = batch.attention_mask
+    hidden = backbone(input_ids=batch.sequences, attention_mask=attn, position_ids=positions(attn),
+                      use_cache=False).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+def values(critic, batch: Batch) -> torch.Tensor:
+    """V(state before each response token): the critic at positions Q-1 .. Q+R-2, [B, R]."""
+    q = batch.queries.shape[1]
+    return token_scores(critic, batch)[:, q - 1 : -1]
+
+
+def sequence_scores(reward_model, batch: Batch) -> torch.Tensor:
+    """The reward model's score of each full response (at its last real token), [B]."""
+    q = batch.queries.shape[1]
+    last = q + (batch.mask.sum(dim=1) - 1).clamp(min=0)
+    scores = token_scores(reward_model, batch)
+    return scores[torch.arange(scores.shape[0], device=scores.device), last]
+
+
+def adapter_disabled(model):
+    """Context in which a PEFT model computes with its base weights (the reference of a LoRA actor)."""
+    m = getattr(model, "module", model)
+    return m.disable_adapter() if hasattr(m, "disable_adapter") else nullcontext()

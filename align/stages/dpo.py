@@ -1,0 +1,140 @@
+"""DPO: direct preference optimisation on TRL's DPOTrainer, from the run's SFT output.
+
+The reference is the starting model, frozen. With LoRA/QLoRA the trainer attaches a fresh adapter
+and the reference is the same weights with the adapter switched off (no second copy in memory).
+An SFT output that is itself a LoRA adapter is merged into its base first (align.models.loading),
+so the fresh DPO adapter trains on top of what SFT learned, never a no-op on a frozen copy. With
+full weights the reference is a second copy, loaded from the same directory (or none at all with
+`stage.precompute_ref_logps=true`).
+
+Order matters for ZeRO-3: the trainer arguments (which carry the DeepSpeed config) exist before
+any model is built, so transformers builds the models already sharded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig, ListConfig
+
+from align import handoff
+from align.config import DPO_LOSS_TYPES
+from align.data.loader import dpo_datasets
+from align.models.loading import (
+    cast_trainable,
+    describe,
+    load_for_adapter_trainer,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_name,
+    set_use_cache,
+)
+from align.stages.common import (
+    StageResult,
+    StageRun,
+    finite,
+    log_history_metrics,
+    save_and_commit,
+    training_arguments,
+)
+
+log = logging.getLogger("align")
+
+# TRL's metric names -> stage.json names (prefixed with eval_ or train_)
+METRICS = {
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "rewards/accuracies": "accuracy",
+    "rewards/margins": "margin",
+    "logps/chosen": "logps_chosen",
+    "logps/rejected": "logps_rejected",
+}
+
+
+def loss_types(stage_cfg) -> list[str]:
+    value = stage_cfg.loss_type
+    names = list(value) if isinstance(value, (list, tuple, ListConfig)) else [str(value)]
+    unknown = [n for n in names if n not in DPO_LOSS_TYPES]
+    if unknown or not names:
+        raise ValueError(f"stage.loss_type {unknown or names} is not a DPO loss; choose from {', '.join(DPO_LOSS_TYPES)}"
+                         " (a list combines several, e.g. stage.loss_type=[sigmoid,sft])")
+    weights = stage_cfg.loss_weights
+    if weights is not None and len(weights) != len(names):
+        raise ValueError(f"stage.loss_weights has {len(weights)} values for {len(names)} loss types {names}")
+    return names
+
+
+def run(cfg: DictConfig) -> StageResult:
+    from trl import DPOConfig, DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """align encodes prompt/chosen/rejected itself (any chat template, errors naming the row)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    names = loss_types(cfg.stage)
+    stage = StageRun(cfg)
+    parent = handoff.find_parent(cfg, "sft", cfg.stage.init)
+    source = str(parent.model) if parent else cfg.model.name_or_path
+    if parent is None:
+        log.info("no completed sft in run %s: starting from %s", cfg.run.name, source)
+
+    tokenizer = load_tokenizer(resolve_name(source), cfg.model)
+    train_ds, eval_ds, report = dpo_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+    log.info("data: %d train pairs, %d eval pairs; %s", report.train_rows, report.eval_rows, report.errors.summary())
+
+    stage.prepare_checkpoints()
+    args = DPOConfig(
+        **training_arguments(cfg, stage, eval_ds is not None),
+        max_length=cfg.train.max_length,
+        beta=cfg.stage.beta,
+        loss_type=names,
+        loss_weights=list(cfg.stage.loss_weights) if cfg.stage.loss_weights is not None else None,
+        label_smoothing=cfg.stage.label_smoothing,
+        precompute_ref_log_probs=cfg.stage.precompute_ref_logps,
+        disable_dropout=True,
+        dataset_num_proc=None,
+    )
+
+    model, peft_config = load_for_adapter_trainer(source, cfg.model, cfg.peft)
+    ref_model = None
+    if peft_config is None and not cfg.stage.precompute_ref_logps:
+        ref_model, _ = load_for_adapter_trainer(source, cfg.model, cfg.peft)
+        ref_model.requires_grad_(False)
+        ref_model.eval()
+    log.info("policy from %s: %s; reference: %s", source, describe(model),
+             "the same weights, adapter off" if peft_config is not None else
+             "precomputed log-probs" if ref_model is None else "a frozen copy")
+
+    stage.start_logging()
+    trainer = PretokenizedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
+                                     eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config)
+    if cfg.peft.method == "qlora":  # TRL casts adapters to bf16; keep them in the compute dtype (see cast_trainable)
+        cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
+    result = trainer.train(resume_from_checkpoint=stage.resume_from)
+
+    metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
+    metrics["train_runtime_s"] = result.metrics.get("train_runtime")
+    metrics["global_step"] = trainer.state.global_step
+    metrics.update(_last_logged(trainer.state.log_history))
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev.get("eval_loss")
+        metrics.update({f"eval_{ours}": ev[f"eval_{theirs}"] for theirs, ours in METRICS.items()
+                        if f"eval_{theirs}" in ev})
+    metrics.update(report.metrics())
+    metrics = finite(metrics)
+
+    set_use_cache(trainer.model, True)
+    return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics)
+
+
+def _last_logged(log_history: list[dict]) -> dict:
+    """The DPO statistics of the first and last logged training step (margins should grow)."""
+    steps = [h for h in log_history if "rewards/margins" in h and "loss" in h]
+    if not steps:
+        return {}
+    out = {f"train_{ours}": steps[-1][theirs] for theirs, ours in METRICS.items() if theirs in steps[-1]}
+    out["train_first_margin"] = steps[0]["rewards/margins"]
+    return out

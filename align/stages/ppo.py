@@ -1,0 +1,341 @@
+"""PPO with a per-token KL penalty: align's own actor-critic loop (TRL 1.16 ships no PPO trainer).
+
+Each step: sample a response per prompt with the actor -> score it with the reward model (normalised
+with the RM's stored mean/std, clipped, minus a penalty when no EOS came) -> per-token rewards
+-kl_coef * KL(actor || reference) plus the score on the last token -> GAE advantages and returns from
+the critic's values -> `stage.ppo_epochs` passes of clipped policy and value losses over
+mini-batches. The math lives in align/rl/ as pure tensor functions.
+
+Models: actor and frozen reference from the run's sft (with LoRA the reference is the actor with
+its adapter off: one base copy in memory), reward model from the run's rm, critic initialised from
+the reward model (its score head becomes the value head).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from align import distributed, handoff, tracking
+from align.data.loader import prompt_datasets
+from align.models.loading import (
+    cast_trainable,
+    describe,
+    load_causal_lm,
+    load_pretrained,
+    load_tokenizer,
+    point_adapter_at,
+    resolve_dtype,
+    resolve_name,
+    set_use_cache,
+    wrap_peft,
+)
+from align.rl import rollout
+from align.rl.engine import Trainable, device, frozen
+from align.rl.gae import gae
+from align.rl.kl import ESTIMATORS, kl_controller
+from align.rl.losses import explained_variance, policy_loss, value_loss
+from align.rl.masked import masked_mean, whiten
+from align.rl.rewards import shape_scores, token_rewards
+from align.stages.common import StageResult, StageRun, finite, print_summary, resolve_lr
+
+log = logging.getLogger("align")
+CRITIC_DIR = "critic"
+
+
+def run(cfg: DictConfig) -> StageResult:
+    s = cfg.stage
+    _validate(cfg)
+    stage = StageRun(cfg)
+    actor_parent = handoff.find_parent(cfg, "sft", s.actor or s.init)
+    reward_parent = handoff.find_parent(cfg, "rm", s.reward)
+    if reward_parent is None:
+        raise handoff.HandoffError(
+            f"ppo needs a reward model: run `python -m align stage=rm run.name={cfg.run.name}` first, "
+            "or pass stage.reward=PATH")
+    critic_parent = handoff.find_parent(cfg, "rm", s.critic) if s.critic else reward_parent
+    actor_source = str(actor_parent.model) if actor_parent else cfg.model.name_or_path
+
+    tokenizer = load_tokenizer(resolve_name(actor_source), cfg.model)
+    train_ds, eval_ds, report = prompt_datasets(cfg.data, tokenizer, s.max_prompt_length, cfg.train.seed)
+    train_prompts = list(train_ds["prompt_ids"])
+    eval_prompts = list(eval_ds["prompt_ids"])[: s.eval_prompts] if (eval_ds is not None and s.eval_prompts) else []
+    log.info("prompts: %d train, %d eval; %s", len(train_prompts), len(eval_prompts), report.errors.summary())
+
+    torch.manual_seed(cfg.train.seed)
+    world = distributed.world_size()
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(
+        1, math.ceil(cfg.train.epochs * len(train_prompts) / (s.rollout_batch_size * world)))
+    updates_per_step = s.ppo_epochs * (s.rollout_batch_size // (cfg.train.batch_size * cfg.train.grad_accum))
+    total_updates = steps * updates_per_step
+
+    models = _load_models(cfg, stage, actor_source, reward_parent, critic_parent, tokenizer, total_updates)
+    rm_stats = reward_parent.info.get("metrics", {})
+    norm = (rm_stats.get("reward_mean"), rm_stats.get("reward_std")) if s.reward_norm else (None, None)
+    if s.reward_norm and None in norm:
+        log.warning("stage.reward_norm: %s records no reward_mean/reward_std; scores are used raw", reward_parent.path)
+        norm = (None, None)
+    loop = PPOLoop(cfg, models, tokenizer, norm)
+
+    stage.start_logging()
+    before = loop.evaluate(eval_prompts) if eval_prompts else {}
+    history = loop.train(train_prompts, steps, stage.wandb_run)
+    after = loop.evaluate(eval_prompts) if eval_prompts else {}
+
+    metrics = {"global_step": steps, "train_runtime_s": loop.train_time}
+    if history:
+        first, last = history[0], history[-1]
+        metrics.update({f"first_{k}": first[k] for k in ("reward/score_mean", "objective/kl") if k in first})
+        metrics.update({k: last[k] for k in last})
+    metrics.update({f"eval_{k}_before": v for k, v in before.items()})
+    metrics.update({f"eval_{k}": v for k, v in after.items()})
+    metrics.update(report.metrics())
+    metrics = finite(metrics)
+    return _save_and_commit(stage, models, tokenizer, [p for p in (actor_parent, reward_parent) if p],
+                            actor_parent, critic_parent, metrics)
+
+
+def _validate(cfg) -> None:
+    s, t = cfg.stage, cfg.train
+    mini = t.batch_size * t.grad_accum
+    if s.rollout_batch_size % mini:
+        raise ValueError(f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of train.batch_size x "
+                         f"train.grad_accum = {mini} (one PPO mini-batch)")
+    if s.kl_estimator not in ESTIMATORS:
+        raise ValueError(f"stage.kl_estimator must be one of {', '.join(ESTIMATORS)}, got {s.kl_estimator!r}")
+    if s.critic_peft not in ("auto", "none", "lora"):
+        raise ValueError(f"stage.critic_peft must be auto, none or lora, got {s.critic_peft!r}")
+    if s.temperature <= 0:
+        raise ValueError("stage.temperature must be > 0")
+
+
+class Models:
+    def __init__(self, actor: Trainable, critic: Trainable, reference, reward, peft_actor: bool):
+        self.actor, self.critic, self.reference, self.reward, self.peft_actor = actor, critic, reference, reward, peft_actor
+
+
+def _load_models(cfg, stage: StageRun, actor_source, reward_parent, critic_parent, tokenizer, total_updates) -> Models:
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    s, ds = cfg.stage, stage.ds_config
+    none = OmegaConf.create({"method": "none"})
+    pad = tokenizer.pad_token_id
+
+    actor = load_causal_lm(actor_source, cfg.model, cfg.peft)
+    if cfg.peft.method == "qlora":
+        cast_trainable(actor, resolve_dtype(cfg.model.dtype))
+    peft_actor = cfg.peft.method != "none"
+    reference = None
+    if not peft_actor:
+        reference = frozen(load_pretrained(AutoModelForCausalLM, actor_source, cfg.model, none), cfg, ds)
+
+    reward = load_pretrained(AutoModelForSequenceClassification, str(reward_parent.model), cfg.model, none, num_labels=1)
+    reward.config.pad_token_id = pad
+    reward = frozen(reward, cfg, ds)
+
+    critic = load_pretrained(AutoModelForSequenceClassification, str(critic_parent.model), cfg.model, none,
+                             num_labels=1)
+    critic.config.pad_token_id = pad
+    critic_peft = s.critic_peft if s.critic_peft != "auto" else ("lora" if peft_actor else "none")
+    if critic_peft == "lora":
+        critic = wrap_peft(critic, OmegaConf.merge(cfg.peft, {"method": "lora"}), cfg.model, task_type="SEQ_CLS",
+                           modules_to_save=["score"])
+    for m in (actor, critic):
+        m.eval()  # no dropout anywhere: the first PPO pass must reproduce the rollout's log-probs exactly
+    log.info("actor from %s: %s; reference: %s", actor_source, describe(actor),
+             "the actor with its adapter off" if peft_actor else "a frozen copy")
+    log.info("reward model %s; critic from %s (%s): %s", reward_parent.model, critic_parent.model, critic_peft,
+             describe(critic))
+
+    lr = resolve_lr(cfg)
+    actor_t = Trainable(actor, lr=lr, cfg=cfg, total_steps=total_updates, ds_config=ds)
+    critic_t = Trainable(critic, lr=s.critic_lr or lr, cfg=cfg, total_steps=total_updates, ds_config=ds)
+    return Models(actor_t, critic_t, reference, reward, peft_actor)
+
+
+class PPOLoop:
+    def __init__(self, cfg, models: Models, tokenizer, norm):
+        self.cfg, self.s, self.m, self.tok = cfg, cfg.stage, models, tokenizer
+        self.pad = tokenizer.pad_token_id
+        self.stop_ids = _stop_ids(tokenizer, list(self.s.stop_tokens))
+        self.norm_mean, self.norm_std = norm
+        self.kl_ctl = kl_controller(self.s.kl_coef, self.s.kl_target, self.s.kl_horizon)
+        self.synced = cfg.deepspeed.zero_stage == 3 and distributed.world_size() > 1
+        self.train_time = 0.0
+        self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)  # mini-batch order
+
+    # --- rollouts -------------------------------------------------------------------------------
+    def sample(self, prompts, greedy=False) -> rollout.Batch:
+        actor = self.m.actor.module
+        set_use_cache(actor, True)
+        batch = rollout.generate(actor, prompts, pad_id=self.pad, stop_ids=self.stop_ids,
+                                 max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
+                                 top_p=self.s.top_p, greedy=greedy, synced_gpus=self.synced, device=device())
+        set_use_cache(actor, False)
+        return batch
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch, temperature):
+        if self.m.peft_actor:
+            with rollout.adapter_disabled(self.m.actor.module):
+                return rollout.response_logprobs(self.m.actor.module, batch, temperature)[0]
+        return rollout.response_logprobs(self.m.reference, batch, temperature)[0]
+
+    @torch.no_grad()
+    def score(self, batch) -> torch.Tensor:
+        return rollout.sequence_scores(self.m.reward, batch)
+
+    # --- one PPO step ---------------------------------------------------------------------------
+    def step(self, prompts) -> dict:
+        s = self.s
+        t0 = time.perf_counter()
+        batch = self.sample(prompts)
+        t_gen = time.perf_counter() - t0
+        with torch.no_grad():
+            old_logp, _ = rollout.response_logprobs(self.m.actor.module, batch, s.temperature)
+            ref_logp = self.reference_logprobs(batch, s.temperature)
+            old_values = rollout.values(self.m.critic.module, batch)
+            raw = self.score(batch)
+            scores = shape_scores(raw, batch.ended, mean=self.norm_mean, std=self.norm_std, clip=s.reward_clip,
+                                  missing_eos_penalty=s.missing_eos_penalty)
+            rewards, kl = token_rewards(scores, old_logp, ref_logp, batch.mask, self.kl_ctl.value, s.kl_estimator)
+            if s.whiten_rewards:
+                rewards = whiten(rewards, batch.mask, shift_mean=False)
+            advantages, returns = gae(rewards, old_values, batch.mask, s.gamma, s.lam)
+            if s.whiten_advantages:
+                advantages = whiten(advantages, batch.mask)
+        mask = batch.mask
+        seq_kl = (kl * mask).sum(1).mean()
+        rollout_stats = {
+            "reward/score_mean": raw.mean(), "reward/score_std": raw.std() if len(raw) > 1 else torch.tensor(0.0),
+            "reward/shaped_mean": scores.mean(), "objective/kl": seq_kl, "objective/kl_coef": self.kl_ctl.value,
+            "objective/non_score_reward": (-self.kl_ctl.value * kl * mask).sum(1).mean(),
+            "response/length": mask.sum(1).float().mean(), "response/ended": batch.ended.float().mean(),
+        }
+
+        update_stats: dict[str, list] = {}
+        n, micro = len(prompts), self.cfg.train.batch_size
+        for _ in range(s.ppo_epochs):
+            order = torch.randperm(n, generator=self.gen)
+            for start in range(0, n, micro):
+                idx = order[start : start + micro].to(mask.device)
+                mb = batch.select(idx)
+                logp, entropy = rollout.response_logprobs(self.m.actor.model, mb, s.temperature, with_entropy=True)
+                pg_loss, pg_stats = policy_loss(logp, old_logp[idx], advantages[idx], mb.mask, s.clip_range)
+                self.m.actor.backward(pg_loss)
+                self.m.actor.step()
+                vpred = rollout.values(self.m.critic.model, mb)
+                vf_loss, vf_stats = value_loss(vpred, old_values[idx], returns[idx], mb.mask, s.clip_range_value)
+                self.m.critic.backward(s.vf_coef * vf_loss)
+                self.m.critic.step()
+                for k, v in {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(),
+                             "policy/entropy": masked_mean(entropy.detach(), mb.mask), **pg_stats,
+                             **vf_stats}.items():
+                    update_stats.setdefault(k, []).append(float(v))
+        step_time = time.perf_counter() - t0
+
+        stats = {k: float(v) for k, v in rollout_stats.items()}
+        stats.update({k: sum(v) / len(v) for k, v in update_stats.items()})
+        stats["value/explained_variance"] = float(explained_variance(old_values, returns, mask))
+        stats["time/generation_share"] = t_gen / step_time
+        stats["time/step_s"] = step_time
+        stats["lr/actor"] = self.m.actor.lr()
+        stats = _mean_over_ranks(stats)
+        self.kl_ctl.update(stats["objective/kl"], n * distributed.world_size())
+        return stats
+
+    def train(self, prompts: list[list[int]], steps: int, wandb_run) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        s, world, rank = self.s, distributed.world_size(), distributed.rank()
+        g = torch.Generator().manual_seed(self.cfg.train.seed)
+        order, cursor, history = torch.randperm(len(prompts), generator=g).tolist(), 0, []
+        per_step = s.rollout_batch_size * world
+        start = time.perf_counter()
+        bar = tqdm(range(steps), desc="ppo", disable=not tracking.is_main_process())
+        for step in bar:
+            if cursor + per_step > len(order):
+                order, cursor = torch.randperm(len(prompts), generator=g).tolist(), 0
+            mine = order[cursor + rank * s.rollout_batch_size : cursor + (rank + 1) * s.rollout_batch_size]
+            cursor += per_step
+            stats = self.step([prompts[i] for i in mine])
+            history.append(stats)
+            bar.set_postfix(score=f"{stats['reward/score_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+            if tracking.is_main_process() and (step % self.cfg.train.logging_steps == 0 or step == steps - 1):
+                log.info("step %d/%d: %s", step + 1, steps, _fmt(stats))
+                if wandb_run is not None:
+                    wandb_run.log({f"train/{k}": v for k, v in stats.items()}, step=step + 1)
+        self.train_time = time.perf_counter() - start
+        return history
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list[list[int]]) -> dict:
+        """Greedy responses to held-out prompts: mean raw reward, KL to the reference, length."""
+        rows, chunk = [], max(self.cfg.train.batch_size, 32)
+        for i in range(0, len(prompts), chunk):
+            batch = self.sample(prompts[i : i + chunk], greedy=True)
+            logp, _ = rollout.response_logprobs(self.m.actor.module, batch)
+            ref = self.reference_logprobs(batch, 1.0)
+            rows.append((self.score(batch), ((logp - ref) * batch.mask).sum(1), batch.mask.sum(1).float(),
+                         batch.ended.float()))
+        score, kl, length, ended = (torch.cat(x) for x in zip(*rows))
+        return _mean_over_ranks({"reward_mean": float(score.mean()), "kl": float(kl.mean()),
+                                 "response_length": float(length.mean()), "ended": float(ended.mean())})
+
+
+def _stop_ids(tokenizer, extra: list[str]) -> list[int]:
+    ids = [tokenizer.eos_token_id]
+    for text in extra:
+        tok = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tok) != 1:
+            raise ValueError(f"stage.stop_tokens entry {text!r} is {len(tok)} tokens; stop tokens must be single tokens")
+        ids.append(tok[0])
+    return sorted(set(ids))
+
+
+def _mean_over_ranks(stats: dict) -> dict:
+    if not distributed.is_initialized() or distributed.world_size() == 1:
+        return stats
+    import torch.distributed as dist
+
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device())
+    dist.all_reduce(t)
+    t /= distributed.world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _fmt(stats: dict) -> str:
+    keys = ("reward/score_mean", "objective/kl", "objective/kl_coef", "policy/entropy", "policy/clipfrac",
+            "loss/value", "value/explained_variance", "response/length", "time/generation_share")
+    return " ".join(f"{k.split('/')[-1]}={stats[k]:.4g}" for k in keys if k in stats)
+
+
+def _save_and_commit(stage: StageRun, models: Models, tokenizer, parents, actor_parent, critic_parent,
+                     metrics: dict) -> StageResult:
+    main = tracking.is_main_process()
+    actor_sd = models.actor.state_dict_for_save()  # collectives: every rank takes part
+    critic_sd = models.critic.state_dict_for_save()
+    actor, critic = models.actor.module, models.critic.module
+    if main:
+        if actor_parent is not None:
+            point_adapter_at(actor, str(actor_parent.model))
+        point_adapter_at(critic, str(critic_parent.model))
+        set_use_cache(actor, True)
+        staged = handoff.staging_model_dir(stage.out)
+        actor.save_pretrained(staged, state_dict=actor_sd)
+        tokenizer.save_pretrained(staged)
+        staged_critic = handoff.staging_dir(stage.out, CRITIC_DIR)
+        critic.save_pretrained(staged_critic, state_dict=critic_sd)
+        tokenizer.save_pretrained(staged_critic)
+        base = actor_parent.info.get("base_model", str(actor_parent.model)) if actor_parent else stage.cfg.model.name_or_path
+        stage.commit(staged, parents, base, metrics, extra_dirs={CRITIC_DIR: staged_critic},
+                     extra={"critic": {"dir": CRITIC_DIR, "task": "seq_cls", "init": str(critic_parent.model)}})
+        print_summary("ppo", metrics, stage.out)
+    distributed.barrier()
+    return StageResult(stage.out, metrics, actor)

@@ -1,0 +1,52 @@
+"""The DeepSpeed JSON generated from the deepspeed= group (the multi-rank runs are in test_launch.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import compose
+
+
+def ds(*overrides):
+    from align.distributed import deepspeed_config
+
+    return deepspeed_config(compose(*overrides))
+
+
+def test_none_means_no_deepspeed():
+    assert ds() is None
+
+
+@pytest.mark.parametrize("group,stage", [("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
+def test_groups_map_to_zero_stages_with_auto_values(group, stage):
+    config = ds(f"deepspeed={group}")
+    assert config["zero_optimization"]["stage"] == stage
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert config[key] == "auto"  # the HF Trainer fills these from train.*
+    assert config["bf16"] == {"enabled": "auto"}
+    gathers = config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save")
+    assert gathers is (True if stage == 3 else None)
+
+
+def test_offload_uses_deepspeeds_cpu_optimizer():
+    config = ds("deepspeed=zero3_offload")
+    zero = config["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert config["optimizer"]["type"] == "AdamW" and config["optimizer"]["params"]["lr"] == "auto"
+    assert "optimizer" not in ds("deepspeed=zero2")
+
+
+def test_extra_is_merged_last():
+    config = ds("deepspeed=zero2", "+deepspeed.extra.zero_optimization.round_robin_gradients=true",
+                "+deepspeed.extra.steps_per_print=5")
+    assert config["zero_optimization"]["round_robin_gradients"] is True
+    assert config["zero_optimization"]["stage"] == 2 and config["steps_per_print"] == 5
+
+
+def test_bad_combinations_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="offload_param needs ZeRO-3"):
+        ds("deepspeed=zero2", "deepspeed.offload_param=cpu")
+    with pytest.raises(ValueError, match="must be -1 \\(off\\) or 0-3"):
+        ds("deepspeed.zero_stage=4")
+    with pytest.raises(ValueError, match="offload_optimizer must be one of none, cpu"):
+        ds("deepspeed=zero2", "deepspeed.offload_optimizer=nvme")
