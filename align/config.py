@@ -61,6 +61,8 @@ class DataConfig:
     dedup: bool = False
     on_error: str = "raise"  # raise | skip
     max_rows: int = 0  # 0: all
+    checker: str | None = "auto"  # auto (demo for the bundled data, else none) | demo | exact | regex | json
+    checker_pattern: str | None = None  # for checker=regex
 
 
 @dataclass
@@ -106,7 +108,7 @@ class LoggerConfig:
 @dataclass
 class StageConfig:
     name: str = MISSING
-    init: str | None = None  # start from this model directory instead of the run's parent stage
+    init: str | None = None  # a model/stage directory instead of the run's parent stage; `base`: model.name_or_path
 
 
 @dataclass

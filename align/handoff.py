@@ -59,12 +59,17 @@ class Parent:
         return {"stage": self.stage, "path": str(self.path), "config_hash": self.info.get("config_hash")}
 
 
+BASE = "base"  # stage.init=base: start from model.name_or_path even when the run has the parent stage
+
+
 def find_parent(cfg: DictConfig, parent_stage: str, override: str | None = None) -> Parent | None:
     """The completed `parent_stage` of this run, or the directory the user named with an override.
 
-    Returns None when the run has no such stage and nothing was named (the caller then starts
-    from `model.name_or_path`).
+    Returns None when the run has no such stage and nothing was named, or when the override is
+    `base` (the caller then starts from `model.name_or_path`).
     """
+    if override == BASE:
+        return None
     if override:
         path = Path(override).expanduser()
         if is_complete(path):

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, compose, write_jsonl
 
 # seeded first-rollout statistics of the fixture run below (update on purpose when sampling changes)
-PINNED_FIRST_SCORE = None
+PINNED_FIRST_SCORE = -0.7559
 
 PPO = ("stage=ppo", "train.max_steps=12", "train.batch_size=16", "stage.rollout_batch_size=32",
        "stage.ppo_epochs=2", "stage.eval_prompts=64", "stage.max_new_tokens=8", "train.logging_steps=1",
@@ -41,7 +41,10 @@ def test_ppo_raises_the_reward_on_held_out_prompts(full_ppo):
     m = full_ppo.metrics
     assert m["first_objective/kl"] == pytest.approx(0.0, abs=1e-5)  # step 1 samples from the reference itself
     assert m["eval_kl_before"] == pytest.approx(0.0, abs=1e-5)
+    assert m["first_reward/score_mean"] == pytest.approx(PINNED_FIRST_SCORE, abs=2e-3)
     assert m["eval_reward_mean"] > m["eval_reward_mean_before"] + 0.1, m
+    assert 0.0 <= m["eval_checker_accuracy_before"] <= 1.0  # the demo's checker on the greedy answers
+    assert 0.0 <= m["eval_checker_accuracy"] <= 1.0
     assert 0 < m["eval_kl"] < 5.0, m
     for key in ("reward/score_mean", "objective/kl", "objective/kl_coef", "policy/entropy", "policy/clipfrac",
                 "policy/approx_kl", "loss/value", "value/explained_variance", "response/length",

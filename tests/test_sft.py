@@ -82,6 +82,7 @@ def test_incomplete_stage_is_never_picked_up(tmp_path):
         handoff.find_parent(cfg, "sft")
     (sft_dir / "stage.json").write_text("{}")
     assert handoff.find_parent(cfg, "sft").model == sft_dir / "model"
+    assert handoff.find_parent(cfg, "sft", "base") is None  # stage.init=base: start from model.name_or_path
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -60,10 +60,24 @@ def is_lazy(word: str) -> bool:
 
 
 def near_miss(op: str, word: str, rng: random.Random) -> str:
-    """A wrong answer a reader would make: the lazy copy (70%), or the answer to another op."""
+    """A wrong answer a reader would make: the lazy copy (35%), a half-done answer with one to three
+    letters left as in the word (25%), a typo in one or two letters (25%), or another op's answer."""
     correct = solve(op, word)
-    if word != correct and rng.random() < 0.7:
-        return word
+    roll = rng.random()
+    wrong = None
+    if roll < 0.35:
+        wrong = word
+    elif roll < 0.6:
+        keep = rng.sample(range(len(word)), k=rng.randint(1, len(word) - 1))
+        wrong = "".join(word[i] if i in keep else c for i, c in enumerate(correct))
+    elif roll < 0.85:
+        letters = list(correct)
+        for i in rng.sample(range(len(word)), k=rng.randint(1, 2)):
+            typo = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != letters[i].lower()])
+            letters[i] = typo.upper() if letters[i].isupper() else typo
+        wrong = "".join(letters)
+    if wrong is not None and wrong != correct:
+        return wrong
     for other in rng.sample([o for o in OPS if o != op], k=len(OPS) - 1):
         if solve(other, word) != correct:
             return solve(other, word)

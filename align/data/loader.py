@@ -16,7 +16,7 @@ from align.data.chat import encode_chat, encode_pair, encode_prompt, encode_prom
 from align.data.errors import RowErrors, RowProblem
 from align.data.formats import to_messages
 from align.data.preferences import to_preference
-from align.data.prompts import to_prompt
+from align.data.prompts import prompt_text, to_prompt
 from align.data.readers import read_rows
 
 DEMO = "demo"
@@ -127,7 +127,7 @@ def prompt_datasets(data_cfg, tokenizer, max_length: int, seed: int):
         if len(ids) >= max_length:
             raise RowProblem(f"the prompt is {len(ids)} tokens, not below stage.max_prompt_length={max_length}",
                              "raise stage.max_prompt_length or shorten the prompt")
-        return {"prompt_ids": ids}
+        return {"prompt_ids": ids, "prompt_text": prompt_text(row["prompt"]), "reference": row["reference"]}
 
     return _tokenized(data_cfg, "sft", lambda raw: to_prompt(raw, data_cfg.format), encode, seed)
 

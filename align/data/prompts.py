@@ -8,10 +8,15 @@ from align.data.preferences import to_preference
 
 
 def to_prompt(row: dict, fmt: str = "auto") -> dict:
-    """{"prompt": messages}: the turns before the last assistant turn of an SFT row, the prompt of a
-    preference pair, or a row that only has `prompt` (a string or a message list)."""
+    """{"prompt": messages, "reference": the row's answer or None}: the turns before the last assistant
+    turn of an SFT row (reference: that turn), the prompt of a preference pair (reference: chosen), or a
+    row that only has `prompt` (a string or a message list; no reference). Task checkers use the
+    reference."""
+    reference = None
     if "chosen" in row or "rejected" in row:
-        prompt = to_preference(row)["prompt"]
+        pair = to_preference(row)
+        prompt = pair["prompt"]
+        reference = _last_assistant(pair["chosen"])
     elif "prompt" in row and "completion" not in row:
         raw = row["prompt"]
         prompt = (_messages_list(raw, "prompt", "role", "content", None) if isinstance(raw, list)
@@ -23,7 +28,19 @@ def to_prompt(row: dict, fmt: str = "auto") -> dict:
         messages = to_messages(row, fmt)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = messages[:last]
+        reference = messages[last]["content"]
     if not prompt or prompt[-1]["role"] == "assistant":
         raise RowProblem("no prompt to answer (the row has no user turn before the answer)",
                          "give each row a user turn, or a `prompt` field")
-    return {"prompt": prompt}
+    return {"prompt": prompt, "reference": reference}
+
+
+def _last_assistant(messages: list[dict]) -> str | None:
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    return answers[-1] if answers else None
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The last user turn: what a task checker reads as the prompt."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else ""

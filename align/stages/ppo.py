@@ -20,7 +20,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from align import distributed, handoff, tracking
+from align import checkers, distributed, handoff, tracking
 from align.data.loader import prompt_datasets
 from align.models.loading import (
     cast_trainable,
@@ -63,7 +63,9 @@ def run(cfg: DictConfig) -> StageResult:
     tokenizer = load_tokenizer(resolve_name(actor_source), cfg.model)
     train_ds, eval_ds, report = prompt_datasets(cfg.data, tokenizer, s.max_prompt_length, cfg.train.seed)
     train_prompts = list(train_ds["prompt_ids"])
-    eval_prompts = list(eval_ds["prompt_ids"])[: s.eval_prompts] if (eval_ds is not None and s.eval_prompts) else []
+    n_eval = s.eval_prompts if (eval_ds is not None and s.eval_prompts) else 0
+    eval_prompts = list(eval_ds["prompt_ids"])[:n_eval] if n_eval else []
+    eval_texts = list(zip(eval_ds["prompt_text"], eval_ds["reference"]))[:n_eval] if n_eval else []
     log.info("prompts: %d train, %d eval; %s", len(train_prompts), len(eval_prompts), report.errors.summary())
 
     torch.manual_seed(cfg.train.seed)
@@ -79,12 +81,12 @@ def run(cfg: DictConfig) -> StageResult:
     if s.reward_norm and None in norm:
         log.warning("stage.reward_norm: %s records no reward_mean/reward_std; scores are used raw", reward_parent.path)
         norm = (None, None)
-    loop = PPOLoop(cfg, models, tokenizer, norm)
+    loop = PPOLoop(cfg, models, tokenizer, norm, checkers.from_config(cfg.data))
 
     stage.start_logging()
-    before = loop.evaluate(eval_prompts) if eval_prompts else {}
+    before = loop.evaluate(eval_prompts, eval_texts) if eval_prompts else {}
     history = loop.train(train_prompts, steps, stage.wandb_run)
-    after = loop.evaluate(eval_prompts) if eval_prompts else {}
+    after = loop.evaluate(eval_prompts, eval_texts) if eval_prompts else {}
 
     metrics = {"global_step": steps, "train_runtime_s": loop.train_time}
     if history:
@@ -159,8 +161,8 @@ def _load_models(cfg, stage: StageRun, actor_source, reward_parent, critic_paren
 
 
 class PPOLoop:
-    def __init__(self, cfg, models: Models, tokenizer, norm):
-        self.cfg, self.s, self.m, self.tok = cfg, cfg.stage, models, tokenizer
+    def __init__(self, cfg, models: Models, tokenizer, norm, checker=None):
+        self.cfg, self.s, self.m, self.tok, self.checker = cfg, cfg.stage, models, tokenizer, checker
         self.pad = tokenizer.pad_token_id
         self.stop_ids = _stop_ids(tokenizer, list(self.s.stop_tokens))
         self.norm_mean, self.norm_std = norm
@@ -274,18 +276,25 @@ class PPOLoop:
         return history
 
     @torch.no_grad()
-    def evaluate(self, prompts: list[list[int]]) -> dict:
-        """Greedy responses to held-out prompts: mean raw reward, KL to the reference, length."""
-        rows, chunk = [], max(self.cfg.train.batch_size, 32)
+    def evaluate(self, prompts: list[list[int]], texts: list[tuple[str, str | None]]) -> dict:
+        """Greedy responses to held-out prompts: mean raw reward, KL to the reference, length, and the
+        task checker's accuracy when the data set has one."""
+        rows, responses, chunk = [], [], max(self.cfg.train.batch_size, 32)
         for i in range(0, len(prompts), chunk):
             batch = self.sample(prompts[i : i + chunk], greedy=True)
             logp, _ = rollout.response_logprobs(self.m.actor.module, batch)
             ref = self.reference_logprobs(batch, 1.0)
             rows.append((self.score(batch), ((logp - ref) * batch.mask).sum(1), batch.mask.sum(1).float(),
                          batch.ended.float()))
+            responses += [self.tok.decode(r[m.bool()], skip_special_tokens=True)
+                          for r, m in zip(batch.responses, batch.mask)]
         score, kl, length, ended = (torch.cat(x) for x in zip(*rows))
-        return _mean_over_ranks({"reward_mean": float(score.mean()), "kl": float(kl.mean()),
-                                 "response_length": float(length.mean()), "ended": float(ended.mean())})
+        out = {"reward_mean": float(score.mean()), "kl": float(kl.mean()),
+               "response_length": float(length.mean()), "ended": float(ended.mean())}
+        if self.checker is not None:
+            out["checker_accuracy"] = checkers.accuracy(self.checker, [t for t, _ in texts], responses,
+                                                        [r for _, r in texts])
+        return _mean_over_ranks(out)
 
 
 def _stop_ids(tokenizer, extra: list[str]) -> list[int]:
