@@ -15,12 +15,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.pop("WANDB_API_KEY", None)
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # one compute thread per xdist worker: two workers with a thread per core each would oversubscribe
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
+# One compute thread per test process: two xdist workers with a thread per core each would
+# oversubscribe the cores, and pinned values (which depend on float summation order) hold however
+# the tests are run.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
 
-    torch.set_num_threads(1)
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 

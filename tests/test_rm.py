@@ -21,8 +21,9 @@ def rm(runs, *overrides):
 
 @pytest.fixture(scope="module")
 def trained_rm(tmp_path_factory):
-    # straight from the builtin tiny model (no SFT in this run): two passes over the 4,000 demo pairs
-    return rm(tmp_path_factory.mktemp("rm") / "runs", "train.epochs=2", "train.batch_size=32", "train.lr=2e-3")
+    # straight from the builtin tiny model (no SFT in this run): four passes over the 4,000 demo pairs
+    # (measured: eval accuracy 0.97; two passes give 0.77-0.81 on pairs with one-letter near misses)
+    return rm(tmp_path_factory.mktemp("rm") / "runs", "train.epochs=4", "train.batch_size=32", "train.lr=2e-3")
 
 
 def test_rm_learns_the_demo_preference(trained_rm):
