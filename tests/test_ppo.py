@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, compose, write_jsonl
 
 # seeded first-rollout statistics of the fixture run below (update on purpose when sampling changes)
-PINNED_FIRST_SCORE = -2.9021  # one torch thread (tests/conftest.py)
+PINNED_FIRST_SCORE = 2.1546  # one torch thread (tests/conftest.py)
 
 PPO = ("stage=ppo", "train.max_steps=12", "train.batch_size=16", "stage.rollout_batch_size=32",
        "stage.ppo_epochs=2", "stage.eval_prompts=64", "stage.max_new_tokens=8", "train.logging_steps=1",
@@ -28,7 +28,8 @@ def run_stage(stage: str, runs, *overrides):
 def pipeline(tmp_path_factory):
     runs = tmp_path_factory.mktemp("ppo") / "runs"
     run_stage("sft", runs, "train.max_steps=250", "train.batch_size=32")
-    run_stage("rm", runs, "train.max_steps=120", "train.batch_size=32", "train.lr=2e-3")
+    # the RM from the base model, as the README's demo does (the tiny SFT model's features serve it worse)
+    run_stage("rm", runs, "stage.init=base", "train.max_steps=250", "train.batch_size=32", "train.lr=2e-3")
     return runs
 
 
