@@ -151,11 +151,11 @@ def fill_auto(config: dict, *, micro_batch: int, grad_accum: int, max_grad_norm:
         "eps": 1e-8,
         "weight_decay": weight_decay,
     }
-    enabled = {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+    precision = {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
     def fill(node, section=None):
         if isinstance(node, dict):
-            return {k: (enabled[section] if k == "enabled" and section in enabled and v == "auto" else fill(v, k))
+            return {k: (precision[section] if k == "enabled" and section in precision and v == "auto" else fill(v, k))
                     for k, v in node.items()}
         if node == "auto":
             if section not in values:

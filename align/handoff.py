@@ -97,17 +97,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def staging_model_dir(out: Path) -> Path:
-    """Where the new model is written before the commit swaps it in."""
-    tmp = out / f".{MODEL_DIR}.new"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+def staged_path(out: Path, name: str = MODEL_DIR) -> Path:
+    """Where an output folder of a stage (model/, PPO's critic/) is written before the commit swaps it in."""
+    return out / f".{name}.new"
 
 
-def staging_dir(out: Path, name: str) -> Path:
-    """Where another output folder of a stage (PPO's critic/) is written before the commit."""
-    tmp = out / f".{name}.new"
+def staging_dir(out: Path, name: str = MODEL_DIR) -> Path:
+    """staged_path(out, name), emptied and created."""
+    tmp = staged_path(out, name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from align.rl.rewards import response_mask
+from align.rl.losses import entropy_from_logprobs
+from align.rl.rewards import last_index, response_mask
 
 
 @dataclass
@@ -75,8 +76,7 @@ def response_logprobs(model, batch: Batch, temperature: float = 1.0, with_entrop
     logp = logp_all.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logp, None
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    return logp, entropy_from_logprobs(logp_all)
 
 
 def _seq_cls_parts(model):
@@ -109,7 +109,7 @@ def values(critic, batch: Batch) -> torch.Tensor:
 def sequence_scores(reward_model, batch: Batch) -> torch.Tensor:
     """The reward model's score of each full response (at its last real token), [B]."""
     q = batch.queries.shape[1]
-    last = q + (batch.mask.sum(dim=1) - 1).clamp(min=0)
+    last = q + last_index(batch.mask)
     scores = token_scores(reward_model, batch)
     return scores[torch.arange(scores.shape[0], device=scores.device), last]
 

@@ -120,7 +120,7 @@ def save_and_commit(stage: StageRun, trainer, tokenizer, parent, base_model: str
     main = trainer.is_world_process_zero()
     if parent is not None:
         point_adapter_at(trainer.model, str(parent.model))
-    staged = handoff.staging_model_dir(stage.out) if main else stage.out / ".model.new"
+    staged = handoff.staging_dir(stage.out) if main else handoff.staged_path(stage.out)
     trainer.save_model(str(staged))
     if main:
         tokenizer.save_pretrained(staged)

@@ -336,7 +336,7 @@ def _save_and_commit(stage: StageRun, models: Models, tokenizer, parents, actor_
             point_adapter_at(actor, str(actor_parent.model))
         point_adapter_at(critic, str(critic_parent.model))
         set_use_cache(actor, True)
-        staged = handoff.staging_model_dir(stage.out)
+        staged = handoff.staging_dir(stage.out)
         actor.save_pretrained(staged, state_dict=actor_sd)
         tokenizer.save_pretrained(staged)
         staged_critic = handoff.staging_dir(stage.out, CRITIC_DIR)
