@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, compose, write_jsonl
 
 # seeded first-rollout statistics of the fixture run below (update on purpose when sampling changes)
-PINNED_FIRST_SCORE = 2.1546  # one torch thread (tests/conftest.py)
+PINNED_FIRST_SCORE = -0.2658  # one torch thread (tests/conftest.py)
 
 PPO = ("stage=ppo", "train.max_steps=12", "train.batch_size=16", "stage.rollout_batch_size=32",
        "stage.ppo_epochs=2", "stage.eval_prompts=64", "stage.max_new_tokens=8", "train.logging_steps=1",

@@ -59,6 +59,11 @@ class StageRun:
     resume_from: str | None = None
 
     def __post_init__(self):
+        from transformers import set_seed
+
+        # before any model is built: new heads (the RM's score head) and fresh adapters are initialised
+        # from this, not from whatever the process drew before
+        set_seed(self.cfg.train.seed)
         self.out = handoff.stage_dir(self.cfg)
         self.config_hash = handoff.config_hash(self.cfg)
         self.ds_config = distributed.deepspeed_config(self.cfg)  # validated before anything loads
