@@ -44,6 +44,7 @@ def _quiet_third_party() -> None:
     import datasets
 
     datasets.disable_progress_bars()  # the training bar is the one that matters
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the Optuna sweeper's storage logs every plugin it loads
 
 
 def _has_cuda() -> bool:
@@ -55,7 +56,14 @@ def _has_cuda() -> bool:
         return False
 
 
-def dispatch(cfg, command: str = "train"):
+def dispatch(cfg, command: str = "train", task_overrides: list[str] | None = None, sweep_name: str | None = None):
+    """A recipe (pipeline.stages set) runs its stages in order; otherwise the one `stage` runs."""
+    from align import pipeline, recipes
+
+    if cfg.pipeline.stages and command == "train":
+        return pipeline.run(cfg, task_overrides or [], sweep_name)
+    recipes.check(cfg, task_overrides or [])
+    cfg = recipes.strip(cfg)
     if command == "export":
         from align.export import run
 
@@ -79,18 +87,28 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[align] %(message)s")
 
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from align.config import config_dir, register
     from align.data.errors import DataError
     from align.handoff import HandoffError
+    from align.recipes import RecipeError
 
     register()
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
-    def _run(cfg) -> None:
+    def _run(cfg):
+        from align.pipeline import job_name, swept_keys
+
+        hc = HydraConfig.get()
+        task = list(hc.overrides.task)
+        sweep_name = None
+        if hc.mode == RunMode.MULTIRUN:
+            sweep_name = job_name(task, swept_keys(args, hc.sweeper.get("params")))
         try:
-            dispatch(cfg, command)
-        except (DataError, HandoffError) as e:
+            return dispatch(cfg, command, task, sweep_name)
+        except (DataError, HandoffError, RecipeError) as e:
             logging.getLogger("align").error("%s", e)
             sys.exit(2)
 

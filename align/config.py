@@ -6,9 +6,11 @@ anything loads. The YAML files in conf/ pick values; these classes define what m
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -174,6 +176,52 @@ class PPOStageConfig(StageConfig):
 
 
 @dataclass
+class PipelineConfig:
+    """What `recipe=NAME` sets: the stages to run in order. Empty: run the single `stage`."""
+
+    name: str | None = None  # the recipe's name
+    stages: list[str] = field(default_factory=list)
+    force: list[str] = field(default_factory=list)  # re-run these stages (and so everything downstream); [all]: every one
+    objective: str | None = None  # `<stage>.<metric>` from stage.json, returned to a sweeper (Optuna)
+    summary: bool = True  # summary.md, plots and the table at the end
+
+
+STAGE_SCHEMAS = {"sft": SFTStageConfig, "rm": RMStageConfig, "dpo": DPOStageConfig, "ppo": PPOStageConfig}
+# groups a recipe may set per stage: `sft.train.epochs=2`, `rm.data.train=prefs.jsonl`
+SECTION_GROUPS = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig, "peft": PeftConfig}
+
+
+def _overlay(schema: type, name: str, extra: dict[str, type] | None = None) -> type:
+    """A dataclass with the same fields as `schema`, each optional and unset (`???`) by default.
+
+    An unset field leaves the base value alone; a set one (null included) replaces it. Typed, so a
+    typo (`dpo.betta=0.1`) or a wrong type is rejected before anything loads.
+    """
+    hints = typing.get_type_hints(schema)
+    fields = []
+    for f in dataclasses.fields(schema):
+        if f.name == "name" and issubclass(schema, StageConfig):
+            continue
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            sub = _overlay(kind, f"{name}{kind.__name__}")
+            fields.append((f.name, sub, field(default_factory=sub)))
+        else:
+            fields.append((f.name, Any if kind is Any else Optional[kind], field(default=MISSING)))
+    for key, sub in (extra or {}).items():
+        fields.append((key, sub, field(default_factory=sub)))
+    return dataclasses.make_dataclass(name, fields)
+
+
+def _section(stage: str) -> type:
+    groups = {g: _overlay(schema, f"{stage.upper()}{schema.__name__}Overlay") for g, schema in SECTION_GROUPS.items()}
+    return _overlay(STAGE_SCHEMAS[stage], f"{stage.upper()}Section", groups)
+
+
+SECTIONS = {name: _section(name) for name in STAGE_SCHEMAS}
+
+
+@dataclass
 class AlignConfig:
     stage: Any = MISSING
     run: RunConfig = field(default_factory=RunConfig)
@@ -183,16 +231,22 @@ class AlignConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-
-
-STAGE_SCHEMAS = {"sft": SFTStageConfig, "rm": RMStageConfig, "dpo": DPOStageConfig, "ppo": PPOStageConfig}
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # per-stage overrides inside a recipe (see recipes/): unset keys leave the shared value alone
+    sft: SECTIONS["sft"] = field(default_factory=SECTIONS["sft"])  # type: ignore[valid-type]
+    rm: SECTIONS["rm"] = field(default_factory=SECTIONS["rm"])  # type: ignore[valid-type]
+    dpo: SECTIONS["dpo"] = field(default_factory=SECTIONS["dpo"])  # type: ignore[valid-type]
+    ppo: SECTIONS["ppo"] = field(default_factory=SECTIONS["ppo"])  # type: ignore[valid-type]
 
 
 def register() -> None:
+    from align import recipes
+
     cs = ConfigStore.instance()
     cs.store(name="align_schema", node=AlignConfig)
     for name, schema in STAGE_SCHEMAS.items():
         cs.store(group="stage", name=f"{name}_schema", node=schema)
+    recipes.register(cs)
 
 
 def config_dir() -> Path:

@@ -164,3 +164,14 @@ def fill_auto(config: dict, *, micro_batch: int, grad_accum: int, max_grad_norm:
         return node
 
     return fill(config)
+
+
+def broadcast_object(obj):
+    """Rank 0's value on every rank (the value itself when there is no process group)."""
+    if not is_initialized():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

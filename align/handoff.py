@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,9 @@ STAGE_JSON = "stage.json"
 MODEL_DIR = "model"
 CONFIG_YAML = "config.yaml"
 CHECKPOINTS = "checkpoints"
+HISTORY = "history.jsonl"  # one line per logged step (training curves for summaries and plots)
 # keys that do not change what a stage computes: left out of the config hash
-UNHASHED_KEYS = ("run", "logger", "pipeline")
+UNHASHED_KEYS = ("run", "logger", "pipeline", "sft", "rm", "dpo", "ppo")  # the last four: a recipe's sections
 
 
 class HandoffError(RuntimeError):
@@ -56,7 +58,13 @@ class Parent:
     info: dict  # its stage.json, or {} for a plain model directory
 
     def as_record(self) -> dict:
-        return {"stage": self.stage, "path": str(self.path), "config_hash": self.info.get("config_hash")}
+        return {"stage": self.stage, "path": str(self.path), "config_hash": self.info.get("config_hash"),
+                "output_id": self.info.get("output_id")}
+
+    @property
+    def identity(self) -> str:
+        """What the child was trained from: the parent output's id (new on every commit), else its path."""
+        return self.info.get("output_id") or str(self.path.resolve())
 
 
 BASE = "base"  # stage.init=base: start from model.name_or_path even when the run has the parent stage
@@ -120,16 +128,25 @@ def _swap_in(out: Path, name: str, staged: Path) -> None:
 
 
 def commit(out: Path, staged_model: Path, cfg: DictConfig, record: dict,
-           extra_dirs: dict[str, Path] | None = None) -> dict:
-    """Swap the staged model (and any extra staged folders) in, write config.yaml, then stage.json last."""
+           extra_dirs: dict[str, Path] | None = None, history: list[dict] | None = None) -> dict:
+    """Swap the staged model (and any extra staged folders) in, write config.yaml and the history, then stage.json last."""
     (out / STAGE_JSON).unlink(missing_ok=True)  # from here until the end the directory reads as incomplete
     _swap_in(out, MODEL_DIR, staged_model)
     for name, staged in (extra_dirs or {}).items():
         _swap_in(out, name, staged)
     _atomic_write_text(out / CONFIG_YAML, OmegaConf.to_yaml(cfg, resolve=True))
-    record = {**record, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _atomic_write_text(out / HISTORY, "".join(json.dumps(h, default=str) + "\n" for h in history or []))
+    # output_id: new on every commit, so a child can tell that its parent was re-trained (the cache)
+    record = {**record, "output_id": uuid.uuid4().hex, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _atomic_write_text(out / STAGE_JSON, json.dumps(record, indent=2, default=str) + "\n")
     return record
+
+
+def read_history(path: Path) -> list[dict]:
+    file = path / HISTORY
+    if not file.is_file():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
 def versions() -> dict:

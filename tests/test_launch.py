@@ -40,6 +40,9 @@ def test_split_launcher_options_from_overrides():
     assert stage_argv("dpo", ["deepspeed=zero3"]) == ["stage=dpo", "deepspeed=zero3"]
     with pytest.raises(SystemExit, match="launch/dpo.sh runs stage=dpo"):
         stage_argv("dpo", ["stage=sft"])
+    assert stage_argv("recipe", ["recipe=demo"]) == ["deepspeed=zero2", "recipe=demo"]
+    with pytest.raises(SystemExit, match="needs the recipe to run: recipe=NAME"):
+        stage_argv("recipe", ["train.max_steps=2"])
     with pytest.raises(SystemExit, match="--num_gpus needs a value"):
         split_launcher_args(["--num_gpus"])
 
@@ -126,3 +129,20 @@ def test_two_ranks_zero2_ppo(tmp_path):
     assert record["distributed"] == {"world_size": 2, "zero_stage": 2}
     assert record["metrics"]["first_objective/kl"] == pytest.approx(0.0, abs=1e-5)
     assert (runs / "demo" / "ppo" / "critic" / "model.safetensors").is_file()
+
+
+def test_two_ranks_run_a_recipe_and_agree_on_the_cache(tmp_path):
+    """launch/recipe.sh: both ranks walk sft -> dpo; on the re-run with a changed DPO key both skip sft
+    (rank 0 decides, the others follow) and re-train dpo only."""
+    runs = tmp_path / "runs"
+    args = ["bash", str(REPO / "launch/recipe.sh"), "--num_gpus", "2", "recipe=demo", "pipeline.stages=[sft,dpo]",
+            f"run.root={runs}", "train.max_steps=2", "data.max_rows=100"]
+    first = launch(args, cwd=tmp_path)
+    assert first.stdout.count("exits successfully") == 2
+    ids = {s: stage_record(runs, stage=s)["output_id"] for s in ("sft", "dpo")}
+    assert stage_record(runs, stage="sft")["distributed"] == {"world_size": 2, "zero_stage": 2}
+    second = launch([*args, "dpo.beta=0.2"], cwd=tmp_path)
+    assert "sft: up to date" in second.stdout + second.stderr and second.stdout.count("exits successfully") == 2
+    assert stage_record(runs, stage="sft")["output_id"] == ids["sft"]
+    assert stage_record(runs, stage="dpo")["output_id"] != ids["dpo"]
+    assert (runs / "demo" / "summary.md").is_file()

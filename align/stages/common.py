@@ -69,6 +69,8 @@ class StageRun:
         self.ds_config = distributed.deepspeed_config(self.cfg)  # validated before anything loads
         distributed.init(self.cfg)
         if tracking.is_main_process():
+            if self.out.is_symlink():  # linked to another run's output by the cache: train into our own
+                self.out.unlink()
             self.out.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
 
@@ -97,7 +99,8 @@ class StageRun:
         self.wandb_run = tracking.start(self.cfg, self.out)
 
     def commit(self, staged_model: Path, parents: list[handoff.Parent], base_model: str, metrics: dict,
-               task: str = "causal_lm", extra_dirs: dict[str, Path] | None = None, extra: dict | None = None) -> dict:
+               task: str = "causal_lm", extra_dirs: dict[str, Path] | None = None, extra: dict | None = None,
+               history: list[dict] | None = None) -> dict:
         record = {
             "stage": self.cfg.stage.name,
             "task": task,
@@ -114,7 +117,7 @@ class StageRun:
             "wandb_run_id": self.wandb_run.id if self.wandb_run is not None else None,
             **(extra or {}),
         }
-        record = handoff.commit(self.out, staged_model, self.cfg, record, extra_dirs)
+        record = handoff.commit(self.out, staged_model, self.cfg, record, extra_dirs, history)
         tracking.finish(self.wandb_run, metrics)
         return record
 
@@ -131,7 +134,8 @@ def save_and_commit(stage: StageRun, trainer, tokenizer, parent, base_model: str
         tokenizer.save_pretrained(staged)
         if parent is not None:
             base_model = parent.info.get("base_model", str(parent.model))
-        stage.commit(staged, [parent] if parent else [], base_model, metrics, task=task)
+        stage.commit(staged, [parent] if parent else [], base_model, metrics, task=task,
+                     history=trainer.state.log_history)
         print_summary(stage.cfg.stage.name, metrics, stage.out)
     return StageResult(stage.out, metrics, trainer.model)
 
@@ -172,6 +176,13 @@ def training_arguments(cfg: DictConfig, run: StageRun, has_eval: bool) -> dict:
         deepspeed=run.ds_config,
     )
     return kwargs
+
+
+def log_no_parent(cfg: DictConfig, parent_stage: str, source: str) -> None:
+    if cfg.stage.init == handoff.BASE:
+        log.info("stage.init=base: starting from %s", source)
+    else:
+        log.info("no completed %s in run %s: starting from %s", parent_stage, cfg.run.name, source)
 
 
 def log_history_metrics(log_history: list[dict]) -> dict:

@@ -97,8 +97,9 @@ def run(cfg: DictConfig) -> StageResult:
     metrics.update({f"eval_{k}": v for k, v in after.items()})
     metrics.update(report.metrics())
     metrics = finite(metrics)
-    return _save_and_commit(stage, models, tokenizer, [p for p in (actor_parent, reward_parent) if p],
-                            actor_parent, critic_parent, metrics)
+    parents = [p for p in (actor_parent, reward_parent, critic_parent if s.critic else None) if p]
+    curves = [{"step": i + 1, **h} for i, h in enumerate(history)]
+    return _save_and_commit(stage, models, tokenizer, parents, actor_parent, critic_parent, metrics, curves)
 
 
 def _validate(cfg) -> None:
@@ -326,7 +327,7 @@ def _fmt(stats: dict) -> str:
 
 
 def _save_and_commit(stage: StageRun, models: Models, tokenizer, parents, actor_parent, critic_parent,
-                     metrics: dict) -> StageResult:
+                     metrics: dict, history: list[dict]) -> StageResult:
     main = tracking.is_main_process()
     actor_sd = models.actor.state_dict_for_save()  # collectives: every rank takes part
     critic_sd = models.critic.state_dict_for_save()
@@ -344,7 +345,8 @@ def _save_and_commit(stage: StageRun, models: Models, tokenizer, parents, actor_
         tokenizer.save_pretrained(staged_critic)
         base = actor_parent.info.get("base_model", str(actor_parent.model)) if actor_parent else stage.cfg.model.name_or_path
         stage.commit(staged, parents, base, metrics, extra_dirs={CRITIC_DIR: staged_critic},
-                     extra={"critic": {"dir": CRITIC_DIR, "task": "seq_cls", "init": str(critic_parent.model)}})
+                     extra={"critic": {"dir": CRITIC_DIR, "task": "seq_cls", "init": str(critic_parent.model)}},
+                     history=history)
         print_summary("ppo", metrics, stage.out)
     distributed.barrier()
     return StageResult(stage.out, metrics, actor)

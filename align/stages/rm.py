@@ -29,6 +29,7 @@ from align.stages.common import (
     StageRun,
     finite,
     log_history_metrics,
+    log_no_parent,
     save_and_commit,
     training_arguments,
 )
@@ -43,7 +44,7 @@ def run(cfg: DictConfig) -> StageResult:
     parent = handoff.find_parent(cfg, "sft", cfg.stage.init)
     source = str(parent.model) if parent else cfg.model.name_or_path
     if parent is None:
-        log.info("no completed sft in run %s: starting from %s", cfg.run.name, source)
+        log_no_parent(cfg, "sft", source)
 
     tokenizer = load_tokenizer(resolve_name(source), cfg.model)
     train_ds, eval_ds, report = preference_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)

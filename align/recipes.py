@@ -1,0 +1,131 @@
+"""Recipes: whole pipelines as short YAML files in recipes/ (and ./recipes/ of the working directory).
+
+A recipe is an entry of the Hydra group `recipe`, applied at the top level of the config: it names
+the ordered stages (`pipeline.stages`) and overrides keys per stage in a section named after the
+stage (`rm.init: base`, `rm.train.lr: 2e-3`). `stage_config(cfg, "rm")` turns the composed config
+into exactly the config `python -m align stage=rm <same overrides>` would have: the stage's own
+defaults from conf/stage/rm.yaml, the shared groups, then the section's keys on top. So a stage run
+alone and the same stage inside a recipe have the same config hash, and the cache treats them alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from align.config import SECTION_GROUPS, SECTIONS, STAGE_SCHEMAS, AlignConfig, config_dir
+
+PER_STAGE_KEYS = tuple(SECTIONS)  # the section names: sft, rm, dpo, ppo
+STRIPPED = ("pipeline", *PER_STAGE_KEYS)  # not part of a single stage's config
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def recipe_dirs() -> list[Path]:
+    """The shipped recipes (recipes/ in a checkout, align/recipes in a wheel), then ./recipes/."""
+    here = Path(__file__).resolve().parent
+    dirs = [d for d in (here.parent / "recipes", here / "recipes") if d.is_dir()][:1]
+    local = Path.cwd() / "recipes"
+    if local.is_dir() and all(local.resolve() != d.resolve() for d in dirs):
+        dirs.append(local)
+    return dirs
+
+
+def register(cs: ConfigStore) -> dict[str, Path]:
+    """Store every recipes/*.yaml as `recipe=<stem>` (a later directory wins). Returns name -> file."""
+    found: dict[str, Path] = {}
+    for d in recipe_dirs():
+        for path in sorted(d.glob("*.yaml")):
+            found[path.stem] = path
+    for name, path in found.items():
+        cs.store(group="recipe", name=name, node=OmegaConf.load(path), package="_global_")
+    return found
+
+
+def _set_keys(node: DictConfig) -> dict:
+    """The keys of a section that were set (missing `???` ones dropped), nested."""
+    out = {}
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            continue
+        value = node[key]
+        if isinstance(value, DictConfig) and OmegaConf.get_type(value) not in (dict, None):
+            sub = _set_keys(value)
+            if sub:
+                out[key] = sub
+        else:
+            out[key] = OmegaConf.to_container(value, resolve=False) if OmegaConf.is_config(value) else value
+    return out
+
+
+def section_overrides(cfg: DictConfig, stage: str) -> dict:
+    return _set_keys(cfg[stage])
+
+
+def stage_defaults(stage: str) -> DictConfig:
+    """conf/stage/<stage>.yaml on its schema: what `stage=<stage>` selects."""
+    node = OmegaConf.load(config_dir() / "stage" / f"{stage}.yaml")
+    node.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage]), node)
+
+
+def strip(cfg: DictConfig) -> DictConfig:
+    """A single stage's config: everything but the pipeline and the per-stage sections."""
+    data = OmegaConf.to_container(cfg, resolve=False)
+    for key in STRIPPED:
+        data.pop(key, None)
+    out = OmegaConf.create(data)
+    OmegaConf.set_struct(out, True)
+    return out
+
+
+def stage_config(cfg: DictConfig, stage: str, run_name: str | None = None) -> DictConfig:
+    """The config of `stage` inside the recipe: its defaults, the shared groups, its section on top."""
+    if stage not in STAGE_SCHEMAS:
+        raise RecipeError(f"pipeline.stages names {stage!r}; stages are {', '.join(STAGE_SCHEMAS)}")
+    overrides = section_overrides(cfg, stage)
+    base = OmegaConf.to_container(cfg, resolve=False)
+    for key in STRIPPED:
+        base.pop(key, None)
+    base["stage"] = {}
+    merged = OmegaConf.merge(OmegaConf.structured(AlignConfig), base)  # typed again; sections dropped by strip()
+    merged.stage = stage_defaults(stage)
+    groups = {k: overrides.pop(k) for k in list(overrides) if k in SECTION_GROUPS}
+    if overrides:
+        merged.stage = OmegaConf.merge(merged.stage, overrides)
+    for group, values in groups.items():
+        merged[group] = OmegaConf.merge(merged[group], values)
+    if run_name is not None:
+        merged.run.name = run_name
+    return strip(merged)
+
+
+def check(cfg: DictConfig, task_overrides: list[str]) -> None:
+    """Refuse per-stage keys that would be silently ignored, with the fix."""
+    stages = list(cfg.pipeline.stages)
+    if not stages:
+        used = [s for s in PER_STAGE_KEYS if section_overrides(cfg, s)]
+        if used:
+            raise RecipeError(
+                f"{used[0]}.* keys only apply inside a recipe (recipe=NAME); for a single stage use stage.* "
+                f"(e.g. stage=dpo stage.beta=0.1) or train.* directly")
+        return
+    for name in stages:
+        if name not in STAGE_SCHEMAS:
+            raise RecipeError(f"pipeline.stages names {name!r}; stages are {', '.join(STAGE_SCHEMAS)}")
+    for o in task_overrides:
+        name = o.lstrip("+~").split(".", 1)[0]
+        if name in PER_STAGE_KEYS and name not in stages and "." in o:
+            raise RecipeError(f"{o}: recipe {cfg.pipeline.name} runs {', '.join(stages)}, not {name}")
+    for force in cfg.pipeline.force:
+        if force != "all" and force not in stages:
+            raise RecipeError(f"pipeline.force names {force!r}; this recipe runs {', '.join(stages)} (or use all)")
+    stage_keys = [o for o in task_overrides if o.lstrip("+~").startswith("stage.") or o.lstrip("+~").startswith("stage=")]
+    if stage_keys:
+        raise RecipeError(
+            f"{stage_keys[0]}: inside a recipe a stage's keys are addressed by its name "
+            f"(e.g. {stages[-1]}.{stage_keys[0].split('.', 1)[-1].lstrip('=')}), since the recipe runs several stages")
