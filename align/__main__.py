@@ -93,6 +93,7 @@ def main() -> None:
     from align.config import config_dir, register
     from align.data.errors import DataError
     from align.handoff import HandoffError
+    from align.preemption import Preempted, TrainingDiverged
     from align.recipes import RecipeError
 
     register()
@@ -111,6 +112,12 @@ def main() -> None:
         except (DataError, HandoffError, RecipeError) as e:
             logging.getLogger("align").error("%s", e)
             sys.exit(2)
+        except Preempted as e:  # checkpoint saved: 143 (SIGTERM) / 130 (SIGINT) tells the scheduler to requeue
+            logging.getLogger("align").error("%s", e)
+            sys.exit(e.code)
+        except TrainingDiverged as e:
+            logging.getLogger("align").error("%s", e)
+            sys.exit(3)
 
     _run()
 

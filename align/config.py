@@ -40,6 +40,7 @@ class TrainConfig:
     eval_steps: int = 0  # 0: evaluate once at the end
     save_steps: int = 500
     keep_checkpoints: int = 2
+    max_bad_steps: int = 10  # non-finite loss/gradient steps in a row (each skipped) before the run stops
 
 
 @dataclass

@@ -9,6 +9,11 @@ import torch
 from align import distributed
 
 
+STATE_TAG = "state"  # DeepSpeed checkpoint tag
+TRAINABLE_FILE = "trainable.safetensors"  # without DeepSpeed: the trained parameters (all, or the adapter)
+OPTIM_FILE = "optimizer.pt"  # optimizer + scheduler state (tensors and numbers: loads with weights_only=True)
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         import os
@@ -79,6 +84,47 @@ class Trainable:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    # --- resumable state: weights being trained, optimizer, schedule ----------------------------
+    def save_state(self, folder, main: bool) -> None:
+        """Every rank calls it (DeepSpeed's checkpoint is a collective; each rank writes its shards)."""
+        from pathlib import Path
+
+        folder = Path(folder)
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(folder), tag=STATE_TAG)
+            return
+        if main:
+            from safetensors.torch import save_file
+
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({n: p.detach().cpu().contiguous() for n, p in self.module.named_parameters() if p.requires_grad},
+                      str(folder / TRAINABLE_FILE))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "micro": self.micro}, folder / OPTIM_FILE)
+
+    def load_state(self, folder) -> None:
+        from pathlib import Path
+
+        folder = Path(folder)
+        if self.engine is not None:
+            path, _ = self.engine.load_checkpoint(str(folder), tag=STATE_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}")
+            return
+        from safetensors.torch import load_file
+
+        weights = load_file(str(folder / TRAINABLE_FILE))
+        expected = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        if set(weights) != expected:
+            raise ValueError(f"{folder / TRAINABLE_FILE} does not match the model being trained "
+                             f"({len(set(weights) ^ expected)} parameter names differ)")
+        self.module.load_state_dict(weights, strict=False)
+        state = torch.load(folder / OPTIM_FILE, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro = state["micro"]
 
     def state_dict_for_save(self):
         """Full weights on every rank under ZeRO-3 (a collective: all ranks call it); None otherwise."""

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from align import distributed, handoff, tracking
+from align import checkpointing, distributed, handoff, tracking
+from align.lock import StageLock, StageLocked
+from align.preemption import Preempted, SignalFlag, TrainingDiverged
 from align.models.loading import is_builtin_tiny, point_adapter_at, resolve_dtype
 
 log = logging.getLogger("align")
@@ -57,6 +59,8 @@ class StageRun:
     started: float = field(default_factory=time.time)
     wandb_run: object = None
     resume_from: str | None = None
+    lock: StageLock | None = None
+    skipped_steps: int = 0  # updates dropped by the non-finite guard
 
     def __post_init__(self):
         from transformers import set_seed
@@ -68,11 +72,18 @@ class StageRun:
         self.config_hash = handoff.config_hash(self.cfg)
         self.ds_config = distributed.deepspeed_config(self.cfg)  # validated before anything loads
         distributed.init(self.cfg)
+        refused = None
         if tracking.is_main_process():
             if self.out.is_symlink():  # linked to another run's output by the cache: train into our own
                 self.out.unlink()
             self.out.mkdir(parents=True, exist_ok=True)
-        distributed.barrier()
+            try:
+                self.lock = StageLock(self.out).acquire()  # held until the commit
+            except StageLocked as e:
+                refused = str(e)
+        refused = distributed.broadcast_object(refused)  # every rank stops, not only rank 0
+        if refused:
+            raise StageLocked(refused)
 
     @property
     def checkpoints(self) -> Path:
@@ -80,12 +91,11 @@ class StageRun:
 
     def prepare_checkpoints(self) -> None:
         """Resume from the latest checkpoint when the config matches; otherwise start clean."""
-        from transformers.trainer_utils import get_last_checkpoint
-
         marker = self.checkpoints / HASH_FILE
         same = marker.is_file() and marker.read_text().strip() == self.config_hash
-        if self.cfg.run.resume and same and self.checkpoints.is_dir():
-            self.resume_from = get_last_checkpoint(str(self.checkpoints))
+        if self.cfg.run.resume and same:
+            latest = checkpointing.latest(self.checkpoints)  # committed ones only: never a half-written one
+            self.resume_from = str(latest) if latest else None
         if self.resume_from:
             log.info("resuming from %s", self.resume_from)
             return
@@ -94,6 +104,30 @@ class StageRun:
             self.checkpoints.mkdir(parents=True)
             marker.write_text(self.config_hash + "\n")
         distributed.barrier()  # no rank starts writing checkpoints into a folder rank 0 is clearing
+
+    def train(self, trainer):
+        """trainer.train() with committed checkpoints, preemption and the non-finite guard; resumes
+        from the latest committed checkpoint when prepare_checkpoints found one."""
+        from align.stages.guards import CommitCheckpoints, SkipNonFinite, StopOnSignal
+
+        with SignalFlag() as flag:
+            stop, guard = StopOnSignal(flag), SkipNonFinite(self.cfg.train.max_bad_steps)
+            for callback in (CommitCheckpoints(self.cfg.train.keep_checkpoints), guard, stop):
+                trainer.add_callback(callback)
+            result = trainer.train(resume_from_checkpoint=self.resume_from)
+        self.skipped_steps = guard.skipped
+        name = self.cfg.stage.name
+        if guard.diverged_at is not None:
+            latest = checkpointing.latest(self.checkpoints)
+            raise TrainingDiverged(
+                f"{name}: {guard.in_a_row} non-finite steps in a row (train.max_bad_steps={self.cfg.train.max_bad_steps}) "
+                f"at step {guard.diverged_at}; stopped. Lower train.lr or check the data. "
+                + (f"The last good checkpoint is {latest}." if latest else "No checkpoint was written yet."))
+        if stop.stopped_at is not None:
+            raise Preempted(flag.signum,
+                            f"{name}: stopped by {flag.name} at step {stop.stopped_at}; checkpoint saved in "
+                            f"{checkpointing.latest(self.checkpoints)}. Re-run the same command to continue from it.")
+        return result
 
     def start_logging(self) -> None:
         self.wandb_run = tracking.start(self.cfg, self.out)
@@ -118,6 +152,8 @@ class StageRun:
             **(extra or {}),
         }
         record = handoff.commit(self.out, staged_model, self.cfg, record, extra_dirs, history)
+        if self.lock is not None:
+            self.lock.release()
         tracking.finish(self.wandb_run, metrics)
         return record
 
@@ -131,6 +167,9 @@ def save_and_commit(stage: StageRun, trainer, tokenizer, parent, base_model: str
     staged = handoff.staging_dir(stage.out) if main else handoff.staged_path(stage.out)
     trainer.save_model(str(staged))
     if main:
+        # Trainer pickles its arguments next to the weights; the handoff holds safetensors only
+        # (config.yaml has the settings), so nothing in model/ needs unpickling
+        (staged / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(staged)
         if parent is not None:
             base_model = parent.info.get("base_model", str(parent.model))
@@ -164,7 +203,7 @@ def training_arguments(cfg: DictConfig, run: StageRun, has_eval: bool) -> dict:
         eval_steps=t.eval_steps if t.eval_steps > 0 else None,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.keep_checkpoints,
+        save_total_limit=None,  # align rotates, and only after the newer checkpoint is committed (guards.py)
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),

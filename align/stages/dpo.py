@@ -113,11 +113,12 @@ def run(cfg: DictConfig) -> StageResult:
                                      eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config)
     if cfg.peft.method == "qlora":  # TRL casts adapters to bf16; keep them in the compute dtype (see cast_trainable)
         cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
-    result = trainer.train(resume_from_checkpoint=stage.resume_from)
+    result = stage.train(trainer)
 
     metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
     metrics["train_runtime_s"] = result.metrics.get("train_runtime")
     metrics["global_step"] = trainer.state.global_step
+    metrics["nonfinite_steps_skipped"] = stage.skipped_steps
     metrics.update(_last_logged(trainer.state.log_history))
     if eval_ds is not None:
         ev = trainer.evaluate()

@@ -13,6 +13,7 @@ the reward model (its score head becomes the value head).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from align import checkers, distributed, handoff, tracking
+from align import checkers, checkpointing, distributed, handoff, tracking
 from align.data.loader import prompt_datasets
 from align.models.loading import (
     cast_trainable,
@@ -41,6 +42,7 @@ from align.rl.kl import ESTIMATORS, kl_controller
 from align.rl.losses import explained_variance, policy_loss, value_loss
 from align.rl.masked import masked_mean, whiten
 from align.rl.rewards import shape_scores, token_rewards
+from align.preemption import Preempted, SignalFlag, TrainingDiverged
 from align.stages.common import StageResult, StageRun, finite, print_summary, resolve_lr
 
 log = logging.getLogger("align")
@@ -83,12 +85,16 @@ def run(cfg: DictConfig) -> StageResult:
         norm = (None, None)
     loop = PPOLoop(cfg, models, tokenizer, norm, checkers.from_config(cfg.data))
 
+    stage.prepare_checkpoints()
     stage.start_logging()
-    before = loop.evaluate(eval_prompts, eval_texts) if eval_prompts else {}
-    history = loop.train(train_prompts, steps, stage.wandb_run)
+    before = None
+    if stage.resume_from is None:
+        before = loop.evaluate(eval_prompts, eval_texts) if eval_prompts else {}
+    history = loop.train(train_prompts, steps, stage.wandb_run, stage.checkpoints, stage.resume_from, before)
+    before = loop.before  # restored from the checkpoint when resuming
     after = loop.evaluate(eval_prompts, eval_texts) if eval_prompts else {}
 
-    metrics = {"global_step": steps, "train_runtime_s": loop.train_time}
+    metrics = {"global_step": steps, "train_runtime_s": loop.train_time, "nonfinite_updates_skipped": loop.skipped}
     if history:
         first, last = history[0], history[-1]
         metrics.update({f"first_{k}": first[k] for k in ("reward/score_mean", "objective/kl") if k in first})
@@ -170,6 +176,7 @@ class PPOLoop:
         self.kl_ctl = kl_controller(self.s.kl_coef, self.s.kl_target, self.s.kl_horizon)
         self.synced = cfg.deepspeed.zero_stage == 3 and distributed.world_size() > 1
         self.train_time = 0.0
+        self.skipped, self.bad_in_a_row = 0, 0  # non-finite mini-batch updates dropped
         self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)  # mini-batch order
 
     # --- rollouts -------------------------------------------------------------------------------
@@ -230,10 +237,12 @@ class PPOLoop:
                 mb = batch.select(idx)
                 logp, entropy = rollout.response_logprobs(self.m.actor.model, mb, s.temperature, with_entropy=True)
                 pg_loss, pg_stats = policy_loss(logp, old_logp[idx], advantages[idx], mb.mask, s.clip_range)
-                self.m.actor.backward(pg_loss)
-                self.m.actor.step()
                 vpred = rollout.values(self.m.critic.model, mb)
                 vf_loss, vf_stats = value_loss(vpred, old_values[idx], returns[idx], mb.mask, s.clip_range_value)
+                if not self._finite_on_all_ranks(pg_loss, vf_loss):
+                    continue  # this mini-batch's update is dropped on every rank
+                self.m.actor.backward(pg_loss)
+                self.m.actor.step()
                 self.m.critic.backward(s.vf_coef * vf_loss)
                 self.m.critic.step()
                 for k, v in {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(),
@@ -252,29 +261,113 @@ class PPOLoop:
         self.kl_ctl.update(stats["objective/kl"], n * distributed.world_size())
         return stats
 
-    def train(self, prompts: list[list[int]], steps: int, wandb_run) -> list[dict]:
+    def _finite_on_all_ranks(self, *losses) -> bool:
+        """False (and counted) when a loss is NaN/inf on any rank; max_bad_steps in a row stop the run."""
+        ok = torch.tensor([float(all(torch.isfinite(x).all() for x in losses))], device=losses[0].device)
+        if distributed.is_initialized():
+            import torch.distributed as dist
+
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item():
+            self.bad_in_a_row = 0
+            return True
+        self.bad_in_a_row += 1
+        self.skipped += 1
+        log.warning("non-finite PPO loss: mini-batch update skipped (%d in a row, %d in all)",
+                    self.bad_in_a_row, self.skipped)
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"ppo: {self.bad_in_a_row} non-finite updates in a row (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); stopped. Lower train.lr or check the reward model. The last "
+                "committed checkpoint (if any) is in checkpoints/.")
+        return False
+
+    def train(self, prompts: list[list[int]], steps: int, wandb_run, checkpoints=None, resume_from=None,
+              before: dict | None = None) -> list[dict]:
+        """`steps` PPO steps. Every `train.save_steps` steps, and at SIGTERM/SIGINT, the whole loop state
+        goes to checkpoints/checkpoint-N; `resume_from` continues from one exactly (same prompts next,
+        same sampling RNG). `before` (the pre-training eval) is kept in the checkpoint."""
         from tqdm.auto import tqdm
 
         s, world, rank = self.s, distributed.world_size(), distributed.rank()
         g = torch.Generator().manual_seed(self.cfg.train.seed)
         order, cursor, history = torch.randperm(len(prompts), generator=g).tolist(), 0, []
+        first, self.before = 0, before or {}
+        if resume_from is not None:
+            first, order, cursor, history = self.load_state(resume_from, g)  # restores self.before too
+            log.info("resuming from %s (step %d of %d)", resume_from, first, steps)
         per_step = s.rollout_batch_size * world
-        start = time.perf_counter()
-        bar = tqdm(range(steps), desc="ppo", disable=not tracking.is_main_process())
-        for step in bar:
-            if cursor + per_step > len(order):
-                order, cursor = torch.randperm(len(prompts), generator=g).tolist(), 0
-            mine = order[cursor + rank * s.rollout_batch_size : cursor + (rank + 1) * s.rollout_batch_size]
-            cursor += per_step
-            stats = self.step([prompts[i] for i in mine])
-            history.append(stats)
-            bar.set_postfix(score=f"{stats['reward/score_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-            if tracking.is_main_process() and (step % self.cfg.train.logging_steps == 0 or step == steps - 1):
-                log.info("step %d/%d: %s", step + 1, steps, _fmt(stats))
-                if wandb_run is not None:
-                    wandb_run.log({f"train/{k}": v for k, v in stats.items()}, step=step + 1)
+        start = time.perf_counter() - self.train_time
+        bar = tqdm(range(first, steps), desc="ppo", disable=not tracking.is_main_process(), initial=first, total=steps)
+        with SignalFlag() as flag:
+            for step in bar:
+                if cursor + per_step > len(order):
+                    order, cursor = torch.randperm(len(prompts), generator=g).tolist(), 0
+                mine = order[cursor + rank * s.rollout_batch_size : cursor + (rank + 1) * s.rollout_batch_size]
+                cursor += per_step
+                stats = self.step([prompts[i] for i in mine])
+                history.append(stats)
+                bar.set_postfix(score=f"{stats['reward/score_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+                if tracking.is_main_process() and (step % self.cfg.train.logging_steps == 0 or step == steps - 1):
+                    log.info("step %d/%d: %s", step + 1, steps, _fmt(stats))
+                    if wandb_run is not None:
+                        wandb_run.log({f"train/{k}": v for k, v in stats.items()}, step=step + 1)
+                done, stop = step + 1, flag.requested()
+                self.train_time = time.perf_counter() - start
+                save_steps = self.cfg.train.save_steps
+                if checkpoints is not None and (stop or (save_steps > 0 and done % save_steps == 0 and done < steps)):
+                    self.save_state(checkpoints / f"checkpoint-{done}", done, order, cursor, history, g)
+                    if tracking.is_main_process():
+                        checkpointing.rotate(checkpoints, self.cfg.train.keep_checkpoints)
+                if stop:
+                    raise Preempted(flag.signum, f"ppo: stopped by {flag.name} at step {done}; checkpoint saved in "
+                                                 f"{checkpoints / f'checkpoint-{done}'}. Re-run the same command to "
+                                                 "continue from it.")
         self.train_time = time.perf_counter() - start
         return history
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save_state(self, folder, step: int, order, cursor: int, history, g: torch.Generator) -> None:
+        """Actor and critic (weights being trained, optimizers, schedules), then the loop: step, prompt
+        order and position, every RNG, the KL coefficient, the history. Committed last, all ranks done."""
+        main = tracking.is_main_process()
+        self.m.actor.save_state(folder / "actor", main)
+        self.m.critic.save_state(folder / "critic", main)
+        if main:
+            from safetensors.torch import save_file
+
+            rng = {"prompt_order": g.get_state(), "minibatch_order": self.gen.get_state(), "torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            save_file(rng, str(folder / "rng.safetensors"))
+            state = {"step": step, "order": order, "cursor": cursor, "history": history, "kl_coef": self.kl_ctl.value,
+                     "train_time": self.train_time, "before": self.before, "skipped": self.skipped}
+            (folder / "loop.json").write_text(json.dumps(state))
+        distributed.barrier()  # every rank's shards are written
+        if main:
+            checkpointing.commit(folder, {"global_step": step})
+        distributed.barrier()
+
+    def load_state(self, folder, g: torch.Generator):
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        self.m.actor.load_state(folder / "actor")
+        self.m.critic.load_state(folder / "critic")
+        state = json.loads((folder / "loop.json").read_text())
+        rng = load_file(str(folder / "rng.safetensors"))
+        g.set_state(rng["prompt_order"])
+        self.gen.set_state(rng["minibatch_order"])
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.kl_ctl.value = state["kl_coef"]
+        self.train_time = state["train_time"]
+        self.before = state["before"]
+        self.skipped = state.get("skipped", 0)
+        return state["step"], state["order"], state["cursor"], state["history"]
 
     @torch.no_grad()
     def evaluate(self, prompts: list[list[int]], texts: list[tuple[str, str | None]]) -> dict:

@@ -65,11 +65,12 @@ def run(cfg: DictConfig) -> StageResult:
                             processing_class=tokenizer)
     if cfg.peft.method == "qlora":  # TRL casts adapters to bf16; the head must match fp32 activations on CPU
         cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
-    result = trainer.train(resume_from_checkpoint=stage.resume_from)
+    result = stage.train(trainer)
 
     metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
     metrics["train_runtime_s"] = result.metrics.get("train_runtime")
     metrics["global_step"] = trainer.state.global_step
+    metrics["nonfinite_steps_skipped"] = stage.skipped_steps
     metrics.update(pair_metrics(trainer.model, eval_ds if eval_ds is not None else train_ds, tokenizer.pad_token_id,
                                 "eval" if eval_ds is not None else "train"))
     metrics.update(report.metrics())

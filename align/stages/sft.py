@@ -66,12 +66,13 @@ def run(cfg: DictConfig) -> StageResult:
     )
     if cfg.peft.method == "qlora":
         cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
-    result = trainer.train(resume_from_checkpoint=stage.resume_from)
+    result = stage.train(trainer)
 
     metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
     metrics["train_runtime_s"] = result.metrics.get("train_runtime")
     metrics["train_tokens_per_s"] = _tokens_per_s(trainer, result)
     metrics["global_step"] = trainer.state.global_step
+    metrics["nonfinite_steps_skipped"] = stage.skipped_steps
     if eval_ds is not None:
         ev = trainer.evaluate()
         metrics["eval_loss"] = ev["eval_loss"]

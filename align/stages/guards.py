@@ -1,0 +1,75 @@
+"""Callbacks every TRL-based stage (sft, rm, dpo) trains with: committed checkpoints, preemption,
+and skipping updates whose gradients are not finite."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from align import checkpointing, distributed
+
+log = logging.getLogger("align")
+
+
+class CommitCheckpoints(TrainerCallback):
+    """After the Trainer has written checkpoint-N on every rank: mark it committed, then rotate."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir)
+        path = folder / f"checkpoint-{state.global_step}"
+        distributed.barrier()  # every rank's shards are on disk
+        if state.is_world_process_zero and path.is_dir():
+            checkpointing.commit(path, {"global_step": state.global_step})
+            checkpointing.rotate(folder, self.keep)
+        distributed.barrier()
+
+
+class StopOnSignal(TrainerCallback):
+    """At a step boundary after SIGTERM/SIGINT (on any rank): save a checkpoint and stop."""
+
+    def __init__(self, flag):
+        self.flag, self.stopped_at = flag, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.flag.requested():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
+class SkipNonFinite(TrainerCallback):
+    """A non-finite gradient (from a NaN/inf loss or an overflow) drops that optimizer update on every
+    rank; `max_bad` such steps in a row stop the run. Runs where the gradients are visible as
+    `param.grad` (no DeepSpeed; DDP/one process)."""
+
+    def __init__(self, max_bad: int):
+        self.max_bad, self.skipped, self.in_a_row, self.diverged_at = max_bad, 0, 0, None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(torch.int64).cpu()
+        if distributed.is_initialized():
+            import torch.distributed as dist
+
+            if dist.get_backend() != "nccl":
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item():
+            self.in_a_row = 0
+            return
+        for p in model.parameters():
+            p.grad = None  # the optimizer skips parameters without a gradient
+        self.skipped += 1
+        self.in_a_row += 1
+        log.warning("step %d: non-finite gradient, update skipped (%d in a row, %d in all)",
+                    state.global_step + 1, self.in_a_row, self.skipped)
+        if self.in_a_row >= self.max_bad:
+            control.should_training_stop = True
+            self.diverged_at = state.global_step + 1
