@@ -26,6 +26,14 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
+def child_env(**extra: str) -> dict:
+    """Environment for a subprocess run of align: offline W&B, and without WANDB_SERVICE, which W&B sets
+    in a process that has used it (an in-process test did) and which would make the child talk to this
+    process's W&B service instead of starting its own."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "WANDB_MODE": "offline", **extra}
+
+
 def compose(*overrides: str):
     """The config `python -m align <overrides>` would run with."""
     from hydra import compose as hydra_compose

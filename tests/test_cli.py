@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-from conftest import REPO, write_jsonl
+from conftest import REPO, write_jsonl, child_env
 
 
 def align(*args, cwd, timeout=300):
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "align", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, child_env
 
 LAUNCH_FILES = sorted((REPO / "launch").glob("*.sh"))
 
@@ -22,7 +22,7 @@ def deepspeed_bin() -> str:
 
 
 def launch(cmd: list[str], cwd: Path, timeout: int = 480) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu"}
+    env = child_env(PYTHON=sys.executable, DS_ACCELERATOR="cpu")
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

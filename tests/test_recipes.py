@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose
+from conftest import REPO, compose, child_env
 
 # every stage a few steps: the cache logic, not the training, is under test
 FAST = ["pipeline.stages=[sft,rm,ppo]", "train.max_steps=3", "data.max_rows=200", "ppo.train.max_steps=2",
@@ -128,7 +127,7 @@ def test_summary_and_plots_hold_the_stages_numbers(cached_runs):
 
 
 def align_cli(*args, cwd, timeout=400):
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = child_env()
     out = subprocess.run([sys.executable, "-m", "align", *args], cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, compose
+from conftest import REPO, compose, child_env
 
 FAST = ["train.max_steps=2", "data.max_rows=64", "train.save_steps=1000"]
 
@@ -193,7 +193,7 @@ def test_sigterm_saves_exits_nonzero_and_the_same_command_resumes(tmp_path):
 
     cmd = [sys.executable, "-m", "align", "stage=sft", "train.max_steps=400", "train.save_steps=1000",
            "data.max_rows=640", "train.logging_steps=50"]
-    env = {**__import__("os").environ, "WANDB_MODE": "offline"}
+    env = child_env()
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     marker = tmp_path / "runs/demo/sft/checkpoints/.config_hash"
     deadline = time.time() + 120
@@ -304,7 +304,6 @@ def test_ppo_drops_nonfinite_updates_and_stops_when_they_repeat(ppo_parents, run
 def test_sigkill_at_any_moment_leaves_a_committed_checkpoint_to_resume_from(tmp_path):
     """kill -9 while the run saves a checkpoint every 5 steps: whatever was being written, the same
     command resumes from the newest committed checkpoint and finishes."""
-    import os
     import signal
     import time
 
@@ -312,7 +311,7 @@ def test_sigkill_at_any_moment_leaves_a_committed_checkpoint_to_resume_from(tmp_
 
     cmd = [sys.executable, "-m", "align", "stage=sft", "train.max_steps=200", "train.save_steps=5",
            "train.keep_checkpoints=2", "data.max_rows=640", "train.logging_steps=50"]
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = child_env()
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = tmp_path / "runs/demo/sft/checkpoints"
     deadline = time.time() + 180
