@@ -50,6 +50,18 @@ def commit(path: Path, info: dict | None = None) -> None:
     os.replace(tmp, path / COMMITTED)
 
 
+def commit_when_all_written(path: Path, keep: int, main: bool, info: dict | None = None) -> None:
+    """After every rank has written its part of `path`: commit it and rotate (main process), then
+    let the ranks go on. A collective: every rank calls it."""
+    from align import distributed
+
+    distributed.barrier()  # every rank's shards are on disk
+    if main and path.is_dir():
+        commit(path, info)
+        rotate(path.parent, keep)
+    distributed.barrier()
+
+
 def rotate(folder: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` committed checkpoints, and unfinished ones older than the newest
     committed (a crash's leftovers). Returns what was deleted."""

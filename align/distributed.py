@@ -166,6 +166,21 @@ def fill_auto(config: dict, *, micro_batch: int, grad_accum: int, max_grad_norm:
     return fill(config)
 
 
+def all_reduce_scalar(value: float, op: str) -> float:
+    """`value` reduced over all ranks with op `min` or `max` (the value itself without a process group).
+    A collective: every rank must call it."""
+    if not is_initialized():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return float(t.item())
+
+
 def broadcast_object(obj):
     """Rank 0's value on every rank (the value itself when there is no process group)."""
     if not is_initialized():

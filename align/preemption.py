@@ -22,6 +22,11 @@ class Preempted(RuntimeError):
         super().__init__(message)
         self.code = EXIT_CODES.get(signum, 1)
 
+    @classmethod
+    def after_save(cls, stage: str, flag: SignalFlag, step: int, checkpoint) -> Preempted:
+        return cls(flag.signum, f"{stage}: stopped by {flag.name} at step {step}; checkpoint saved in {checkpoint}. "
+                                "Re-run the same command to continue from it.")
+
 
 class TrainingDiverged(RuntimeError):
     """train.max_bad_steps non-finite steps in a row: the run stops (exit 3); the last committed
@@ -53,16 +58,7 @@ class SignalFlag:
 
     def requested(self) -> bool:
         """True on every rank when any rank was signalled (a collective when distributed)."""
-        mine = self.signum or 0
-        if distributed.is_initialized():
-            import torch
-            import torch.distributed as dist
-
-            t = torch.tensor([mine], dtype=torch.int64)
-            if dist.get_backend() == "nccl":
-                t = t.cuda()
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            mine = int(t.item())
+        mine = int(distributed.all_reduce_scalar(self.signum or 0, "max"))
         if mine and self.signum is None:
             self.signum = mine
         return bool(mine)

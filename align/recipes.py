@@ -88,10 +88,7 @@ def stage_config(cfg: DictConfig, stage: str, run_name: str | None = None) -> Di
     if stage not in STAGE_SCHEMAS:
         raise RecipeError(f"pipeline.stages names {stage!r}; stages are {', '.join(STAGE_SCHEMAS)}")
     overrides = section_overrides(cfg, stage)
-    base = OmegaConf.to_container(cfg, resolve=False)
-    for key in STRIPPED:
-        base.pop(key, None)
-    base["stage"] = {}
+    base = {**OmegaConf.to_container(cfg, resolve=False), "stage": {}}
     merged = OmegaConf.merge(OmegaConf.structured(AlignConfig), base)  # typed again; sections dropped by strip()
     merged.stage = stage_defaults(stage)
     groups = {k: overrides.pop(k) for k in list(overrides) if k in SECTION_GROUPS}

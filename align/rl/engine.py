@@ -4,6 +4,8 @@ are sharded inference engines under ZeRO-3 and plain replicas otherwise."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from align import distributed
@@ -88,8 +90,6 @@ class Trainable:
     # --- resumable state: weights being trained, optimizer, schedule ----------------------------
     def save_state(self, folder, main: bool) -> None:
         """Every rank calls it (DeepSpeed's checkpoint is a collective; each rank writes its shards)."""
-        from pathlib import Path
-
         folder = Path(folder)
         if self.engine is not None:
             self.engine.save_checkpoint(str(folder), tag=STATE_TAG)
@@ -104,8 +104,6 @@ class Trainable:
                         "micro": self.micro}, folder / OPTIM_FILE)
 
     def load_state(self, folder) -> None:
-        from pathlib import Path
-
         folder = Path(folder)
         if self.engine is not None:
             path, _ = self.engine.load_checkpoint(str(folder), tag=STATE_TAG, load_optimizer_states=True,

@@ -124,9 +124,7 @@ class StageRun:
                 f"at step {guard.diverged_at}; stopped. Lower train.lr or check the data. "
                 + (f"The last good checkpoint is {latest}." if latest else "No checkpoint was written yet."))
         if stop.stopped_at is not None:
-            raise Preempted(flag.signum,
-                            f"{name}: stopped by {flag.name} at step {stop.stopped_at}; checkpoint saved in "
-                            f"{checkpointing.latest(self.checkpoints)}. Re-run the same command to continue from it.")
+            raise Preempted.after_save(name, flag, stop.stopped_at, checkpointing.latest(self.checkpoints))
         return result
 
     def start_logging(self) -> None:

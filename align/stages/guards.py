@@ -21,13 +21,9 @@ class CommitCheckpoints(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir)
-        path = folder / f"checkpoint-{state.global_step}"
-        distributed.barrier()  # every rank's shards are on disk
-        if state.is_world_process_zero and path.is_dir():
-            checkpointing.commit(path, {"global_step": state.global_step})
-            checkpointing.rotate(folder, self.keep)
-        distributed.barrier()
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpointing.commit_when_all_written(path, self.keep, state.is_world_process_zero,
+                                              {"global_step": state.global_step})
 
 
 class StopOnSignal(TrainerCallback):
@@ -55,13 +51,8 @@ class SkipNonFinite(TrainerCallback):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
             return
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().to(torch.int64).cpu()
-        if distributed.is_initialized():
-            import torch.distributed as dist
-
-            if dist.get_backend() != "nccl":
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item():
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if distributed.all_reduce_scalar(finite, "min"):
             self.in_a_row = 0
             return
         for p in model.parameters():

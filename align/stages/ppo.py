@@ -263,12 +263,7 @@ class PPOLoop:
 
     def _finite_on_all_ranks(self, *losses) -> bool:
         """False (and counted) when a loss is NaN/inf on any rank; max_bad_steps in a row stop the run."""
-        ok = torch.tensor([float(all(torch.isfinite(x).all() for x in losses))], device=losses[0].device)
-        if distributed.is_initialized():
-            import torch.distributed as dist
-
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item():
+        if distributed.all_reduce_scalar(all(bool(torch.isfinite(x).all()) for x in losses), "min"):
             self.bad_in_a_row = 0
             return True
         self.bad_in_a_row += 1
@@ -317,12 +312,8 @@ class PPOLoop:
                 save_steps = self.cfg.train.save_steps
                 if checkpoints is not None and (stop or (save_steps > 0 and done % save_steps == 0 and done < steps)):
                     self.save_state(checkpoints / f"checkpoint-{done}", done, order, cursor, history, g)
-                    if tracking.is_main_process():
-                        checkpointing.rotate(checkpoints, self.cfg.train.keep_checkpoints)
                 if stop:
-                    raise Preempted(flag.signum, f"ppo: stopped by {flag.name} at step {done}; checkpoint saved in "
-                                                 f"{checkpoints / f'checkpoint-{done}'}. Re-run the same command to "
-                                                 "continue from it.")
+                    raise Preempted.after_save("ppo", flag, done, checkpoints / f"checkpoint-{done}")
         self.train_time = time.perf_counter() - start
         return history
 
@@ -343,10 +334,7 @@ class PPOLoop:
             state = {"step": step, "order": order, "cursor": cursor, "history": history, "kl_coef": self.kl_ctl.value,
                      "train_time": self.train_time, "before": self.before, "skipped": self.skipped}
             (folder / "loop.json").write_text(json.dumps(state))
-        distributed.barrier()  # every rank's shards are written
-        if main:
-            checkpointing.commit(folder, {"global_step": step})
-        distributed.barrier()
+        checkpointing.commit_when_all_written(folder, self.cfg.train.keep_checkpoints, main, {"global_step": step})
 
     def load_state(self, folder, g: torch.Generator):
         from pathlib import Path
