@@ -55,7 +55,7 @@ def deepspeed_config(cfg) -> dict | None:
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
-        "bf16": {"enabled": "auto"},
+        "bf16": {"enabled": "auto", "check_grad_overflow": True},  # skip non-finite steps (guards.SkipNonFinite)
         "fp16": {"enabled": "auto"},
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # the trainer logs; DeepSpeed's own step prints would interleave

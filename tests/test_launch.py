@@ -21,12 +21,17 @@ def deepspeed_bin() -> str:
     return str(local) if local.exists() else "deepspeed"
 
 
-def launch(cmd: list[str], cwd: Path, timeout: int = 480) -> subprocess.CompletedProcess:
-    env = child_env(PYTHON=sys.executable, DS_ACCELERATOR="cpu")
+def launch_env(**extra: str) -> dict:
+    env = child_env(PYTHON=sys.executable, DS_ACCELERATOR="cpu", **extra)
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
+    return env
+
+
+def launch(cmd: list[str], cwd: Path, timeout: int = 480, returncode: int = 0,
+           **env: str) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == returncode, (out.returncode, out.stdout[-4000:], out.stderr[-4000:])
     return out
 
 
@@ -174,3 +179,4 @@ def test_two_ranks_zero2_resume_equals_the_uninterrupted_run(tmp_path):
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(whole[step], rel=1e-5), step
+

@@ -111,7 +111,7 @@ class StageRun:
         from align.stages.guards import CommitCheckpoints, SkipNonFinite, StopOnSignal
 
         with SignalFlag() as flag:
-            stop, guard = StopOnSignal(flag), SkipNonFinite(self.cfg.train.max_bad_steps)
+            stop, guard = StopOnSignal(flag), SkipNonFinite(self.cfg.train.max_bad_steps, trainer.accelerator)
             for callback in (CommitCheckpoints(self.cfg.train.keep_checkpoints), guard, stop):
                 trainer.add_callback(callback)
             result = trainer.train(resume_from_checkpoint=self.resume_from)

@@ -41,22 +41,41 @@ class StopOnSignal(TrainerCallback):
 
 class SkipNonFinite(TrainerCallback):
     """A non-finite gradient (from a NaN/inf loss or an overflow) drops that optimizer update on every
-    rank; `max_bad` such steps in a row stop the run. Runs where the gradients are visible as
-    `param.grad` (no DeepSpeed; DDP/one process)."""
+    rank; `max_bad` such steps in a row stop the run.
 
-    def __init__(self, max_bad: int):
-        self.max_bad, self.skipped, self.in_a_row, self.diverged_at = max_bad, 0, 0, None
+    Where the optimizer step already skips non-finite gradients itself — DeepSpeed ZeRO (it all-reduces
+    an overflow flag over the ranks and skips the step, for fp32, bf16 and fp16 alike) or an fp16
+    GradScaler — this only counts those skips (`accelerator.optimizer_step_was_skipped`): zeroing the
+    gradients first would hide the overflow from a loss scaler. Otherwise (one process, DDP) it checks
+    `param.grad` itself, agreed over the ranks, and drops the gradients of a bad step."""
+
+    def __init__(self, max_bad: int, accelerator):
+        self.max_bad, self.accelerator = max_bad, accelerator
+        self.skipped, self.in_a_row, self.diverged_at = 0, 0, None
+        self._dropped = False
+
+    def _optimizer_skips_itself(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return (self.accelerator.distributed_type == DistributedType.DEEPSPEED
+                or getattr(self.accelerator, "scaler", None) is not None)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
+        self._dropped = False
+        if self._optimizer_skips_itself():
             return
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
         if distributed.all_reduce_scalar(finite, "min"):
-            self.in_a_row = 0
             return
         for p in model.parameters():
             p.grad = None  # the optimizer skips parameters without a gradient
+        self._dropped = True
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if not (self._dropped or self.accelerator.optimizer_step_was_skipped):
+            self.in_a_row = 0
+            return
         self.skipped += 1
         self.in_a_row += 1
         log.warning("step %d: non-finite gradient, update skipped (%d in a row, %d in all)",
