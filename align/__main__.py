@@ -13,7 +13,7 @@ import re
 import sys
 import warnings
 
-STAGES = ("sft", "rm", "dpo", "ppo")
+STAGES = ("sft", "rm", "dpo", "ppo", "eval")
 COMMANDS = ("export",)  # `python -m align export stage=rm run.name=x`
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(=(\d+))?$")
 

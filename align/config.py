@@ -177,6 +177,20 @@ class PPOStageConfig(StageConfig):
 
 
 @dataclass
+class EvalStageConfig(StageConfig):
+    name: str = "eval"
+    policies: list[str] = field(default_factory=list)  # run stages (sft, dpo, ppo) or model paths; []: those the run has
+    baseline: str | None = "sft"  # win-rate and KL are measured against it: the run's sft, or a path; null: none
+    reward: str | None = None  # judge for reward / win-rate / pair accuracy: the run's rm, or a path; `none`: no judge
+    pairs: str | None = None  # preference pairs for the judge's accuracy; default: the judge's own held-out pairs
+    prompts: int = 256  # held-out prompts each policy answers (greedy; 0: all)
+    max_prompt_length: int = 512
+    max_new_tokens: int = 64
+    kl_samples: int = 1  # sampled responses per prompt for the KL estimate
+    batch_size: int = 64  # prompts per forward/generate call
+
+
+@dataclass
 class PipelineConfig:
     """What `recipe=NAME` sets: the stages to run in order. Empty: run the single `stage`."""
 
@@ -187,7 +201,8 @@ class PipelineConfig:
     summary: bool = True  # summary.md, plots and the table at the end
 
 
-STAGE_SCHEMAS = {"sft": SFTStageConfig, "rm": RMStageConfig, "dpo": DPOStageConfig, "ppo": PPOStageConfig}
+STAGE_SCHEMAS = {"sft": SFTStageConfig, "rm": RMStageConfig, "dpo": DPOStageConfig, "ppo": PPOStageConfig,
+                 "eval": EvalStageConfig}
 # groups a recipe may set per stage: `sft.train.epochs=2`, `rm.data.train=prefs.jsonl`
 SECTION_GROUPS = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig, "peft": PeftConfig}
 
@@ -238,6 +253,7 @@ class AlignConfig:
     rm: SECTIONS["rm"] = field(default_factory=SECTIONS["rm"])  # type: ignore[valid-type]
     dpo: SECTIONS["dpo"] = field(default_factory=SECTIONS["dpo"])  # type: ignore[valid-type]
     ppo: SECTIONS["ppo"] = field(default_factory=SECTIONS["ppo"])  # type: ignore[valid-type]
+    eval: SECTIONS["eval"] = field(default_factory=SECTIONS["eval"])  # type: ignore[valid-type]
 
 
 def register() -> None:

@@ -23,7 +23,7 @@ CONFIG_YAML = "config.yaml"
 CHECKPOINTS = "checkpoints"
 HISTORY = "history.jsonl"  # one line per logged step (training curves for summaries and plots)
 # keys that do not change what a stage computes: left out of the config hash
-UNHASHED_KEYS = ("run", "logger", "pipeline", "sft", "rm", "dpo", "ppo")  # the last four: a recipe's sections
+UNHASHED_KEYS = ("run", "logger", "pipeline", "sft", "rm", "dpo", "ppo", "eval")  # the last five: a recipe's sections
 
 
 class HandoffError(RuntimeError):
@@ -127,13 +127,18 @@ def _swap_in(out: Path, name: str, staged: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def commit(out: Path, staged_model: Path, cfg: DictConfig, record: dict,
-           extra_dirs: dict[str, Path] | None = None, history: list[dict] | None = None) -> dict:
-    """Swap the staged model (and any extra staged folders) in, write config.yaml and the history, then stage.json last."""
+def commit(out: Path, staged_model: Path | None, cfg: DictConfig, record: dict,
+           extra_dirs: dict[str, Path] | None = None, history: list[dict] | None = None,
+           extra_files: dict[str, str] | None = None) -> dict:
+    """Swap the staged model (and any extra staged folders) in, write config.yaml, the history and any
+    extra files, then stage.json last. `staged_model` None: a stage without a model (eval)."""
     (out / STAGE_JSON).unlink(missing_ok=True)  # from here until the end the directory reads as incomplete
-    _swap_in(out, MODEL_DIR, staged_model)
+    if staged_model is not None:
+        _swap_in(out, MODEL_DIR, staged_model)
     for name, staged in (extra_dirs or {}).items():
         _swap_in(out, name, staged)
+    for name, text in (extra_files or {}).items():
+        _atomic_write_text(out / name, text)
     _atomic_write_text(out / CONFIG_YAML, OmegaConf.to_yaml(cfg, resolve=True))
     _atomic_write_text(out / HISTORY, "".join(json.dumps(h, default=str) + "\n" for h in history or []))
     # output_id: new on every commit, so a child can tell that its parent was re-trained (the cache)

@@ -123,6 +123,8 @@ def check(cfg: DictConfig, task_overrides: list[str]) -> None:
             raise RecipeError(f"pipeline.force names {force!r}; this recipe runs {', '.join(stages)} (or use all)")
     stage_keys = [o for o in task_overrides if o.lstrip("+~").startswith("stage.") or o.lstrip("+~").startswith("stage=")]
     if stage_keys:
+        key = stage_keys[0].split(".", 1)[-1].lstrip("=")
+        owners = [s for s in stages if key.split("=")[0].split(".")[0] in STAGE_SCHEMAS[s].__dataclass_fields__]
         raise RecipeError(
             f"{stage_keys[0]}: inside a recipe a stage's keys are addressed by its name "
-            f"(e.g. {stages[-1]}.{stage_keys[0].split('.', 1)[-1].lstrip('=')}), since the recipe runs several stages")
+            f"(e.g. {(owners or stages)[-1]}.{key}), since the recipe runs several stages")

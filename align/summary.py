@@ -20,6 +20,8 @@ HEADLINE = {
     "dpo": ("first_loss", "last_loss", "eval_accuracy", "eval_margin"),
     "ppo": ("first_reward/score_mean", "reward/score_mean", "objective/kl", "eval_reward_mean_before",
             "eval_reward_mean", "eval_checker_accuracy_before", "eval_checker_accuracy"),
+    "eval": ("sft/checker_accuracy", "dpo/checker_accuracy", "ppo/checker_accuracy", "dpo/win_rate", "ppo/win_rate",
+             "dpo/kl", "ppo/kl", "rm_accuracy"),
 }
 # plot panels: title -> history keys drawn in it (those logged are drawn)
 PANELS = {
@@ -93,6 +95,9 @@ def markdown(run_dir: Path, recipe: str | None, outcomes, plots: dict[str, str])
         lines += [f"From {parents}; {o.info.get('weights', '?')} weights; config hash `{o.info.get('config_hash')}`.", ""]
         if o.stage in plots:
             lines += [f"![{o.stage} training curves]({plots[o.stage]})", ""]
+        results = Path(o.path) / "results.md"  # the eval stage's table
+        if results.is_file():
+            lines += [results.read_text().rstrip(), ""]
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in o.info.get("metrics", {}).items()]
     return "\n".join(lines) + "\n"

@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 from conftest import REPO, compose, child_env
 
 # every stage a few steps: the cache logic, not the training, is under test
-FAST = ["pipeline.stages=[sft,rm,ppo]", "train.max_steps=3", "data.max_rows=200", "ppo.train.max_steps=2",
-        "ppo.rollout_batch_size=16", "ppo.eval_prompts=8", "ppo.max_new_tokens=8"]
+FAST = ["pipeline.stages=[sft,rm,ppo,eval]", "train.max_steps=3", "data.max_rows=200", "ppo.train.max_steps=2",
+        "ppo.rollout_batch_size=16", "ppo.eval_prompts=8", "ppo.max_new_tokens=8", "eval.prompts=8",
+        "eval.max_new_tokens=8"]
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
 
@@ -59,7 +60,7 @@ def test_misplaced_keys_are_refused_with_the_fix():
         recipes.check(compose("stage=dpo", "dpo.beta=0.3"), ["stage=dpo", "dpo.beta=0.3"])
     with pytest.raises(recipes.RecipeError, match="runs sft, dpo, not ppo"):
         recipes.check(compose("recipe=rlhf_dpo", "ppo.kl_coef=0.1"), ["recipe=rlhf_dpo", "ppo.kl_coef=0.1"])
-    with pytest.raises(recipes.RecipeError, match=r"addressed by its name \(e.g. ppo.beta=0.2\)"):
+    with pytest.raises(recipes.RecipeError, match=r"addressed by its name \(e.g. dpo.beta=0.2\)"):
         recipes.check(compose("recipe=demo"), ["recipe=demo", "stage.beta=0.2"])
     with pytest.raises(recipes.RecipeError, match="pipeline.force names 'dpo'"):
         recipes.check(compose("recipe=demo", *FAST, "pipeline.force=[dpo]"), [])
@@ -73,7 +74,8 @@ def run_recipe(runs, *extra):
 
 
 def output_ids(runs) -> dict:
-    return {s: json.loads((runs / "demo" / s / "stage.json").read_text())["output_id"] for s in ("sft", "rm", "ppo")}
+    return {s: json.loads((runs / "demo" / s / "stage.json").read_text())["output_id"]
+            for s in ("sft", "rm", "ppo", "eval")}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_second_run_trains_nothing_and_a_changed_rm_key_reruns_rm_and_ppo(cached
     with caplog.at_level(logging.INFO, logger="align"):
         value = run_recipe(cached_runs)
     assert output_ids(cached_runs) == first
-    for stage in ("sft", "rm", "ppo"):
+    for stage in ("sft", "rm", "ppo", "eval"):
         assert f"{stage}: up to date" in caplog.text
     assert value is None  # the demo recipe names no objective (it is not a search)
 
@@ -97,7 +99,9 @@ def test_second_run_trains_nothing_and_a_changed_rm_key_reruns_rm_and_ppo(cached
         run_recipe(cached_runs, "rm.train.lr=1e-3")
     changed = output_ids(cached_runs)
     assert changed["sft"] == first["sft"] and changed["rm"] != first["rm"] and changed["ppo"] != first["ppo"]
+    assert changed["eval"] != first["eval"]  # it judges with the new rm and scores the new ppo
     assert "rm: running (config changed)" in caplog.text and "ppo: running (rm output changed)" in caplog.text
+    assert "eval: running (ppo/rm output changed)" in caplog.text
 
     run_recipe(cached_runs, "rm.train.lr=1e-3", "pipeline.force=[rm]")  # same config, forced: rm and downstream
     forced = output_ids(cached_runs)
@@ -119,6 +123,9 @@ def test_summary_and_plots_hold_the_stages_numbers(cached_runs):
         assert f"](plots/{stage}.png)" in md
     rm_acc = handoff.read_stage_json(run_dir / "rm")["metrics"]["eval_accuracy"]
     assert "| rm | " in md and f"eval_accuracy {_fmt(rm_acc)}" in md
+    evaluated = handoff.read_stage_json(run_dir / "eval")["metrics"]
+    assert (run_dir / "eval" / "results.md").read_text().rstrip() in md  # the eval table, whole
+    assert f"ppo/checker_accuracy {_fmt(evaluated['ppo/checker_accuracy'])}" in md  # and in the stage table
     history = handoff.read_history(run_dir / "ppo")
     drawn = curves(history)["reward"]["reward/score_mean"]
     assert drawn == ([1, 2], [h["reward/score_mean"] for h in history])

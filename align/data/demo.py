@@ -2,9 +2,11 @@
 
 A prompt is ``"<op>: <word>"`` with a word of 4 lowercase letters and op in capital (upper case),
 advance (each letter to the next, z to a) or retreat (each letter to the previous, a to z); the
-answer is the word transformed. The SFT split carries a *systematic* error: for
-words starting with a-j (about 38% of inputs) the answer is the word copied unchanged, so an SFT
-model learns to be lazy exactly there, and the preference stages have something real to fix.
+answer is the word transformed. The SFT split carries a *systematic* error, as if some annotators
+cut corners: for words starting with a-j (about 38% of inputs) 60% of the answers are the word
+copied unchanged. An SFT model learns that shortcut as the likelier answer there, yet still gives
+the right one some of the time, so the preference stages have something real to fix and PPO can
+find the fix by sampling.
 The preference split pairs the correct answer (chosen) with a near miss (rejected): the lazy
 copy, or the answer to another op.
 
@@ -27,6 +29,7 @@ FILES = {
 OPS = ("capital", "advance", "retreat")  # same length: every token sits at a fixed offset
 WORD_LEN = 4
 LAZY_FIRST_LETTERS = set("abcdefghij")
+LAZY_SHARE = 0.6  # of the SFT answers for lazy words, the share that is the copied word
 SIZES = {"sft": 6000, "sft_eval": 300, "prefs": 4000, "prefs_eval": 300}
 
 
@@ -104,8 +107,11 @@ def generate(seed: int = 1234) -> dict[str, list[dict]]:
         splits[name] = tasks[start : start + size]
         start += size
 
+    lazy_rng = random.Random(seed + 1)  # its own stream: the other splits do not depend on LAZY_SHARE
+
     def sft_row(op, word, lazy_errors):
-        answer = word if (lazy_errors and is_lazy(word)) else solve(op, word)
+        lazy = lazy_errors and is_lazy(word) and lazy_rng.random() < LAZY_SHARE
+        answer = word if lazy else solve(op, word)
         return {
             "messages": [
                 {"role": "user", "content": f"{op}: {word}"},

@@ -102,6 +102,15 @@ def split_rows(data_cfg, kind: str, convert: Callable[[dict], dict], seed: int, 
     return train, eval_rows
 
 
+def eval_rows(data_cfg, kind: str, convert: Callable[[dict], dict], seed: int, report: DataReport) -> list[dict]:
+    """Only the held-out rows: data.eval (the demo's eval split), else data.eval_fraction of data.train
+    (the same rows a training stage held out)."""
+    _, eval_spec = resolve_sources(data_cfg, kind)
+    if eval_spec:
+        return load_canonical(eval_spec, convert, report.errors, data_cfg.eval_split)
+    return split_rows(data_cfg, kind, convert, seed, report)[1]
+
+
 def sft_datasets(data_cfg, tokenizer, max_length: int, seed: int):
     """Tokenized train/eval datasets (input_ids, labels) for SFT, and the data report."""
     return _tokenized(data_cfg, "sft", lambda raw: {"messages": to_messages(raw, data_cfg.format)},
@@ -130,6 +139,41 @@ def prompt_datasets(data_cfg, tokenizer, max_length: int, seed: int):
         return {"prompt_ids": ids, "prompt_text": prompt_text(row["prompt"]), "reference": row["reference"]}
 
     return _tokenized(data_cfg, "sft", lambda raw: to_prompt(raw, data_cfg.format), encode, seed)
+
+
+def eval_prompts(data_cfg, tokenizer, max_length: int, max_chat_length: int, seed: int):
+    """Held-out prompts for the eval stage: prompt_ids, prompt_text, reference, and where the row has an
+    answer the whole conversation's input_ids/labels (for perplexity). Any SFT or preference format."""
+    def encode(row):
+        ids = encode_prompt(tokenizer, row["prompt"])
+        if len(ids) >= max_length:
+            raise RowProblem(f"the prompt is {len(ids)} tokens, not below stage.max_prompt_length={max_length}",
+                             "raise stage.max_prompt_length or shorten the prompt")
+        out = {"prompt_ids": ids, "prompt_text": prompt_text(row["prompt"]), "reference": row["reference"],
+               "input_ids": [], "labels": []}
+        if row["reference"] is not None:
+            chat = [*row["prompt"], {"role": "assistant", "content": row["reference"]}]
+            out.update(encode_chat(tokenizer, chat, max_chat_length))
+        return out
+
+    return _eval_only(data_cfg, "sft", lambda raw: to_prompt(raw, data_cfg.format), encode, seed)
+
+
+def eval_pairs(data_cfg, tokenizer, max_length: int, seed: int):
+    """Held-out preference pairs (chosen_ids, rejected_ids) for a reward model's pair accuracy."""
+    return _eval_only(data_cfg, "preference", to_preference, lambda row: encode_pair(tokenizer, row, max_length), seed)
+
+
+def _eval_only(data_cfg, kind: str, convert, encode_row, seed: int):
+    report = DataReport(errors=RowErrors(data_cfg.on_error))
+    rows = []
+    for row in eval_rows(data_cfg, kind, convert, seed, report):
+        try:
+            rows.append(encode_row(row))
+        except RowProblem as problem:
+            report.errors.handle(row["_source"], row["_row"], problem)
+    report.eval_rows = len(rows)
+    return rows, report
 
 
 def _tokenized(data_cfg, kind: str, convert, encode_row, seed: int):

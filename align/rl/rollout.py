@@ -47,6 +47,17 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def stop_token_ids(tokenizer, extra: list[str]) -> list[int]:
+    """EOS and the single-token stops in `extra` (stage.stop_tokens)."""
+    ids = [tokenizer.eos_token_id]
+    for text in extra:
+        tok = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tok) != 1:
+            raise ValueError(f"stage.stop_tokens entry {text!r} is {len(tok)} tokens; stop tokens must be single tokens")
+        ids.append(tok[0])
+    return sorted(set(ids))
+
+
 @torch.no_grad()
 def generate(actor, prompts: list[list[int]], *, pad_id: int, stop_ids: list[int], max_new_tokens: int,
              temperature: float, top_p: float, greedy: bool = False, synced_gpus: bool = False,

@@ -130,9 +130,9 @@ class StageRun:
     def start_logging(self) -> None:
         self.wandb_run = tracking.start(self.cfg, self.out)
 
-    def commit(self, staged_model: Path, parents: list[handoff.Parent], base_model: str, metrics: dict,
+    def commit(self, staged_model: Path | None, parents: list[handoff.Parent], base_model: str, metrics: dict,
                task: str = "causal_lm", extra_dirs: dict[str, Path] | None = None, extra: dict | None = None,
-               history: list[dict] | None = None) -> dict:
+               history: list[dict] | None = None, extra_files: dict[str, str] | None = None) -> dict:
         record = {
             "stage": self.cfg.stage.name,
             "task": task,
@@ -149,7 +149,7 @@ class StageRun:
             "wandb_run_id": self.wandb_run.id if self.wandb_run is not None else None,
             **(extra or {}),
         }
-        record = handoff.commit(self.out, staged_model, self.cfg, record, extra_dirs, history)
+        record = handoff.commit(self.out, staged_model, self.cfg, record, extra_dirs, history, extra_files)
         if self.lock is not None:
             self.lock.release()
         tracking.finish(self.wandb_run, metrics)

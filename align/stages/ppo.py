@@ -171,7 +171,7 @@ class PPOLoop:
     def __init__(self, cfg, models: Models, tokenizer, norm, checker=None):
         self.cfg, self.s, self.m, self.tok, self.checker = cfg, cfg.stage, models, tokenizer, checker
         self.pad = tokenizer.pad_token_id
-        self.stop_ids = _stop_ids(tokenizer, list(self.s.stop_tokens))
+        self.stop_ids = rollout.stop_token_ids(tokenizer, list(self.s.stop_tokens))
         self.norm_mean, self.norm_std = norm
         self.kl_ctl = kl_controller(self.s.kl_coef, self.s.kl_target, self.s.kl_horizon)
         self.synced = cfg.deepspeed.zero_stage == 3 and distributed.world_size() > 1
@@ -377,16 +377,6 @@ class PPOLoop:
             out["checker_accuracy"] = checkers.accuracy(self.checker, [t for t, _ in texts], responses,
                                                         [r for _, r in texts])
         return _mean_over_ranks(out)
-
-
-def _stop_ids(tokenizer, extra: list[str]) -> list[int]:
-    ids = [tokenizer.eos_token_id]
-    for text in extra:
-        tok = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(tok) != 1:
-            raise ValueError(f"stage.stop_tokens entry {text!r} is {len(tok)} tokens; stop tokens must be single tokens")
-        ids.append(tok[0])
-    return sorted(set(ids))
 
 
 def _mean_over_ranks(stats: dict) -> dict:

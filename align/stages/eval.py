@@ -1,0 +1,240 @@
+"""stage=eval: what each stage did, in numbers, on held-out data. Trains nothing.
+
+For every policy — the run's sft, dpo and ppo outputs that exist, or `stage.policies` (stage names or
+model paths) — on the eval split (`data.eval`, the demo's eval split, or `data.eval_fraction`):
+
+  perplexity        exp(mean NLL of the answer tokens) over the eval rows that have an answer
+  checker_accuracy  the task checker (`data.checker`) on greedy answers to `stage.prompts` prompts
+  reward_mean       the judge's raw score of those greedy answers (judge: the run's rm, `stage.reward`)
+  win_rate          share of prompts whose greedy answer the judge scores above the baseline's (ties: half)
+  kl                KL(policy || baseline) per response, estimated on `stage.kl_samples` sampled answers
+
+and for the judge its pair accuracy on held-out preference pairs (`rm_accuracy`). Results go to
+stage.json (`<policy>/<metric>`) and results.md. Every rank computes the same numbers; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from align import checkers, handoff, tracking
+from align.data.loader import eval_pairs, eval_prompts
+from align.eval_metrics import pair_accuracy, perplexity, sequence_kl, token_nll, win_rate
+from align.models.loading import load_pretrained, load_tokenizer, resolve_name
+from align.rl import rollout
+from align.rl.engine import device
+from align.stages.common import StageResult, StageRun, finite, print_summary
+
+log = logging.getLogger("align")
+
+POLICY_STAGES = ("sft", "dpo", "ppo")
+RESULTS_MD = "results.md"
+COLUMNS = ("checker_accuracy", "reward_mean", "win_rate", "kl", "perplexity")
+NO_ADAPTER = OmegaConf.create({"method": "none"})
+
+
+def run(cfg: DictConfig) -> StageResult:
+    s = cfg.stage
+    stage = StageRun(cfg)
+    policies = _policies(cfg)
+    baseline = handoff.find_parent(cfg, "sft", None if s.baseline == "sft" else s.baseline) if s.baseline else None
+    judge = None if s.reward == "none" else handoff.find_parent(cfg, "rm", s.reward)
+    tokenizer = load_tokenizer(resolve_name(str(policies[0][1].model)), cfg.model)
+    rows, report = eval_prompts(cfg.data, tokenizer, s.max_prompt_length, cfg.train.max_length, cfg.train.seed)
+    if not rows:
+        raise ValueError("eval: no held-out rows to evaluate on; set data.eval=FILE or data.eval_fraction "
+                         f"({report.errors.summary()})")
+    asked = rows[: s.prompts] if s.prompts else rows
+    checker = checkers.from_config(cfg.data)
+    ev = Evaluator(cfg, tokenizer)
+    stage.start_logging()
+
+    judge_model = ev.load(judge, classifier=True) if judge else None
+    base_model = ev.load(baseline) if baseline else None
+    base_scores = None
+    if judge_model is not None and base_model is not None:
+        base_scores = ev.scores(judge_model, ev.answer(base_model, asked, greedy=True))
+
+    results: dict[str, dict] = {}
+    for label, parent in policies:
+        log.info("eval: %s (%s)", label, parent.model)
+        model = ev.load(parent)
+        r = {"perplexity": ev.perplexity(model, rows)}
+        batches = ev.answer(model, asked, greedy=True)
+        if checker is not None:
+            texts = [t for b in batches for t in ev.decode(b)]
+            r["checker_accuracy"] = checkers.accuracy(checker, [x["prompt_text"] for x in asked], texts,
+                                                      [x["reference"] for x in asked])
+        if judge_model is not None:
+            scores = ev.scores(judge_model, batches)
+            r["reward_mean"] = float(scores.mean())
+            if base_scores is not None:
+                r["win_rate"] = win_rate(scores, base_scores)
+        if base_model is not None:
+            r["kl"] = ev.kl(model, base_model, asked, s.kl_samples)
+        results[label] = r
+        del model
+
+    metrics = {f"{label}/{k}": v for label, r in results.items() for k, v in r.items()}
+    pairs_data = _pairs_data(cfg, judge) if judge_model is not None else None
+    if pairs_data is not None:
+        pairs, _ = eval_pairs(pairs_data, tokenizer, cfg.train.max_length, cfg.train.seed)
+        if pairs:
+            metrics["rm_accuracy"] = ev.pair_accuracy(judge_model, pairs)
+    metrics.update({"eval/prompts": len(asked), "eval/rows": len(rows)})
+    metrics = finite(metrics)
+    parents = [p for _, p in policies] + [p for p in (baseline, judge) if p is not None]
+    if tracking.is_main_process():
+        table = results_table(results, baseline, judge, metrics.get("rm_accuracy"))
+        stage.commit(None, _unique(parents), str(policies[0][1].info.get("base_model", policies[0][1].model)),
+                     metrics, task="eval", extra={"policies": [label for label, _ in policies]},
+                     extra_files={RESULTS_MD: table})
+        print_summary("eval", metrics, stage.out)
+    return StageResult(stage.out, metrics)
+
+
+def _policies(cfg: DictConfig) -> list[tuple[str, handoff.Parent]]:
+    """(label, parent) of each policy: the named stages / paths, or every policy stage the run completed."""
+    named = list(cfg.stage.policies)
+    if not named:
+        found = [(name, handoff.find_parent(cfg, name)) for name in POLICY_STAGES]
+        found = [(name, p) for name, p in found if p is not None]
+        if not found:
+            raise handoff.HandoffError(
+                f"eval: run {cfg.run.name!r} has no completed sft, dpo or ppo stage to evaluate; train one first "
+                "or name models with stage.policies=[PATH,...]")
+        return found
+    out = []
+    for item in named:
+        if item in POLICY_STAGES:
+            parent = handoff.find_parent(cfg, item)
+            if parent is None:
+                raise handoff.HandoffError(f"eval: stage.policies names {item}, but run {cfg.run.name!r} has no "
+                                           f"{item} output (runs/{cfg.run.name}/{item}/stage.json)")
+            out.append((item, parent))
+        else:
+            out.append((Path(item).name or item, handoff.find_parent(cfg, "policy", item)))
+    return out
+
+
+def _pairs_data(cfg: DictConfig, judge: handoff.Parent):
+    """The data config whose held-out split holds the judge's test pairs: `stage.pairs`, else the data the
+    judge was trained on (its config.yaml); None when neither is known."""
+    if cfg.stage.pairs:
+        data = OmegaConf.to_container(cfg.data)
+        data.update(eval=cfg.stage.pairs, eval_fraction=0.0)
+        return OmegaConf.create(data)
+    recorded = judge.path / handoff.CONFIG_YAML
+    if recorded.is_file():
+        return OmegaConf.load(recorded).data
+    return None
+
+
+def _unique(parents: list[handoff.Parent]) -> list[handoff.Parent]:
+    seen, out = set(), []
+    for p in parents:
+        if p.identity not in seen:
+            seen.add(p.identity)
+            out.append(p)
+    return out
+
+
+class Evaluator:
+    """The model calls of the eval stage, batched, on this rank's device."""
+
+    def __init__(self, cfg: DictConfig, tokenizer):
+        self.cfg, self.s, self.tok, self.dev = cfg, cfg.stage, tokenizer, device()
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stop_ids = rollout.stop_token_ids(tokenizer, [])
+
+    def load(self, parent: handoff.Parent, classifier: bool = False):
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+        kwargs = {"num_labels": 1} if classifier else {}
+        model = load_pretrained(auto, str(parent.model), self.cfg.model, NO_ADAPTER, **kwargs)
+        if classifier and model.config.pad_token_id is None:
+            model.config.pad_token_id = self.pad
+        return model.to(self.dev).eval()
+
+    def _chunks(self, items: list):
+        step = max(1, self.s.batch_size)
+        return [items[i : i + step] for i in range(0, len(items), step)]
+
+    @torch.no_grad()
+    def answer(self, model, rows: list[dict], greedy: bool) -> list[rollout.Batch]:
+        return [rollout.generate(model, [r["prompt_ids"] for r in chunk], pad_id=self.pad, stop_ids=self.stop_ids,
+                                 max_new_tokens=self.s.max_new_tokens, temperature=1.0, top_p=1.0, greedy=greedy,
+                                 device=self.dev)
+                for chunk in self._chunks(rows)]
+
+    def decode(self, batch: rollout.Batch) -> list[str]:
+        return [self.tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(batch.responses, batch.mask)]
+
+    @torch.no_grad()
+    def scores(self, judge, batches: list[rollout.Batch]) -> torch.Tensor:
+        return torch.cat([rollout.sequence_scores(judge, b).cpu() for b in batches])
+
+    @torch.no_grad()
+    def kl(self, model, reference, rows: list[dict], samples: int) -> float:
+        torch.manual_seed(self.cfg.train.seed)  # the same sampled answers whenever the stage runs
+        per_response = []
+        for _ in range(max(1, samples)):
+            for batch in self.answer(model, rows, greedy=False):
+                logp, _ = rollout.response_logprobs(model, batch)
+                ref, _ = rollout.response_logprobs(reference, batch)
+                per_response.append(sequence_kl(logp, ref, batch.mask).cpu())
+        return float(torch.cat(per_response).mean())
+
+    @torch.no_grad()
+    def perplexity(self, model, rows: list[dict]) -> float:
+        scored = [r for r in rows if r["labels"]]
+        total, count = 0.0, 0
+        for chunk in self._chunks(scored):
+            width = max(len(r["input_ids"]) for r in chunk)
+            ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
+            labels = torch.full_like(ids, -100)
+            attn = torch.zeros_like(ids)
+            for i, r in enumerate(chunk):
+                n = len(r["input_ids"])
+                ids[i, :n], labels[i, :n], attn[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            logits = model(input_ids=ids.to(self.dev), attention_mask=attn.to(self.dev)).logits
+            nll, n = token_nll(logits.cpu(), labels)
+            total, count = total + nll, count + n
+        return perplexity(total, count)
+
+    @torch.no_grad()
+    def pair_accuracy(self, judge, pairs: list[dict]) -> float:
+        def score(seqs: list[list[int]]) -> torch.Tensor:
+            out = []
+            for chunk in self._chunks(seqs):
+                width = max(len(x) for x in chunk)
+                ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, x in enumerate(chunk):
+                    ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+                ids, mask = ids.to(self.dev), mask.to(self.dev)
+                # the whole sequence as the "response" after its first token: scored at its last real token
+                batch = rollout.Batch(ids[:, :1], mask[:, :1], ids[:, 1:], mask[:, 1:], mask[:, -1].bool())
+                out.append(rollout.sequence_scores(judge, batch).cpu())
+            return torch.cat(out)
+
+        return pair_accuracy(score([p["chosen_ids"] for p in pairs]), score([p["rejected_ids"] for p in pairs]))
+
+
+def results_table(results: dict[str, dict], baseline, judge, rm_accuracy) -> str:
+    """results.md: one row per policy, the columns that were measured."""
+    cols = [c for c in COLUMNS if any(c in r for r in results.values())]
+    lines = ["| policy | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for label, r in results.items():
+        lines.append(f"| {label} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in cols) + " |")
+    notes = []
+    if baseline is not None:
+        notes.append(f"win_rate and kl are against the baseline {baseline.path}")
+    if judge is not None:
+        notes.append(f"judge: {judge.path}" + (f" (pair accuracy {rm_accuracy:.3f})" if rm_accuracy is not None else ""))
+    return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
