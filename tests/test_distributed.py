@@ -23,7 +23,7 @@ def test_groups_map_to_zero_stages_with_auto_values(group, stage):
     assert config["zero_optimization"]["stage"] == stage
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
         assert config[key] == "auto"  # the HF Trainer fills these from train.*
-    assert config["bf16"] == {"enabled": "auto"}
+    assert config["bf16"] == {"enabled": "auto", "check_grad_overflow": True}  # NaN steps skipped (guards.py)
     gathers = config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save")
     assert gathers is (True if stage == 3 else None)
 

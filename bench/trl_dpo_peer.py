@@ -1,0 +1,25 @@
+"""The peer for bench/dpo.py: TRL's DPOTrainer with its defaults (a frozen reference copy, sigmoid
+loss) on align's tiny model and the demo's preference pairs, as conversations like align feeds them.
+Prints {"steps_per_s", "steps", "runtime_s"}."""
+
+import json
+
+from common import REPO, train_trl_peer
+
+
+def main():
+    from trl import DPOConfig, DPOTrainer
+
+    rows = []
+    for line in (REPO / "align/data/demo_files/prefs.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows.append({"prompt": [{"role": "user", "content": r["prompt"]}],
+                     "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                     "rejected": [{"role": "assistant", "content": r["rejected"]}]})
+    trainer, runtime = train_trl_peer(DPOTrainer, DPOConfig, rows, lr=3e-4)
+    steps = trainer.state.global_step
+    print(json.dumps({"steps_per_s": steps / runtime, "steps": steps, "runtime_s": runtime}))
+
+
+if __name__ == "__main__":
+    main()

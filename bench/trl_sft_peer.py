@@ -1,0 +1,19 @@
+"""The peer for bench/sft.py: TRL's SFTTrainer with its defaults on align's tiny model and the demo's
+SFT split (conversational `messages` rows). Prints {"tokens_per_s", "tokens", "runtime_s"}."""
+
+import json
+
+from common import REPO, train_trl_peer
+
+
+def main():
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [json.loads(line) for line in (REPO / "align/data/demo_files/sft.jsonl").read_text().splitlines()]
+    trainer, runtime = train_trl_peer(SFTTrainer, SFTConfig, rows, lr=3e-3)
+    tokens = next(h["num_tokens"] for h in reversed(trainer.state.log_history) if "num_tokens" in h)
+    print(json.dumps({"tokens_per_s": tokens / runtime, "tokens": tokens, "runtime_s": runtime}))
+
+
+if __name__ == "__main__":
+    main()
