@@ -34,8 +34,8 @@ def parent_specs(cfg: DictConfig) -> list[tuple[str, str | None]]:
         specs = [("sft", s.actor or s.init), ("rm", s.reward)]
         return specs + ([("rm", s.critic)] if s.critic else [])
     if s.name == "eval":  # the policies (default: the policy stages the run has), the baseline and the judge
-        named = list(s.policies) or ["sft", "dpo", "ppo"]
-        specs = [(p, None) if p in ("sft", "dpo", "ppo") else ("policy", p) for p in named]
+        named = list(s.policies) or list(handoff.POLICY_STAGES)
+        specs = [(p, None) if p in handoff.POLICY_STAGES else ("policy", p) for p in named]
         specs += [("sft", None if s.baseline == "sft" else s.baseline)] if s.baseline else []
         return specs + ([] if s.reward == "none" else [("rm", s.reward)])
     raise ValueError(f"unknown stage {s.name!r}")

@@ -22,6 +22,8 @@ MODEL_DIR = "model"
 CONFIG_YAML = "config.yaml"
 CHECKPOINTS = "checkpoints"
 HISTORY = "history.jsonl"  # one line per logged step (training curves for summaries and plots)
+RESULTS_MD = "results.md"  # the eval stage's table
+POLICY_STAGES = ("sft", "dpo", "ppo")  # stages whose model/ is a policy (what the eval stage measures)
 # keys that do not change what a stage computes: left out of the config hash
 UNHASHED_KEYS = ("run", "logger", "pipeline", "sft", "rm", "dpo", "ppo", "eval")  # the last five: a recipe's sections
 

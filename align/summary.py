@@ -95,7 +95,7 @@ def markdown(run_dir: Path, recipe: str | None, outcomes, plots: dict[str, str])
         lines += [f"From {parents}; {o.info.get('weights', '?')} weights; config hash `{o.info.get('config_hash')}`.", ""]
         if o.stage in plots:
             lines += [f"![{o.stage} training curves]({plots[o.stage]})", ""]
-        results = Path(o.path) / "results.md"  # the eval stage's table
+        results = Path(o.path) / handoff.RESULTS_MD  # the eval stage's table
         if results.is_file():
             lines += [results.read_text().rstrip(), ""]
         lines += ["| metric | value |", "|---|---|"]

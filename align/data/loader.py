@@ -131,26 +131,24 @@ def dpo_datasets(data_cfg, tokenizer, max_length: int, seed: int):
 def prompt_datasets(data_cfg, tokenizer, max_length: int, seed: int):
     """Tokenized train/eval prompts (prompt_ids, ending with the assistant header) for PPO, and the report.
     The demo default uses the prompts of the bundled SFT splits."""
-    def encode(row):
-        ids = encode_prompt(tokenizer, row["prompt"])
-        if len(ids) >= max_length:
-            raise RowProblem(f"the prompt is {len(ids)} tokens, not below stage.max_prompt_length={max_length}",
-                             "raise stage.max_prompt_length or shorten the prompt")
-        return {"prompt_ids": ids, "prompt_text": prompt_text(row["prompt"]), "reference": row["reference"]}
+    return _tokenized(data_cfg, "sft", lambda raw: to_prompt(raw, data_cfg.format),
+                      lambda row: _encode_prompt_row(tokenizer, row, max_length), seed)
 
-    return _tokenized(data_cfg, "sft", lambda raw: to_prompt(raw, data_cfg.format), encode, seed)
+
+def _encode_prompt_row(tokenizer, row: dict, max_length: int) -> dict:
+    """prompt_ids (ending with the assistant header), prompt_text and reference of a to_prompt row."""
+    ids = encode_prompt(tokenizer, row["prompt"])
+    if len(ids) >= max_length:
+        raise RowProblem(f"the prompt is {len(ids)} tokens, not below stage.max_prompt_length={max_length}",
+                         "raise stage.max_prompt_length or shorten the prompt")
+    return {"prompt_ids": ids, "prompt_text": prompt_text(row["prompt"]), "reference": row["reference"]}
 
 
 def eval_prompts(data_cfg, tokenizer, max_length: int, max_chat_length: int, seed: int):
     """Held-out prompts for the eval stage: prompt_ids, prompt_text, reference, and where the row has an
     answer the whole conversation's input_ids/labels (for perplexity). Any SFT or preference format."""
     def encode(row):
-        ids = encode_prompt(tokenizer, row["prompt"])
-        if len(ids) >= max_length:
-            raise RowProblem(f"the prompt is {len(ids)} tokens, not below stage.max_prompt_length={max_length}",
-                             "raise stage.max_prompt_length or shorten the prompt")
-        out = {"prompt_ids": ids, "prompt_text": prompt_text(row["prompt"]), "reference": row["reference"],
-               "input_ids": [], "labels": []}
+        out = {**_encode_prompt_row(tokenizer, row, max_length), "input_ids": [], "labels": []}
         if row["reference"] is not None:
             chat = [*row["prompt"], {"role": "assistant", "content": row["reference"]}]
             out.update(encode_chat(tokenizer, chat, max_chat_length))
@@ -166,35 +164,36 @@ def eval_pairs(data_cfg, tokenizer, max_length: int, seed: int):
 
 def _eval_only(data_cfg, kind: str, convert, encode_row, seed: int):
     report = DataReport(errors=RowErrors(data_cfg.on_error))
-    rows = []
-    for row in eval_rows(data_cfg, kind, convert, seed, report):
-        try:
-            rows.append(encode_row(row))
-        except RowProblem as problem:
-            report.errors.handle(row["_source"], row["_row"], problem)
+    rows = _encode_rows(eval_rows(data_cfg, kind, convert, seed, report), encode_row, report)
     report.eval_rows = len(rows)
     return rows, report
+
+
+def _encode_rows(rows: list[dict], encode_row, report: DataReport) -> list[dict]:
+    """encode_row of each canonical row; a row it rejects goes to the report (file and row named)."""
+    out = []
+    for row in rows:
+        try:
+            out.append(encode_row(row))
+        except RowProblem as problem:
+            report.errors.handle(row["_source"], row["_row"], problem)
+    return out
 
 
 def _tokenized(data_cfg, kind: str, convert, encode_row, seed: int):
     from datasets import Dataset
 
     report = DataReport(errors=RowErrors(data_cfg.on_error))
-    train, eval_rows = split_rows(data_cfg, kind, convert, seed, report)
+    train, held_out = split_rows(data_cfg, kind, convert, seed, report)
 
     def encode(rows):
-        out = []
-        for row in rows:
-            try:
-                out.append(encode_row(row))
-            except RowProblem as problem:
-                report.errors.handle(row["_source"], row["_row"], problem)
+        out = _encode_rows(rows, encode_row, report)
         if out and any("margin" in r for r in out):
             for r in out:
                 r.setdefault("margin", 0.0)
         return Dataset.from_list(out) if out else None
 
-    train_ds, eval_ds = encode(train), encode(eval_rows)
+    train_ds, eval_ds = encode(train), encode(held_out)
     if train_ds is None:
         raise ValueError(f"no training rows left after tokenization ({report.errors.summary()})")
     report.train_rows = len(train_ds)

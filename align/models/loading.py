@@ -217,17 +217,13 @@ def load_reward_model(source: str, model_cfg, peft_cfg, pad_token_id: int):
 @torch.no_grad()
 def score(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
     """Reward of each token sequence (the score head at its last token), as float32."""
+    from align.rl.rollout import right_pad
+
     model.eval()
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(sequences), batch_size):
-        chunk = sequences[i : i + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = right_pad(sequences[i : i + batch_size], pad_token_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         out.append(logits[:, 0].float().cpu())
     return torch.cat(out)

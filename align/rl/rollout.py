@@ -43,6 +43,21 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
+def right_pad(seqs: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, longest] ids padded on the right with `pad_value`, and the mask of real tokens (on CPU)."""
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_value, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def decode_responses(tokenizer, batch: "Batch") -> list[str]:
+    """Each response's text, up to and including its stop token (special tokens dropped)."""
+    return [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(batch.responses, batch.mask)]
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 

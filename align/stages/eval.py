@@ -23,16 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from align import checkers, handoff, tracking
 from align.data.loader import eval_pairs, eval_prompts
-from align.eval_metrics import pair_accuracy, perplexity, sequence_kl, token_nll, win_rate
-from align.models.loading import load_pretrained, load_tokenizer, resolve_name
+from align.eval_metrics import IGNORE_INDEX, pair_accuracy, perplexity, sequence_kl, token_nll, win_rate
+from align.models.loading import load_pretrained, load_reward_model, load_tokenizer, resolve_name, score
 from align.rl import rollout
 from align.rl.engine import device
 from align.stages.common import StageResult, StageRun, finite, print_summary
 
 log = logging.getLogger("align")
 
-POLICY_STAGES = ("sft", "dpo", "ppo")
-RESULTS_MD = "results.md"
 COLUMNS = ("checker_accuracy", "reward_mean", "win_rate", "kl", "perplexity")
 NO_ADAPTER = OmegaConf.create({"method": "none"})
 
@@ -66,7 +64,7 @@ def run(cfg: DictConfig) -> StageResult:
         r = {"perplexity": ev.perplexity(model, rows)}
         batches = ev.answer(model, asked, greedy=True)
         if checker is not None:
-            texts = [t for b in batches for t in ev.decode(b)]
+            texts = [t for b in batches for t in rollout.decode_responses(tokenizer, b)]
             r["checker_accuracy"] = checkers.accuracy(checker, [x["prompt_text"] for x in asked], texts,
                                                       [x["reference"] for x in asked])
         if judge_model is not None:
@@ -92,7 +90,7 @@ def run(cfg: DictConfig) -> StageResult:
         table = results_table(results, baseline, judge, metrics.get("rm_accuracy"))
         stage.commit(None, _unique(parents), str(policies[0][1].info.get("base_model", policies[0][1].model)),
                      metrics, task="eval", extra={"policies": [label for label, _ in policies]},
-                     extra_files={RESULTS_MD: table})
+                     extra_files={handoff.RESULTS_MD: table})
         print_summary("eval", metrics, stage.out)
     return StageResult(stage.out, metrics)
 
@@ -101,7 +99,7 @@ def _policies(cfg: DictConfig) -> list[tuple[str, handoff.Parent]]:
     """(label, parent) of each policy: the named stages / paths, or every policy stage the run completed."""
     named = list(cfg.stage.policies)
     if not named:
-        found = [(name, handoff.find_parent(cfg, name)) for name in POLICY_STAGES]
+        found = [(name, handoff.find_parent(cfg, name)) for name in handoff.POLICY_STAGES]
         found = [(name, p) for name, p in found if p is not None]
         if not found:
             raise handoff.HandoffError(
@@ -110,7 +108,7 @@ def _policies(cfg: DictConfig) -> list[tuple[str, handoff.Parent]]:
         return found
     out = []
     for item in named:
-        if item in POLICY_STAGES:
+        if item in handoff.POLICY_STAGES:
             parent = handoff.find_parent(cfg, item)
             if parent is None:
                 raise handoff.HandoffError(f"eval: stage.policies names {item}, but run {cfg.run.name!r} has no "
@@ -147,18 +145,18 @@ class Evaluator:
     """The model calls of the eval stage, batched, on this rank's device."""
 
     def __init__(self, cfg: DictConfig, tokenizer):
-        self.cfg, self.s, self.tok, self.dev = cfg, cfg.stage, tokenizer, device()
+        self.cfg, self.s, self.dev = cfg, cfg.stage, device()
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = rollout.stop_token_ids(tokenizer, [])
 
     def load(self, parent: handoff.Parent, classifier: bool = False):
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        """A policy (causal LM), or with `classifier` a judge; adapters merged into their base."""
+        from transformers import AutoModelForCausalLM
 
-        auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
-        kwargs = {"num_labels": 1} if classifier else {}
-        model = load_pretrained(auto, str(parent.model), self.cfg.model, NO_ADAPTER, **kwargs)
-        if classifier and model.config.pad_token_id is None:
-            model.config.pad_token_id = self.pad
+        if classifier:
+            model = load_reward_model(str(parent.model), self.cfg.model, NO_ADAPTER, self.pad)
+        else:
+            model = load_pretrained(AutoModelForCausalLM, str(parent.model), self.cfg.model, NO_ADAPTER)
         return model.to(self.dev).eval()
 
     def _chunks(self, items: list):
@@ -171,9 +169,6 @@ class Evaluator:
                                  max_new_tokens=self.s.max_new_tokens, temperature=1.0, top_p=1.0, greedy=greedy,
                                  device=self.dev)
                 for chunk in self._chunks(rows)]
-
-    def decode(self, batch: rollout.Batch) -> list[str]:
-        return [self.tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(batch.responses, batch.mask)]
 
     @torch.no_grad()
     def scores(self, judge, batches: list[rollout.Batch]) -> torch.Tensor:
@@ -195,35 +190,17 @@ class Evaluator:
         scored = [r for r in rows if r["labels"]]
         total, count = 0.0, 0
         for chunk in self._chunks(scored):
-            width = max(len(r["input_ids"]) for r in chunk)
-            ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
-            labels = torch.full_like(ids, -100)
-            attn = torch.zeros_like(ids)
-            for i, r in enumerate(chunk):
-                n = len(r["input_ids"])
-                ids[i, :n], labels[i, :n], attn[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            ids, attn = rollout.right_pad([r["input_ids"] for r in chunk], self.pad)
+            labels, _ = rollout.right_pad([r["labels"] for r in chunk], IGNORE_INDEX)
             logits = model(input_ids=ids.to(self.dev), attention_mask=attn.to(self.dev)).logits
             nll, n = token_nll(logits.cpu(), labels)
             total, count = total + nll, count + n
         return perplexity(total, count)
 
-    @torch.no_grad()
     def pair_accuracy(self, judge, pairs: list[dict]) -> float:
-        def score(seqs: list[list[int]]) -> torch.Tensor:
-            out = []
-            for chunk in self._chunks(seqs):
-                width = max(len(x) for x in chunk)
-                ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, x in enumerate(chunk):
-                    ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
-                ids, mask = ids.to(self.dev), mask.to(self.dev)
-                # the whole sequence as the "response" after its first token: scored at its last real token
-                batch = rollout.Batch(ids[:, :1], mask[:, :1], ids[:, 1:], mask[:, 1:], mask[:, -1].bool())
-                out.append(rollout.sequence_scores(judge, batch).cpu())
-            return torch.cat(out)
-
-        return pair_accuracy(score([p["chosen_ids"] for p in pairs]), score([p["rejected_ids"] for p in pairs]))
+        chosen = score(judge, [p["chosen_ids"] for p in pairs], self.pad, self.s.batch_size)
+        rejected = score(judge, [p["rejected_ids"] for p in pairs], self.pad, self.s.batch_size)
+        return pair_accuracy(chosen, rejected)
 
 
 def results_table(results: dict[str, dict], baseline, judge, rm_accuracy) -> str:

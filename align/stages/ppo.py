@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from align import checkers, checkpointing, distributed, handoff, tracking
 from align.data.loader import prompt_datasets
+from align.eval_metrics import sequence_kl
 from align.models.loading import (
     cast_trainable,
     describe,
@@ -366,10 +367,9 @@ class PPOLoop:
             batch = self.sample(prompts[i : i + chunk], greedy=True)
             logp, _ = rollout.response_logprobs(self.m.actor.module, batch)
             ref = self.reference_logprobs(batch, 1.0)
-            rows.append((self.score(batch), ((logp - ref) * batch.mask).sum(1), batch.mask.sum(1).float(),
+            rows.append((self.score(batch), sequence_kl(logp, ref, batch.mask), batch.mask.sum(1).float(),
                          batch.ended.float()))
-            responses += [self.tok.decode(r[m.bool()], skip_special_tokens=True)
-                          for r, m in zip(batch.responses, batch.mask)]
+            responses += rollout.decode_responses(self.tok, batch)
         score, kl, length, ended = (torch.cat(x) for x in zip(*rows))
         out = {"reward_mean": float(score.mean()), "kl": float(kl.mean()),
                "response_length": float(length.mean()), "ended": float(ended.mean())}
