@@ -145,3 +145,23 @@ def test_eval_stage_needs_something_to_evaluate(tmp_path):
     with pytest.raises(HandoffError, match=r"run 'demo' has no completed sft, dpo or ppo stage to evaluate; "
                                            r"train one first or name models with stage.policies"):
         run_stage("eval", tmp_path / "runs")
+
+
+def test_eval_stage_takes_paths_for_policies_baseline_judge_and_pairs(full_ppo, pipeline, tmp_path):
+    """Models named by path (another run evaluating this one's outputs) give the same numbers; the judge's
+    pairs come from stage.pairs: the demo's held-out pairs with chosen and rejected swapped score
+    1 - the RM's own eval accuracy."""
+    from align.data import demo
+    from align.handoff import read_stage_json
+
+    swapped = tmp_path / "swapped.jsonl"
+    write_jsonl(swapped, [{**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+                          for r in map(json.loads, demo.path("prefs_eval").read_text().splitlines())])
+    run = pipeline / "demo"
+    got = run_stage("eval", pipeline, "run.name=by-path", f"stage.policies=[{run / 'ppo'}]",
+                    f"stage.baseline={run / 'sft'}", f"stage.reward={run / 'rm'}", f"stage.pairs={swapped}",
+                    "stage.prompts=64", "stage.max_new_tokens=8", "stage.batch_size=32").metrics
+    assert got["ppo/checker_accuracy"] == pytest.approx(full_ppo.metrics["eval_checker_accuracy"], abs=1e-6)
+    rm_accuracy = read_stage_json(run / "rm")["metrics"]["eval_accuracy"]
+    assert got["rm_accuracy"] == pytest.approx(1 - rm_accuracy, abs=1e-6)
+    assert read_stage_json(pipeline / "by-path" / "eval")["policies"] == ["ppo"]

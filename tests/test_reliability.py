@@ -149,21 +149,13 @@ def test_checkpoint_commit_and_rotation_rules(tmp_path):
     assert json.loads((tmp_path / "checkpoint-6" / checkpointing.COMMITTED).read_text())["step"] == 6
 
 
-def nan_loss_on(monkeypatch, steps):
-    """Make the training loss NaN on the given (1-based) optimizer steps."""
+def nan_loss_on(monkeypatch, spec: str):
+    """Make the training loss NaN on the optimizer steps `spec` names ("3,4", or "3+": every step from 3)."""
     from trl import SFTTrainer
 
-    original, calls = SFTTrainer.compute_loss, {"n": 0}
+    from rank_with_nan_loss import nan_compute_loss
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        out = original(self, model, inputs, *args, **kwargs)
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] in steps or ("all" in steps and calls["n"] >= 3):
-                out = (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
-        return out
-
-    monkeypatch.setattr(SFTTrainer, "compute_loss", compute_loss)
+    monkeypatch.setattr(SFTTrainer, "compute_loss", nan_compute_loss(spec))
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_when_in_a_row(runs, monkeypatch):
@@ -172,7 +164,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_when_in_a_row(runs
     from align.preemption import TrainingDiverged
 
     with monkeypatch.context() as m:
-        nan_loss_on(m, {3, 4})
+        nan_loss_on(m, "3,4")
         out = run_stage("sft", runs, *RESUME).out
     record = json.loads((out / "stage.json").read_text())
     assert record["metrics"]["nonfinite_steps_skipped"] == 2
@@ -181,7 +173,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_when_in_a_row(runs
     assert math.isfinite(losses(out)[5]) and math.isfinite(losses(out)[6])
 
     with monkeypatch.context() as m:
-        nan_loss_on(m, {"all"})
+        nan_loss_on(m, "3+")
         with pytest.raises(TrainingDiverged, match=r"2 non-finite steps in a row \(train.max_bad_steps=2\) at step 4; "
                                                    r"stopped\. Lower train.lr .*checkpoint-4"):
             run_stage("sft", runs, *RESUME, "train.max_bad_steps=2", "train.lr=1e-3")
