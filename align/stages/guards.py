@@ -50,19 +50,17 @@ class SkipNonFinite(TrainerCallback):
     `param.grad` itself, agreed over the ranks, and drops the gradients of a bad step."""
 
     def __init__(self, max_bad: int, accelerator):
+        from accelerate.utils import DistributedType
+
         self.max_bad, self.accelerator = max_bad, accelerator
         self.skipped, self.in_a_row, self.diverged_at = 0, 0, None
         self._dropped = False
-
-    def _optimizer_skips_itself(self) -> bool:
-        from accelerate.utils import DistributedType
-
-        return (self.accelerator.distributed_type == DistributedType.DEEPSPEED
-                or getattr(self.accelerator, "scaler", None) is not None)
+        self.optimizer_skips_itself = (accelerator.distributed_type == DistributedType.DEEPSPEED
+                                       or getattr(accelerator, "scaler", None) is not None)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self._dropped = False
-        if self._optimizer_skips_itself():
+        if self.optimizer_skips_itself:
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
