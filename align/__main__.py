@@ -71,6 +71,9 @@ def dispatch(cfg, command: str = "train", task_overrides: list[str] | None = Non
     name = cfg.stage.name
     if name not in STAGES:
         raise SystemExit(f"stage={name} is not available; choose one of {', '.join(STAGES)}")
+    from align import supported
+
+    supported.check(cfg)  # before any model is loaded
     module = importlib.import_module(f"align.stages.{name}")
     return module.run(cfg)
 
@@ -95,6 +98,7 @@ def main() -> None:
     from align.handoff import HandoffError
     from align.preemption import Preempted, TrainingDiverged
     from align.recipes import RecipeError
+    from align.supported import Unsupported
 
     register()
 
@@ -109,7 +113,7 @@ def main() -> None:
             sweep_name = job_name(task, swept_keys(args, hc.sweeper.get("params")))
         try:
             return dispatch(cfg, command, task, sweep_name)
-        except (DataError, HandoffError, RecipeError) as e:
+        except (DataError, HandoffError, RecipeError, Unsupported) as e:
             logging.getLogger("align").error("%s", e)
             sys.exit(2)
         except Preempted as e:  # checkpoint saved: 143 (SIGTERM) / 130 (SIGINT) tells the scheduler to requeue

@@ -148,6 +148,9 @@ class PPOStageConfig(StageConfig):
     critic: str | None = None  # critic init (a sequence classifier); default: the reward model
     critic_peft: str = "auto"  # auto (LoRA when peft is lora/qlora) | none | lora
     critic_lr: float | None = None  # None: train.lr
+    # auto: reference and reward model beside the actor (sharded under ZeRO-3); cpu: their weights stay in CPU
+    # memory (ZeRO-3: parameter offload; otherwise they run on the CPU). With LoRA the reference is the actor's base.
+    frozen_device: str = "auto"
     # rollout
     rollout_batch_size: int = 64  # prompts per rank per PPO step
     max_prompt_length: int = 512

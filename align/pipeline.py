@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from align import cache, distributed, handoff, recipes, tracking
+from align import cache, distributed, handoff, recipes, supported, tracking
 
 log = logging.getLogger("align")
 
@@ -76,6 +76,8 @@ def run(cfg: DictConfig, task_overrides: list[str], sweep_name: str | None = Non
     force = set(cfg.pipeline.force)
     outcomes = []
     _say("recipe %s: %s (run %s)", cfg.pipeline.name, " -> ".join(cfg.pipeline.stages), j.run_name)
+    for name in cfg.pipeline.stages:  # every stage's combination, before the first one trains
+        supported.check(recipes.stage_config(cfg, name, j.run_name))
     for name in cfg.pipeline.stages:
         scfg = recipes.stage_config(cfg, name, j.run_name)
         if j.group is not None:

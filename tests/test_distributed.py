@@ -50,3 +50,23 @@ def test_bad_combinations_are_refused_with_the_fix():
         ds("deepspeed.zero_stage=4")
     with pytest.raises(ValueError, match="offload_optimizer must be one of none, cpu"):
         ds("deepspeed=zero2", "deepspeed.offload_optimizer=nvme")
+
+
+@pytest.mark.parametrize("on_cpu", [False, True])
+def test_frozen_models_under_zero3_keep_the_sharding_without_an_optimizer(on_cpu):
+    """PPO's reference and reward model under ZeRO-3: the run's sharding, no optimizer or optimizer offload;
+    stage.frozen_device=cpu puts their shards in CPU memory (parameter offload)."""
+    import torch
+
+    from align import distributed
+    from align.rl.engine import frozen_engine_config
+
+    cfg = compose("stage=ppo", "deepspeed=zero3_offload", f"stage.frozen_device={'cpu' if on_cpu else 'auto'}")
+    config = frozen_engine_config(cfg, distributed.deepspeed_config(cfg), torch.float32, 64, on_cpu)
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and "optimizer" not in config and "offload_optimizer" not in zero
+    assert zero["offload_param"]["device"] == "cpu"  # zero3_offload offloads parameters already
+    cfg = compose("stage=ppo", "deepspeed=zero3")
+    zero = frozen_engine_config(cfg, distributed.deepspeed_config(cfg), torch.float32, 64, on_cpu)["zero_optimization"]
+    assert ("offload_param" in zero) == on_cpu
+    assert config["train_micro_batch_size_per_gpu"] == cfg.train.batch_size

@@ -28,9 +28,27 @@ def launch_env(**extra: str) -> dict:
     return env
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_own_port(cmd: list[str]) -> list[str]:
+    """A launcher command with a free --master_port: two xdist workers may launch at once, and DeepSpeed's
+    default port (29500) would be taken by the first."""
+    if "--num_gpus" not in cmd or any(a.startswith("--master_port") for a in cmd):
+        return cmd
+    at = cmd.index("--num_gpus") + 2
+    return [*cmd[:at], f"--master_port={free_port()}", *cmd[at:]]
+
+
 def launch(cmd: list[str], cwd: Path, timeout: int = 480, returncode: int = 0,
            **env: str) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=cwd, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(with_own_port(cmd), cwd=cwd, env=launch_env(**env), capture_output=True, text=True,
+                         timeout=timeout)
     assert out.returncode == returncode, (out.returncode, out.stdout[-4000:], out.stderr[-4000:])
     return out
 

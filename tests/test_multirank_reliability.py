@@ -7,7 +7,7 @@ import subprocess
 import torch
 
 from conftest import REPO
-from test_launch import deepspeed_bin, launch, launch_env, stage_record
+from test_launch import deepspeed_bin, launch, launch_env, stage_record, with_own_port
 
 
 SFT_2_RANKS = ["--num_gpus", "2", "deepspeed=zero2", "train.logging_steps=1", "data.max_rows=128",
@@ -50,8 +50,8 @@ def test_two_ranks_sigterm_on_one_rank_saves_on_both_and_the_same_command_resume
     runs = tmp_path / "runs"
     cmd = ["bash", str(REPO / "launch/sft.sh"), *SFT_2_RANKS, f"run.root={runs}", "train.max_steps=80",
            "train.save_steps=5"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(with_own_port(cmd), cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     checkpoints = runs / "demo" / "sft" / "checkpoints"
     deadline = time.time() + 300
     while checkpointing.latest(checkpoints) is None and time.time() < deadline and proc.poll() is None:

@@ -83,6 +83,41 @@ def test_lora_ppo_uses_the_adapter_free_actor_as_reference(pipeline):
     assert (result.out / "critic" / "adapter_config.json").is_file()  # critic_peft=auto: LoRA with the actor
 
 
+def test_memory_knobs_move_memory_not_numbers(pipeline, monkeypatch):
+    """model.gradient_checkpointing=true (decoder activations recomputed in backward) and
+    stage.frozen_device=cpu (reference and reward weights kept in CPU memory) give the same PPO statistics as
+    the plain run; with checkpointing every decoder layer of actor and critic runs once more per update
+    mini-batch (the recompute), and rollouts and scoring still run without it."""
+    from transformers.models.llama import modeling_llama
+
+    calls = {"n": 0}
+    forward = modeling_llama.LlamaMLP.forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
+    short = ["train.max_steps=2", "stage.rollout_batch_size=8", "train.batch_size=4", "stage.ppo_epochs=1",
+             "stage.eval_prompts=0"]
+    runs = {}
+    for name, knobs in {"plain": [], "knobs": ["model.gradient_checkpointing=true", "stage.frozen_device=cpu"]}.items():
+        calls["n"] = 0
+        result = run_stage("ppo", pipeline, *PPO[1:], *short, f"run.name=mem-{name}", *knobs,
+                           f"stage.actor={pipeline / 'demo' / 'sft'}", f"stage.reward={pipeline / 'demo' / 'rm'}")
+        runs[name] = (calls["n"], result)
+    from align.handoff import read_history
+
+    plain, knobs = (read_history(runs[k][1].out) for k in ("plain", "knobs"))
+    assert len(plain) == len(knobs) == 2
+    for a, b in zip(plain, knobs):
+        for key in ("reward/score_mean", "objective/kl", "loss/policy", "loss/value", "policy/entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    layers = runs["plain"][1].model.config.num_hidden_layers
+    update_batches = 2 * (8 // 4)  # steps x mini-batches per step
+    assert runs["knobs"][0] - runs["plain"][0] == 2 * layers * update_batches  # actor and critic recomputed
+
+
 def test_ppo_without_a_reward_model_says_what_to_run(tmp_path):
     from align.handoff import HandoffError
 

@@ -4,6 +4,7 @@ are sharded inference engines under ZeRO-3 and plain replicas otherwise."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -131,21 +132,59 @@ class Trainable:
         return None
 
 
-def frozen(model, cfg, ds_config: dict | None):
-    """A model that is only run: eval mode, no grads; sharded by DeepSpeed under ZeRO-3."""
+def frozen_engine_config(cfg, ds_config: dict, dtype, hidden_size, on_cpu: bool) -> dict:
+    """The ZeRO-3 inference config of a frozen model: the run's sharding without an optimizer; `on_cpu`
+    keeps the shards in CPU memory (parameter offload), fetched layer by layer as the forward needs them."""
+    zero = dict(ds_config["zero_optimization"])
+    zero.pop("offload_optimizer", None)
+    if on_cpu:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = distributed.fill_auto(
+        {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": zero,
+         "bf16": ds_config.get("bf16", {"enabled": False}), "fp16": ds_config.get("fp16", {"enabled": False})},
+        micro_batch=cfg.train.batch_size, grad_accum=1, max_grad_norm=1.0, dtype=dtype, lr=0.0, weight_decay=0.0,
+        hidden_size=hidden_size)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    return config
+
+
+def frozen(model, cfg, ds_config: dict | None, on_cpu: bool = False):
+    """A model that is only run: eval mode, no grads; sharded by DeepSpeed under ZeRO-3. `on_cpu`: its
+    weights stay in CPU memory (offloaded shards under ZeRO-3; otherwise the model runs on the CPU)."""
     model.requires_grad_(False)
     model.eval()
     if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
         import deepspeed
 
-        config = distributed.fill_auto(
-            {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": dict(ds_config["zero_optimization"]),
-             "bf16": ds_config.get("bf16", {"enabled": False}), "fp16": ds_config.get("fp16", {"enabled": False})},
-            micro_batch=cfg.train.batch_size, grad_accum=1, max_grad_norm=1.0,
-            dtype=next(model.parameters()).dtype, lr=0.0, weight_decay=0.0,
-            hidden_size=getattr(model.config, "hidden_size", None))
-        config["zero_optimization"].pop("offload_optimizer", None)
+        config = frozen_engine_config(cfg, ds_config, next(model.parameters()).dtype,
+                                      getattr(model.config, "hidden_size", None), on_cpu)
         engine, *_ = deepspeed.initialize(model=model, config=config)
         engine.eval()
         return engine.module
-    return model.to(device())
+    return model.to("cpu" if on_cpu else device())
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing for a model PPO trains: each decoder layer keeps only its input and
+    recomputes the rest in backward (non-reentrant, so a frozen base under LoRA needs no input grads)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@contextmanager
+def checkpointing_active(*models):
+    """transformers checkpoints a layer only in training mode, and PPO keeps its models in eval mode (no
+    dropout: the first update must reproduce the rollout's log-probs). For the update's forward passes the
+    checkpointed layers alone are flagged as training — dropout inside them stays off — and the flag is
+    cleared again for rollouts, which need the KV cache that checkpointing turns off."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for model in models for m in unwrap(model).modules()
+              if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        layer.training = True  # the attribute only: .train() would switch on the dropout modules inside
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False

@@ -29,6 +29,9 @@ class Batch:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.mask], dim=1)
 
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.queries, self.query_mask, self.responses, self.mask, self.ended)))
+
     def select(self, idx: torch.Tensor) -> "Batch":
         return Batch(self.queries[idx], self.query_mask[idx], self.responses[idx], self.mask[idx], self.ended[idx])
 

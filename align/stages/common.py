@@ -27,6 +27,7 @@ LR_DEFAULTS = {
     "adapter": {"sft": 2e-4, "rm": 1e-4, "dpo": 5e-6, "ppo": 1e-5},
 }
 HASH_FILE = ".config_hash"
+SHARED_DATA = "shared_data"  # checkpoints/shared_data: datasets every rank reads (StageRun.shared_datasets)
 
 
 def resolve_lr(cfg: DictConfig) -> float:
@@ -104,6 +105,25 @@ class StageRun:
             self.checkpoints.mkdir(parents=True)
             marker.write_text(self.config_hash + "\n")
         distributed.barrier()  # no rank starts writing checkpoints into a folder rank 0 is clearing
+
+    def shared_datasets(self, *datasets):
+        """The datasets as every rank's copy of one folder on disk (under checkpoints/, rewritten on each start).
+
+        An in-memory dataset caches `map` results in a temporary folder of its own process; TRL's
+        precomputed reference log-probs are mapped on rank 0 and read by name on the others, so under a
+        launcher the data must live where all ranks look. One process: the datasets unchanged."""
+        if distributed.world_size() == 1:
+            return datasets
+        from datasets import load_from_disk
+
+        folder = self.checkpoints / SHARED_DATA
+        if tracking.is_main_process():
+            shutil.rmtree(folder, ignore_errors=True)
+            for i, ds in enumerate(datasets):
+                if ds is not None:
+                    ds.save_to_disk(str(folder / str(i)))
+        distributed.barrier()
+        return tuple(None if ds is None else load_from_disk(str(folder / str(i))) for i, ds in enumerate(datasets))
 
     def train(self, trainer):
         """trainer.train() with committed checkpoints, preemption and the non-finite guard; resumes

@@ -86,6 +86,8 @@ def run(cfg: DictConfig) -> StageResult:
     log.info("data: %d train pairs, %d eval pairs; %s", report.train_rows, report.eval_rows, report.errors.summary())
 
     stage.prepare_checkpoints()
+    if cfg.stage.precompute_ref_logps:  # TRL caches the reference log-probs next to the data, read by every rank
+        train_ds, eval_ds = stage.shared_datasets(train_ds, eval_ds)
     args = DPOConfig(
         **training_arguments(cfg, stage, eval_ds is not None),
         max_length=cfg.train.max_length,

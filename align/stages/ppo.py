@@ -37,7 +37,7 @@ from align.models.loading import (
     wrap_peft,
 )
 from align.rl import rollout
-from align.rl.engine import Trainable, device, frozen
+from align.rl.engine import Trainable, checkpointing_active, device, enable_checkpointing, frozen
 from align.rl.gae import gae
 from align.rl.kl import ESTIMATORS, kl_controller
 from align.rl.losses import explained_variance, policy_loss, value_loss
@@ -141,12 +141,13 @@ def _load_models(cfg, stage: StageRun, actor_source, reward_parent, critic_paren
         cast_trainable(actor, resolve_dtype(cfg.model.dtype))
     peft_actor = cfg.peft.method != "none"
     reference = None
+    on_cpu = s.frozen_device == "cpu"
     if not peft_actor:
-        reference = frozen(load_pretrained(AutoModelForCausalLM, actor_source, cfg.model, none), cfg, ds)
+        reference = frozen(load_pretrained(AutoModelForCausalLM, actor_source, cfg.model, none), cfg, ds, on_cpu)
 
     reward = load_pretrained(AutoModelForSequenceClassification, str(reward_parent.model), cfg.model, none, num_labels=1)
     reward.config.pad_token_id = pad
-    reward = frozen(reward, cfg, ds)
+    reward = frozen(reward, cfg, ds, on_cpu)
 
     critic = load_pretrained(AutoModelForSequenceClassification, str(critic_parent.model), cfg.model, none,
                              num_labels=1)
@@ -156,6 +157,8 @@ def _load_models(cfg, stage: StageRun, actor_source, reward_parent, critic_paren
         critic = wrap_peft(critic, OmegaConf.merge(cfg.peft, {"method": "lora"}), cfg.model, task_type="SEQ_CLS",
                            modules_to_save=["score"])
     for m in (actor, critic):
+        if cfg.model.gradient_checkpointing:
+            enable_checkpointing(m)
         m.eval()  # no dropout anywhere: the first PPO pass must reproduce the rollout's log-probs exactly
     log.info("actor from %s: %s; reference: %s", actor_source, describe(actor),
              "the actor with its adapter off" if peft_actor else "a frozen copy")
@@ -166,6 +169,15 @@ def _load_models(cfg, stage: StageRun, actor_source, reward_parent, critic_paren
     actor_t = Trainable(actor, lr=lr, cfg=cfg, total_steps=total_updates, ds_config=ds)
     critic_t = Trainable(critic, lr=s.critic_lr or lr, cfg=cfg, total_steps=total_updates, ds_config=ds)
     return Models(actor_t, critic_t, reference, reward, peft_actor)
+
+
+def on_device_of(model, batch: rollout.Batch, fn) -> torch.Tensor:
+    """fn(batch) run where `model`'s weights are (the CPU with stage.frozen_device=cpu), the result back
+    beside the batch."""
+    where = next(model.parameters()).device
+    if where == batch.mask.device:
+        return fn(batch)
+    return fn(batch.to(where)).to(batch.mask.device)
 
 
 class PPOLoop:
@@ -195,11 +207,12 @@ class PPOLoop:
         if self.m.peft_actor:
             with rollout.adapter_disabled(self.m.actor.module):
                 return rollout.response_logprobs(self.m.actor.module, batch, temperature)[0]
-        return rollout.response_logprobs(self.m.reference, batch, temperature)[0]
+        return on_device_of(self.m.reference, batch, lambda b: rollout.response_logprobs(self.m.reference, b,
+                                                                                         temperature)[0])
 
     @torch.no_grad()
     def score(self, batch) -> torch.Tensor:
-        return rollout.sequence_scores(self.m.reward, batch)
+        return on_device_of(self.m.reward, batch, lambda b: rollout.sequence_scores(self.m.reward, b))
 
     # --- one PPO step ---------------------------------------------------------------------------
     def step(self, prompts) -> dict:
@@ -236,9 +249,11 @@ class PPOLoop:
             for start in range(0, n, micro):
                 idx = order[start : start + micro].to(mask.device)
                 mb = batch.select(idx)
-                logp, entropy = rollout.response_logprobs(self.m.actor.model, mb, s.temperature, with_entropy=True)
+                with checkpointing_active(self.m.actor.model, self.m.critic.model):
+                    logp, entropy = rollout.response_logprobs(self.m.actor.model, mb, s.temperature,
+                                                              with_entropy=True)
+                    vpred = rollout.values(self.m.critic.model, mb)
                 pg_loss, pg_stats = policy_loss(logp, old_logp[idx], advantages[idx], mb.mask, s.clip_range)
-                vpred = rollout.values(self.m.critic.model, mb)
                 vf_loss, vf_stats = value_loss(vpred, old_values[idx], returns[idx], mb.mask, s.clip_range_value)
                 if not self._finite_on_all_ranks(pg_loss, vf_loss):
                     continue  # this mini-batch's update is dropped on every rank

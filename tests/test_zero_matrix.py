@@ -1,0 +1,159 @@
+"""Every stage under DeepSpeed ZeRO with full, LoRA and QLoRA weights on 2 real ranks (gloo on CPU) (issue 8).
+
+Each run goes through tests/rank_probe.py: after training, the model still in memory (sharded under
+ZeRO-3) scores a fixed input on every rank; the stage output, reloaded with plain transformers/PEFT in
+this process, must give the same logits. CI runs a representative part; the whole matrix is
+
+    python -m pytest -m matrix -n 2 tests/test_zero_matrix.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, compose
+from test_launch import deepspeed_bin, launch, stage_record
+
+STAGES = ("sft", "rm", "dpo", "ppo")
+ZERO = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+PEFT = ("none", "lora", "qlora")
+# lr high and no warm-up: after a few steps an adapter (its B matrices start at zero) has clearly moved
+TRAIN = ["train.batch_size=4", "train.lr=5e-3", "train.warmup_ratio=0", "train.save_steps=100000"]
+STAGE_ARGS = {
+    "sft": ["train.max_steps=3", "data.max_rows=64"],
+    "rm": ["train.max_steps=3", "data.max_rows=64"],
+    "dpo": ["train.max_steps=3", "data.max_rows=64"],
+    "ppo": ["train.max_steps=2", "stage.rollout_batch_size=4", "stage.ppo_epochs=1", "stage.eval_prompts=8",
+            "stage.max_new_tokens=8"],
+}
+
+
+@pytest.fixture(scope="module")
+def ppo_parents(tmp_path_factory) -> Path:
+    """A run with a short sft and rm (one process) for PPO to start from."""
+    from test_ppo import run_stage
+
+    runs = tmp_path_factory.mktemp("parents") / "runs"
+    run_stage("sft", runs, "train.max_steps=10", "train.batch_size=16", "data.max_rows=200")
+    run_stage("rm", runs, "train.max_steps=5", "train.batch_size=16", "data.max_rows=200")
+    return runs
+
+
+def run_two_ranks(tmp_path: Path, stage: str, zero: str, peft: str, *extra: str, parents: Path | None = None,
+                  ) -> tuple[Path, torch.Tensor]:
+    """(the stage's output folder, the in-memory model's probe logits) of a 2-rank run."""
+    from safetensors.torch import load_file
+
+    runs, probe = tmp_path / "runs", tmp_path / "probe.safetensors"
+    if parents is not None:
+        shutil.copytree(parents / "demo", runs / "demo")
+    launch([deepspeed_bin(), "--num_gpus", "2", str(REPO / "tests/rank_probe.py"), f"stage={stage}",
+            f"deepspeed={zero}", f"peft={peft}", f"run.root={runs}", *TRAIN, *STAGE_ARGS[stage], *extra],
+           cwd=tmp_path, timeout=600, ALIGN_TEST_PROBE=str(probe))
+    return runs / "demo" / stage, load_file(str(probe))["logits"]
+
+
+def reload(model_dir: Path, stage: str, peft: str):
+    """The stage output as a user loads it: a full model, or the adapter on the base it names (a QLoRA
+    adapter on the base quantized the same way)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from align.models.loading import quantization_config
+
+    auto = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
+    kwargs = {"num_labels": 1} if stage == "rm" else {}
+    if peft == "none":
+        return auto.from_pretrained(model_dir, **kwargs)
+    base = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if peft == "qlora":
+        kwargs["quantization_config"] = quantization_config(compose("peft=qlora").peft, torch.float32)
+    return PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32, **kwargs), model_dir)
+
+
+def check_output(out: Path, stage: str, zero: str, peft: str, live: torch.Tensor) -> None:
+    """A complete stage output on 2 ranks whose reload reproduces the in-memory model."""
+    from safetensors.torch import load_file
+
+    from rank_probe import probe_logits
+
+    record = stage_record(out.parent.parent, stage=stage)
+    assert record["distributed"] == {"world_size": 2, "zero_stage": ZERO[zero]}
+    assert record["weights"] == ("full" if peft == "none" else peft)
+    model_dir = out / "model"
+    if peft != "none":
+        weights = load_file(model_dir / "adapter_model.safetensors")
+        lora_b = [w for k, w in weights.items() if "lora_B" in k]
+        assert lora_b and max(w.abs().max().item() for w in lora_b) > 0  # B starts at zero: trained, saved whole
+    else:
+        assert (model_dir / "model.safetensors").is_file()
+    torch.testing.assert_close(probe_logits(reload(model_dir, stage, peft)), live, rtol=0, atol=1e-5)
+
+
+# --- in CI: each stage multi-process at least once (sft/dpo/ppo also in test_launch.py) -----------------
+
+def test_sft_loss_curve_is_the_same_on_one_process_and_on_two_ranks_under_zero2_and_zero3(tmp_path):
+    """Same global batch (8 = 1 x 8 = 2 x 4), same data order: the per-step losses and gradient norms agree
+    within rel 1e-5 (measured: 1e-6); the ZeRO-3 output reloads with the in-memory logits."""
+    from align.handoff import read_history
+    from test_ppo import run_stage
+
+    common = ["train.max_steps=6", "train.logging_steps=1", "data.max_rows=256", "train.lr=1e-3",
+              "train.warmup_ratio=0"]
+    one = run_stage("sft", tmp_path / "one", "train.batch_size=8", *common)
+
+    def curve(out: Path):
+        history = [h for h in read_history(out) if "loss" in h]
+        return [h["loss"] for h in history], [h["grad_norm"] for h in history]
+
+    losses, norms = curve(one.out)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5  # it trains, so the comparison means something
+    for zero in ("zero2", "zero3"):
+        runs = tmp_path / zero / "runs"
+        launch([deepspeed_bin(), "--num_gpus", "2", str(REPO / "tests/rank_probe.py"), "stage=sft",
+                f"deepspeed={zero}", f"run.root={runs}", "train.batch_size=4", *common], cwd=tmp_path,
+               ALIGN_TEST_PROBE=str(tmp_path / f"{zero}.safetensors"))
+        got_losses, got_norms = curve(runs / "demo" / "sft")
+        assert got_losses == pytest.approx(losses, rel=1e-5), zero
+        assert got_norms == pytest.approx(norms, rel=1e-5), zero
+    from safetensors.torch import load_file
+
+    check_output(tmp_path / "zero3" / "runs" / "demo" / "sft", "sft", "zero3", "none",
+                 load_file(str(tmp_path / "zero3.safetensors"))["logits"])
+
+
+@pytest.mark.parametrize("stage,zero,peft", [("rm", "zero3", "lora"), ("ppo", "zero3", "lora"),
+                                             ("dpo", "zero3", "qlora")])
+def test_zero3_outputs_reload_with_the_in_memory_logits(tmp_path, ppo_parents, stage, zero, peft):
+    out, live = run_two_ranks(tmp_path, stage, zero, peft, parents=ppo_parents if stage == "ppo" else None)
+    check_output(out, stage, zero, peft, live)
+
+
+def test_dpo_precomputed_reference_on_two_ranks_trains_as_without(tmp_path):
+    """TRL writes the precomputed reference log-probs on rank 0 into a cache file that every rank then opens;
+    under a launcher align gives all ranks the same on-disk datasets (checkpoints/shared_data) — before, rank 1
+    died on a missing /tmp/hf_datasets-*/cache-*.arrow. The losses are those of the run without precompute
+    (measured equal to 7 digits under ZeRO-2; pinned). Under ZeRO-3 the option is refused (test_supported)."""
+    from align.handoff import read_history
+
+    out, live = run_two_ranks(tmp_path, "dpo", "zero2", "qlora", "stage.precompute_ref_logps=true",
+                              "train.logging_steps=1")
+    check_output(out, "dpo", "zero2", "qlora", live)
+    assert [h["loss"] for h in read_history(out) if "loss" in h] == pytest.approx([0.6931472, 0.6610125, 0.6814270],
+                                                                                 abs=2e-6)
+
+
+# --- the whole matrix: python -m pytest -m matrix -n 2 tests/test_zero_matrix.py ------------------------
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("peft", PEFT)
+@pytest.mark.parametrize("zero", ZERO)
+@pytest.mark.parametrize("stage", STAGES)
+def test_matrix(tmp_path, ppo_parents, stage, zero, peft):
+    out, live = run_two_ranks(tmp_path, stage, zero, peft, parents=ppo_parents if stage == "ppo" else None)
+    check_output(out, stage, zero, peft, live)
