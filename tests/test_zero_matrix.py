@@ -24,6 +24,7 @@ ZERO = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
 PEFT = ("none", "lora", "qlora")
 # lr high and no warm-up: after a few steps an adapter (its B matrices start at zero) has clearly moved
 TRAIN = ["train.batch_size=4", "train.lr=5e-3", "train.warmup_ratio=0", "train.save_steps=100000"]
+PPO_KNOBS = ["model.gradient_checkpointing=true", "stage.frozen_device=cpu"]
 STAGE_ARGS = {
     "sft": ["train.max_steps=3", "data.max_rows=64"],
     "rm": ["train.max_steps=3", "data.max_rows=64"],
@@ -130,7 +131,9 @@ def test_sft_loss_curve_is_the_same_on_one_process_and_on_two_ranks_under_zero2_
 @pytest.mark.parametrize("stage,zero,peft", [("rm", "zero3", "lora"), ("ppo", "zero3", "lora"),
                                              ("dpo", "zero3", "qlora")])
 def test_zero3_outputs_reload_with_the_in_memory_logits(tmp_path, ppo_parents, stage, zero, peft):
-    out, live = run_two_ranks(tmp_path, stage, zero, peft, parents=ppo_parents if stage == "ppo" else None)
+    # PPO also with its memory knobs: checkpointed actor/critic, the reward model's shards offloaded to the CPU
+    extra = PPO_KNOBS if stage == "ppo" else []
+    out, live = run_two_ranks(tmp_path, stage, zero, peft, *extra, parents=ppo_parents if stage == "ppo" else None)
     check_output(out, stage, zero, peft, live)
 
 
@@ -157,3 +160,21 @@ def test_dpo_precomputed_reference_on_two_ranks_trains_as_without(tmp_path):
 def test_matrix(tmp_path, ppo_parents, stage, zero, peft):
     out, live = run_two_ranks(tmp_path, stage, zero, peft, parents=ppo_parents if stage == "ppo" else None)
     check_output(out, stage, zero, peft, live)
+
+
+@pytest.mark.matrix
+def test_ppo_memory_knobs_under_zero3_give_the_same_steps(tmp_path, ppo_parents):
+    """2 ranks, ZeRO-3, full weights: with the actor and critic checkpointed and the reference and reward
+    model's shards in CPU memory (parameter offload), the PPO statistics are those of the plain run
+    (measured: equal to the last digit)."""
+    from align.handoff import read_history
+
+    keys = ("loss/policy", "loss/value", "objective/kl", "reward/score_mean")
+    curves = {}
+    for name, extra in {"plain": [], "knobs": PPO_KNOBS}.items():
+        out, live = run_two_ranks(tmp_path / name, "ppo", "zero3", "none", *extra, "train.logging_steps=1",
+                                  parents=ppo_parents)
+        check_output(out, "ppo", "zero3", "none", live)
+        curves[name] = [[h[k] for k in keys] for h in read_history(out)]
+    assert len(curves["plain"]) == 2
+    assert curves["knobs"] == [pytest.approx(row, rel=1e-5, abs=1e-7) for row in curves["plain"]]
