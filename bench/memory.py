@@ -1,0 +1,93 @@
+"""Peak memory of SFT with full weights, LoRA and QLoRA on one model: the same data, batch and steps.
+
+    python bench/memory.py [--hidden 1024] [--layers 12] [--steps 4] [--batch-size 8]
+
+Builds a randomly initialised Llama of the given size once (the embedded tokenizer: no download), then runs
+align's SFT stage on it three times — peft=none, lora, qlora — each in a process of its own, and prints each
+process's peak resident memory (the kernel's ru_maxrss: weights, gradients, optimizer states, activations and
+the Python/torch runtime together) and its ratio to full fine-tuning. A fourth process that only imports
+align's stack and loads the model in fp32 gives the floor every run pays. On a GPU the same script measures
+host memory only; GPU numbers come from a GPU run of the stage itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import REPO, env
+
+LOAD_ONLY = """
+import sys
+sys.path.insert(0, {repo!r})
+import align.stages.sft, trl, peft, deepspeed  # noqa: F401  the same imports as a stage
+from transformers import AutoModelForCausalLM
+AutoModelForCausalLM.from_pretrained({model!r})
+"""
+
+
+def build_model(folder: Path, hidden: int, layers: int) -> int:
+    """A random Llama (hidden, layers; head size 64, MLP 2.75 x hidden) with the tiny tokenizer; its parameter count."""
+    sys.path.insert(0, str(REPO))
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from align.models.tiny import TOKENIZER_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                         intermediate_size=int(hidden * 2.75) // 64 * 64, num_attention_heads=hidden // 64,
+                         num_key_value_heads=hidden // 64, max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def peak_rss_mib(cmd: list[str], cwd: Path) -> float:
+    """Run `cmd`; the peak resident memory of that process (ru_maxrss is in KiB on Linux)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:6])} ... failed:\n{err[-3000:]}")
+    return usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        params = build_model(tmp / "model", args.hidden, args.layers)
+        print(f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f}M parameters "
+              f"({params * 4 / 2**20:.0f} MiB in fp32); SFT {args.steps} steps of {args.batch_size} on the demo data")
+        floor = peak_rss_mib([sys.executable, "-c", LOAD_ONLY.format(repo=str(REPO), model=str(tmp / "model"))], tmp)
+        results = {}
+        for peft in ("none", "lora", "qlora"):
+            cmd = [sys.executable, "-m", "align", "stage=sft", f"peft={peft}", f"model.name_or_path={tmp / 'model'}",
+                   f"run.root={tmp / 'runs'}", f"run.name={peft}", f"train.max_steps={args.steps}",
+                   f"train.batch_size={args.batch_size}", "train.save_steps=1000000", "data.max_rows=256",
+                   "data.eval=null", "data.eval_fraction=0"]
+            results[peft] = peak_rss_mib(cmd, tmp)
+        print(f"{'weights':<8} {'peak RSS MiB':>12} {'vs full':>8} {'above the floor':>16}")
+        for peft, mib in results.items():
+            print(f"{peft:<8} {mib:>12.0f} {mib / results['none']:>7.2f}x {mib - floor:>15.0f}")
+        print(f"{'floor':<8} {floor:>12.0f}   (imports + the model loaded once in fp32, no training)")
+        print(json.dumps({"params": params, "floor_mib": floor, **{f"{k}_mib": v for k, v in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()
