@@ -144,7 +144,6 @@ def frozen_engine_config(cfg, ds_config: dict, dtype, hidden_size, on_cpu: bool)
          "bf16": ds_config.get("bf16", {"enabled": False}), "fp16": ds_config.get("fp16", {"enabled": False})},
         micro_batch=cfg.train.batch_size, grad_accum=1, max_grad_norm=1.0, dtype=dtype, lr=0.0, weight_decay=0.0,
         hidden_size=hidden_size)
-    config["zero_optimization"].pop("offload_optimizer", None)
     return config
 
 
