@@ -8,7 +8,7 @@ anything; the message says what to change.
 from __future__ import annotations
 
 from align import distributed
-from align.models.loading import DTYPES
+from align.models.loading import peft_problems, resolve_dtype
 
 
 class Unsupported(ValueError):
@@ -16,18 +16,11 @@ class Unsupported(ValueError):
 
 
 def problems(cfg) -> list[str]:
-    out: list[str] = []
-    peft = cfg.peft
-    if peft.method not in ("none", "lora", "qlora"):
-        out.append(f"peft.method must be none, lora or qlora; got {peft.method!r}")
-    if peft.method == "qlora":
-        q = peft.quant
-        if q.bits not in (4, 8):
-            out.append(f"peft.quant.bits must be 4 or 8; got {q.bits}")
-        if q.compute_dtype != "auto" and q.compute_dtype not in DTYPES:
-            out.append(f"peft.quant.compute_dtype must be auto, {', '.join(DTYPES)}; got {q.compute_dtype!r}")
-    if cfg.model.dtype != "auto" and cfg.model.dtype not in DTYPES:
-        out.append(f"model.dtype must be auto, {', '.join(DTYPES)}; got {cfg.model.dtype!r}")
+    out = peft_problems(cfg.peft)
+    try:
+        resolve_dtype(cfg.model.dtype)
+    except ValueError as e:
+        out.append(str(e))
     try:
         distributed.deepspeed_config(cfg)
     except ValueError as e:
@@ -36,7 +29,7 @@ def problems(cfg) -> list[str]:
     if stage.name == "dpo" and stage.precompute_ref_logps and cfg.deepspeed.zero_stage == 3:
         # TRL wraps the policy in a second (inference) ZeRO-3 engine for the precompute pass. Measured on 2 ranks:
         # the training diverges from ZeRO-2's from step 2 on and the saved adapter no longer reproduces the
-        # trained model's logits (tests/test_zero_matrix.py::test_dpo_precompute_under_zero3_is_refused).
+        # trained model's logits (measured for tests/test_supported.py; ZeRO-2 stays allowed, tests/test_zero_matrix.py).
         out.append("stage.precompute_ref_logps=true does not work under ZeRO-3 (TRL shards the policy a second "
                    "time for the reference pass, and the trained weights come out wrong); use deepspeed=zero2 "
                    "(or zero1) with it, or keep ZeRO-3 and set stage.precompute_ref_logps=false")

@@ -22,15 +22,18 @@ def env() -> dict:
     return out
 
 
-def run_align(stage: str, *overrides: str) -> dict:
-    """`python -m align stage=<stage> <overrides>` in a fresh run directory; its stage.json metrics."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "align", f"stage={stage}", f"run.root={tmp}/runs", "train.save_steps=1000000",
-               *overrides]
-        done = subprocess.run(cmd, cwd=tmp, env=env(), capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"align failed:\n{done.stderr[-3000:]}")
-        return json.loads((Path(tmp) / "runs" / "demo" / stage / "stage.json").read_text())["metrics"]
+def run_align(stage: str, *overrides: str, run_root: Path | None = None) -> dict:
+    """`python -m align stage=<stage> <overrides>` in `run_root` (stages of one run find each other there) or
+    a fresh run directory; its stage.json metrics."""
+    if run_root is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_align(stage, *overrides, run_root=Path(tmp) / "runs")
+    cmd = [sys.executable, "-m", "align", f"stage={stage}", f"run.root={run_root}", "train.save_steps=1000000",
+           *overrides]
+    done = subprocess.run(cmd, cwd=run_root.parent, env=env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"align failed: stage={stage} {' '.join(overrides)}\n{done.stderr[-3000:]}")
+    return json.loads((run_root / "demo" / stage / "stage.json").read_text())["metrics"]
 
 
 def run_peer(script: str, *args: str, python: str = sys.executable) -> dict:

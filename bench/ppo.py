@@ -14,13 +14,12 @@ per second of each (generation, scoring, reference, values and the PPO updates a
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import env, report, run_peer
+from common import report, run_align, run_peer
 
 PEER_TRL = "1.12.0"
 VENV = Path.home() / ".cache" / "align" / f"trl-{PEER_TRL}-venv"
@@ -37,15 +36,6 @@ def peer_python() -> str:
     return str(python)
 
 
-def align(run_root: Path, *overrides: str) -> dict:
-    cmd = [sys.executable, "-m", "align", f"run.root={run_root}", "train.save_steps=1000000", *overrides]
-    done = subprocess.run(cmd, cwd=run_root.parent, env=env(), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"align failed: {' '.join(overrides)}\n{done.stderr[-3000:]}")
-    stage = next(o.split("=", 1)[1] for o in overrides if o.startswith("stage="))
-    return json.loads((run_root / "demo" / stage / "stage.json").read_text())["metrics"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=10)
@@ -57,12 +47,12 @@ def main() -> None:
     python = peer_python()
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp) / "runs"
-        align(runs, "stage=sft", "train.max_steps=100", "train.batch_size=32")
-        align(runs, "stage=rm", "stage.init=base", "train.max_steps=100", "train.batch_size=32", "train.lr=2e-3")
-        ours = align(runs, "stage=ppo", f"train.max_steps={args.steps}", f"stage.rollout_batch_size={args.rollout}",
-                     f"train.batch_size={args.mini}", f"stage.ppo_epochs={args.epochs}",
-                     f"stage.max_new_tokens={args.tokens}", "stage.temperature=0.7", "stage.kl_coef=0.05",
-                     "train.lr=3e-4", "stage.eval_prompts=0", f"train.logging_steps={args.steps}")
+        run_align("sft", "train.max_steps=100", "train.batch_size=32", run_root=runs)
+        run_align("rm", "stage.init=base", "train.max_steps=100", "train.batch_size=32", "train.lr=2e-3", run_root=runs)
+        ours = run_align("ppo", f"train.max_steps={args.steps}", f"stage.rollout_batch_size={args.rollout}",
+                         f"train.batch_size={args.mini}", f"stage.ppo_epochs={args.epochs}",
+                         f"stage.max_new_tokens={args.tokens}", "stage.temperature=0.7", "stage.kl_coef=0.05",
+                         "train.lr=3e-4", "stage.eval_prompts=0", f"train.logging_steps={args.steps}", run_root=runs)
         peer = run_peer("trl_ppo_peer.py", "--sft", str(runs / "demo/sft/model"), "--rm", str(runs / "demo/rm/model"),
                         "--steps", str(args.steps), "--rollout", str(args.rollout), "--mini", str(args.mini),
                         "--epochs", str(args.epochs), "--tokens", str(args.tokens), python=python)

@@ -61,9 +61,33 @@ def load_tokenizer(source: str, model_cfg):
     return tokenizer
 
 
+PEFT_METHODS = ("none", "lora", "qlora")
+
+
+def peft_problems(peft_cfg) -> list[str]:
+    """What is wrong with the `peft` section's names and values, each with the allowed ones."""
+    if peft_cfg.method not in PEFT_METHODS:
+        return [f"peft.method must be none, lora or qlora; got {peft_cfg.method!r}"]
+    out = []
+    if peft_cfg.method == "qlora":
+        q = peft_cfg.quant
+        if q.bits not in (4, 8):
+            out.append(f"peft.quant.bits must be 4 or 8; got {q.bits}")
+        if q.compute_dtype != "auto" and q.compute_dtype not in DTYPES:
+            out.append(f"peft.quant.compute_dtype must be auto, {', '.join(DTYPES)}; got {q.compute_dtype!r}")
+    return out
+
+
+def check_peft(peft_cfg) -> None:
+    problems = peft_problems(peft_cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def quantization_config(peft_cfg, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
+    check_peft(peft_cfg)
     q = peft_cfg.quant
     compute = dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
     if q.bits == 4:
@@ -74,9 +98,7 @@ def quantization_config(peft_cfg, dtype: torch.dtype):
             bnb_4bit_compute_dtype=compute,
             bnb_4bit_quant_storage=compute,
         )
-    if q.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"peft.quant.bits must be 4 or 8, got {q.bits}")
+    return BitsAndBytesConfig(load_in_8bit=True)  # bits is 4 or 8 (check_peft)
 
 
 def load_merged(auto_cls, source: str, **kwargs):
@@ -143,10 +165,9 @@ def lora_config(peft_cfg, task_type: str, modules_to_save=None):
 
 def wrap_peft(model, peft_cfg, model_cfg, task_type: str = "CAUSAL_LM", modules_to_save=None):
     """Wrap in LoRA for peft=lora|qlora (k-bit preparation for qlora); return the model unchanged for none."""
+    check_peft(peft_cfg)
     if peft_cfg.method == "none":
         return model
-    if peft_cfg.method not in ("lora", "qlora"):
-        raise ValueError(f"peft.method must be none, lora or qlora; got {peft_cfg.method!r}")
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if peft_cfg.method == "qlora":
@@ -188,10 +209,9 @@ def load_for_adapter_trainer(source: str, model_cfg, peft_cfg):
 
     model = load_pretrained(AutoModelForCausalLM, source, model_cfg, peft_cfg)
     set_use_cache(model, False)
+    check_peft(peft_cfg)
     if peft_cfg.method == "none":
         return model, None
-    if peft_cfg.method not in ("lora", "qlora"):
-        raise ValueError(f"peft.method must be none, lora or qlora; got {peft_cfg.method!r}")
     if peft_cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
