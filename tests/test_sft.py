@@ -134,6 +134,70 @@ def test_packing_trains_on_fewer_fuller_rows(tmp_path):
     assert plain.metrics["global_step"] == 20
     assert packed.metrics["global_step"] < 10  # ~20-token examples packed into 64-token rows
     assert packed.metrics["last_loss"] < packed.metrics["first_loss"] - 1.0
+    # one epoch sees every example once: the logged token count is their real tokens, no padding
+    from align.data.loader import sft_datasets
+    from align.models.loading import load_tokenizer, resolve_name
+
+    tokenizer = load_tokenizer(resolve_name(cfg.model.name_or_path), cfg.model)
+    train_ds, _, _ = sft_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+    real = sum(len(ids) for ids in train_ds["input_ids"])
+    assert packed.metrics["train_tokens_per_s"] * packed.metrics["train_runtime_s"] == pytest.approx(real, rel=1e-9)
+    assert plain.metrics["train_tokens_per_s"] * plain.metrics["train_runtime_s"] == pytest.approx(real, rel=1e-9)
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(packed.out / "model").config.use_cache is True
+
+
+def _examples(n: int = 9):
+    import random
+
+    rnd = random.Random(0)
+    out = []
+    for _ in range(n):
+        prompt = [259] + [rnd.randrange(3, 250) for _ in range(rnd.randrange(3, 9))] + [257, 260]
+        answer = [rnd.randrange(3, 250) for _ in range(rnd.randrange(2, 7))] + [257]
+        out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return out
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_row_packed_and_flat_batches_train_like_unpacked_examples():
+    """The same examples as padded rows with an attention mask (no packing), as TRL's one flattened
+    sequence (flash attention's layout) and as align's [B, L] packed rows: the same loss and gradients."""
+    from datasets import Dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from align.data.packing import REAL_TOKENS, RowPackedCollator, pack_rows
+    from align.models.loading import load_causal_lm
+
+    cfg = compose()
+    model = load_causal_lm(cfg.model.name_or_path, cfg.model, cfg.peft).train()
+    examples = _examples()
+    packed = list(pack_rows(Dataset.from_list(examples), 24))
+    assert len(packed) < len(examples)  # several examples share a row
+    assert any(len(row["seq_lengths"]) > 1 for row in packed)
+
+    plain = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(packed)
+    rows = RowPackedCollator(pad_token_id=0)(packed)
+    assert rows["input_ids"].shape[0] == len(packed) and int(rows.pop(REAL_TOKENS)) == int(plain["attention_mask"].sum())
+    assert "attention_mask" not in rows
+    loss, grads = _loss_and_grads(model, plain)
+    for batch in (rows, {k: flat[k] for k in ("input_ids", "labels", "position_ids")}):
+        other_loss, other_grads = _loss_and_grads(model, batch)
+        torch.testing.assert_close(other_loss, loss, rtol=0, atol=1e-5)
+        for g, h in zip(grads, other_grads, strict=True):
+            torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_layout_follows_the_attention_kernel():
+    from align.data.packing import FLAT, ROWS, packed_layout
+
+    assert packed_layout("flash_attention_2") == FLAT and packed_layout("kernels-community/flash-attn3") == FLAT
+    assert packed_layout("sdpa") == ROWS and packed_layout("eager") == ROWS and packed_layout(None) == ROWS

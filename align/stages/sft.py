@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from align import handoff
 from align.data.loader import sft_datasets
+from align.data.packing import ROWS, RowPackedCollator, pack_rows, packed_layout, row_packed_trainer
 from align.models.loading import (
     cast_trainable,
     describe,
@@ -48,21 +49,33 @@ def run(cfg: DictConfig) -> StageResult:
     model = load_causal_lm(source, cfg.model, cfg.peft)
     log.info("model %s: %s", source, describe(model))
 
+    # Packing: [B, L] rows for sdpa/eager attention, one flattened sequence (TRL's own) for flash attention.
+    layout = packed_layout(model.config._attn_implementation) if cfg.stage.packing else None
+    trainer_cls, collator = SFTTrainer, None
+    if layout == ROWS:
+        train_ds = pack_rows(train_ds, cfg.train.max_length)
+        trainer_cls, collator = row_packed_trainer(SFTTrainer), RowPackedCollator(tokenizer.pad_token_id)
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # as TRL does for its own collator
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if layout:
+        log.info("packing: %s (attention: %s)", layout, model.config._attn_implementation)
+
     stage.prepare_checkpoints()
     stage.start_logging()
     args = SFTConfig(
         **training_arguments(cfg, stage, eval_ds is not None),
         max_length=cfg.train.max_length,
-        packing=cfg.stage.packing,
+        packing=layout is not None and layout != ROWS,
         packing_strategy="bfd",
-        padding_free=cfg.stage.packing,
+        padding_free=layout is not None and layout != ROWS,
         eval_packing=False,
         completion_only_loss=False,  # labels are built by align's loader (assistant tokens only)
         assistant_only_loss=False,
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        data_collator=collator,
     )
     if cfg.peft.method == "qlora":
         cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
