@@ -76,10 +76,10 @@ def run(cfg: DictConfig, task_overrides: list[str], sweep_name: str | None = Non
     force = set(cfg.pipeline.force)
     outcomes = []
     _say("recipe %s: %s (run %s)", cfg.pipeline.name, " -> ".join(cfg.pipeline.stages), j.run_name)
-    for name in cfg.pipeline.stages:  # every stage's combination, before the first one trains
-        supported.check(recipes.stage_config(cfg, name, j.run_name))
-    for name in cfg.pipeline.stages:
-        scfg = recipes.stage_config(cfg, name, j.run_name)
+    stage_cfgs = [recipes.stage_config(cfg, name, j.run_name) for name in cfg.pipeline.stages]
+    for scfg in stage_cfgs:  # every stage's combination, before the first one trains
+        supported.check(scfg)
+    for name, scfg in zip(cfg.pipeline.stages, stage_cfgs, strict=True):
         if j.group is not None:
             scfg.logger.group = j.group
         distributed.init(scfg)

@@ -52,8 +52,10 @@ class RowPackedCollator:
         input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(examples), width), -100, dtype=torch.long)
         position_ids = torch.empty((len(examples), width), dtype=torch.long)
+        real = 0
         for i, example in enumerate(examples):
             n = len(example["input_ids"])
+            real += n
             input_ids[i, :n] = torch.tensor(example["input_ids"])
             labels[i, :n] = torch.tensor(example["labels"])
             runs = list(example.get("seq_lengths") or [n])
@@ -63,7 +65,6 @@ class RowPackedCollator:
                 runs.append(width - n)  # the padded tail: its own sequence
             position_ids[i] = torch.cat([torch.arange(r) for r in runs])
         labels[position_ids == 0] = -100  # an example's first token is never predicted from the one before
-        real = sum(len(e["input_ids"]) for e in examples)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                 REAL_TOKENS: torch.tensor(real)}
 

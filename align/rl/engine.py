@@ -139,12 +139,11 @@ def frozen_engine_config(cfg, ds_config: dict, dtype, hidden_size, on_cpu: bool)
     zero.pop("offload_optimizer", None)
     if on_cpu:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    config = distributed.fill_auto(
+    return distributed.fill_auto(
         {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": zero,
          "bf16": ds_config.get("bf16", {"enabled": False}), "fp16": ds_config.get("fp16", {"enabled": False})},
         micro_batch=cfg.train.batch_size, grad_accum=1, max_grad_norm=1.0, dtype=dtype, lr=0.0, weight_decay=0.0,
         hidden_size=hidden_size)
-    return config
 
 
 def frozen(model, cfg, ds_config: dict | None, on_cpu: bool = False):

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from align import handoff
 from align.data.loader import sft_datasets
-from align.data.packing import ROWS, RowPackedCollator, pack_rows, packed_layout, row_packed_trainer
+from align.data.packing import FLAT, ROWS, RowPackedCollator, pack_rows, packed_layout, row_packed_trainer
 from align.models.loading import (
     cast_trainable,
     describe,
@@ -65,9 +65,9 @@ def run(cfg: DictConfig) -> StageResult:
     args = SFTConfig(
         **training_arguments(cfg, stage, eval_ds is not None),
         max_length=cfg.train.max_length,
-        packing=layout is not None and layout != ROWS,
+        packing=layout == FLAT,  # ROWS: packed above, batched by RowPackedCollator
         packing_strategy="bfd",
-        padding_free=layout is not None and layout != ROWS,
+        padding_free=layout == FLAT,
         eval_packing=False,
         completion_only_loss=False,  # labels are built by align's loader (assistant tokens only)
         assistant_only_loss=False,
