@@ -109,6 +109,32 @@ def init(cfg) -> None:
     import deepspeed
 
     deepspeed.init_distributed()
+    _unlink_shm_allreduce_buffer()
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_allreduce_buffer() -> str:
+    """The /dev/shm file DeepSpeed's CPU all-reduce maps for this rank (deepspeed/ops/csrc/cpu/comm/shm.cpp
+    names it after the user, MASTER_ADDR, MASTER_PORT and the rank; 66 MB)."""
+    env = os.environ
+    return (f"{SHM_DIR}/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{env.get('RANK', '0')}")
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """DeepSpeed never unlinks its CPU all-reduce buffers, so every launch on a new port left 66 MB per
+    rank in /dev/shm until reboot (a test suite of launches filled a 24 GB machine's memory). Once every
+    rank has mapped its peers' buffers (init_distributed does that before it returns; the barrier waits
+    for all ranks) the names can go: the mappings live on until the processes exit."""
+    if not is_initialized() or os.environ.get("LOCAL_SIZE") != str(world_size()):
+        return  # DeepSpeed maps the buffers only when all ranks share the machine (the same test on every rank)
+    barrier()
+    try:
+        os.unlink(shm_allreduce_buffer())
+    except FileNotFoundError:  # DeepSpeed built without its shm op, or the accelerator is not the CPU
+        pass
 
 
 def is_initialized() -> bool:

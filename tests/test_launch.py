@@ -47,9 +47,12 @@ def with_own_port(cmd: list[str]) -> list[str]:
 
 def launch(cmd: list[str], cwd: Path, timeout: int = 480, returncode: int = 0,
            **env: str) -> subprocess.CompletedProcess:
-    out = subprocess.run(with_own_port(cmd), cwd=cwd, env=launch_env(**env), capture_output=True, text=True,
-                         timeout=timeout)
+    cmd = with_own_port(cmd)
+    out = subprocess.run(cmd, cwd=cwd, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == returncode, (out.returncode, out.stdout[-4000:], out.stderr[-4000:])
+    port = next((a.split("=", 1)[1] for a in cmd if a.startswith("--master_port=")), None)
+    if port is not None:  # DeepSpeed's CPU all-reduce buffers (66 MB a rank) do not outlive the run
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), port
     return out
 
 
