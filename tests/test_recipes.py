@@ -42,10 +42,10 @@ def test_section_keys_reach_their_stage_only_and_hash_like_a_single_stage_run():
     sft, rm, ppo = (recipes.stage_config(cfg, s) for s in ("sft", "rm", "ppo"))
     assert sft.train.epochs == 2 and sft.train.lr is None and sft.stage.init is None
     assert rm.stage.init == "base" and rm.train.lr is None and rm.train.batch_size == 32 and rm.train.epochs == 4
-    assert ppo.stage.temperature == 0.7 and ppo.stage.kl_coef == 0.02 and ppo.train.lr == 3e-4
-    assert ppo.train.max_steps == 200 and ppo.train.epochs == 3  # epochs: not rm's or sft's, the shared demo value
-    alone = compose("stage=ppo", "stage.temperature=0.7", "stage.kl_coef=0.02", "train.lr=3e-4",
-                    "train.max_steps=200")
+    assert ppo.stage.temperature == 0.7 and ppo.stage.kl_coef == 0.2 and ppo.train.lr == 3e-4
+    assert ppo.train.max_steps == 100 and ppo.train.epochs == 3  # epochs: not rm's or sft's, the shared demo value
+    alone = compose("stage=ppo", "stage.temperature=0.7", "stage.kl_coef=0.2", "train.lr=3e-4",
+                    "train.max_steps=100")
     assert handoff.config_hash(ppo) == handoff.config_hash(alone)  # same cache entry either way
     assert handoff.config_hash(sft) != handoff.config_hash(compose("stage=sft"))
 
