@@ -1,11 +1,16 @@
 """The demo, shortened: `recipe=demo` with fewer DPO, RM and PPO steps still shows both ways to align
-beating the SFT model on the task checker (held-out prompts, greedy answers)."""
+beating the SFT model on the task checker (held-out prompts, greedy answers).
+
+Opt-in (`python -m pytest -m demo`, about 5 minutes): it trains the demo's SFT, DPO, RM and PPO on one
+core, and the default suite is at its 20-minute CI budget."""
 
 from __future__ import annotations
 
 import pytest
 
 from conftest import compose
+
+pytestmark = pytest.mark.demo
 
 # the demo recipe's own settings, fewer steps: SFT as in the demo (it is the baseline), then
 # DPO 150 of 500 steps, the RM 250 of 500, PPO 30 of 100; checker on 128 held-out prompts
