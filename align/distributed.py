@@ -120,7 +120,7 @@ def shm_allreduce_buffer() -> str:
     names it after the user, MASTER_ADDR, MASTER_PORT and the rank; 66 MB)."""
     env = os.environ
     return (f"{SHM_DIR}/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
-            f"{env.get('MASTER_PORT', '')}_{env.get('RANK', '0')}")
+            f"{env.get('MASTER_PORT', '')}_{rank()}")
 
 
 def _unlink_shm_allreduce_buffer() -> None:
