@@ -36,6 +36,45 @@ def drop_local_rank(argv: list[str]) -> tuple[list[str], str | None]:
     return out, local_rank
 
 
+HELP = """align: post-training for causal language models. SFT -> reward model -> PPO (or DPO), with
+LoRA/QLoRA and DeepSpeed ZeRO; each stage hands its output to the next inside runs/<run.name>/.
+
+usage:
+  python -m align stage=STAGE [key=value ...]      one stage (default: sft on the tiny demo model)
+  python -m align recipe=RECIPE [key=value ...]    a whole pipeline, skipping stages that are up to date
+  python -m align -m recipe=RECIPE dpo.beta=0.05,0.1  a sweep (one job per value)
+  python -m align export stage=STAGE run.name=NAME  merge a LoRA stage into full weights
+  python -m align --cfg job [overrides]           print the resolved config, run nothing
+  deepspeed --num_gpus N launch/sft.sh [overrides]  several GPUs (launch/*.sh)
+
+stages:   {stages}
+recipes:  {recipes}
+config groups (group=option):
+{groups}
+keys:     run.name, run.root, run.force, train.lr, train.epochs, train.max_steps, train.batch_size,
+          data.train, data.eval, model.name_or_path, stage.<key> (e.g. stage.beta), ...
+          inside a recipe a stage's keys take its name: dpo.beta=0.1, sft.train.epochs=2
+examples:
+  python -m align stage=sft model.name_or_path=/models/Qwen2.5-0.5B data.train=mine.jsonl peft=lora
+  python -m align recipe=demo
+Hydra's own help: --hydra-help. Docs: README.md and docs/ in the repository."""
+
+
+def print_help() -> None:
+    """--help without importing torch or Hydra's app (under a second)."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    conf = next(d for d in (here.parent / "conf", here / "conf") if (d / "config.yaml").is_file())
+    recipes = sorted({p.stem for d in (here.parent / "recipes", here / "recipes", Path.cwd() / "recipes")
+                      if d.is_dir() for p in d.glob("*.yaml")})
+    groups = []
+    for group in sorted(p for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        groups.append(f"  {group.name + ':':11s}{', '.join(options)}")
+    print(HELP.format(stages=", ".join(STAGES), recipes=", ".join(recipes), groups="\n".join(groups)))
+
+
 def _quiet_third_party() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,9 +96,13 @@ def _has_cuda() -> bool:
 
 
 def dispatch(cfg, command: str = "train", task_overrides: list[str] | None = None, sweep_name: str | None = None):
-    """A recipe (pipeline.stages set) runs its stages in order; otherwise the one `stage` runs."""
-    from align import pipeline, recipes
+    """A recipe (pipeline.stages set) runs its stages in order; otherwise the one `stage` runs, unless its
+    complete output already is what this config would train (then nothing changes; run.force=true re-trains)."""
+    from align import pipeline, recipes, supported, validate
 
+    unknown = validate.unknown_keys(cfg)
+    if unknown:
+        raise supported.Unsupported("unknown config keys (nothing was run):\n" + "\n".join(f"  - {u}" for u in unknown))
     if cfg.pipeline.stages and command == "train":
         return pipeline.run(cfg, task_overrides or [], sweep_name)
     recipes.check(cfg, task_overrides or [])
@@ -71,15 +114,47 @@ def dispatch(cfg, command: str = "train", task_overrides: list[str] | None = Non
     name = cfg.stage.name
     if name not in STAGES:
         raise SystemExit(f"stage={name} is not available; choose one of {', '.join(STAGES)}")
-    from align import supported
+    from align import preflight
 
-    supported.check(cfg)  # before any model is loaded
+    supported.check(cfg)  # every value, before any model is loaded
+    done = None if cfg.run.force else up_to_date(cfg)
+    if done is not None:
+        return done
+    preflight.check(cfg)
     module = importlib.import_module(f"align.stages.{name}")
-    return module.run(cfg)
+    from align.stages.common import discard_if_unstarted
+
+    try:
+        return module.run(cfg)
+    except BaseException:
+        discard_if_unstarted(cfg)  # a stage that stopped before writing anything leaves no folder behind
+        raise
+
+
+def up_to_date(cfg):
+    """The complete output's StageResult when it is what `cfg` would train now (same config, data and
+    parents), else None (and the reason is said when an output exists)."""
+    from align import cache, handoff, tracking
+    from align.stages.common import StageResult
+
+    decision = cache.decide(cfg, force=False)
+    out = handoff.stage_dir(cfg)
+    say = logging.getLogger("align").info if tracking.is_main_process() else (lambda *a: None)
+    if decision.action == cache.SKIP:
+        say("%s: up to date (%s: %s); nothing changed. run.force=true re-trains it",
+            cfg.stage.name, out, decision.reason)
+        return StageResult(out, handoff.read_stage_json(out).get("metrics", {}))
+    if handoff.is_complete(out):
+        say("%s: re-training (%s); the complete output stays in %s until the new one commits",
+            cfg.stage.name, decision.reason, out)
+    return None
 
 
 def main() -> None:
     args, local_rank = drop_local_rank(sys.argv[1:])
+    if "--help" in args or "-h" in args:
+        print_help()
+        return
     command = "train"
     if args and args[0] in COMMANDS:
         command = args.pop(0)
@@ -111,6 +186,10 @@ def main() -> None:
         sweep_name = None
         if hc.mode == RunMode.MULTIRUN:
             sweep_name = job_name(task, swept_keys(args, hc.sweeper.get("params")))
+        choice = hc.runtime.choices.get("stage", "")
+        if choice.endswith("_schema"):
+            logging.getLogger("align").error("stage=%s is not a stage; choose one of %s", choice, ", ".join(STAGES))
+            sys.exit(2)
         try:
             return dispatch(cfg, command, task, sweep_name)
         except (DataError, HandoffError, RecipeError, Unsupported) as e:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from align import handoff
 
 SKIP, REUSE, RUN = "up to date", "reuse", "run"
+CONFIG_CHANGED = "config or data changed"
 SEARCH_DEPTH = 3  # run.root/<name>/<stage>, run.root/<sweep>/<job>/<stage>, one more level
 
 
@@ -57,7 +58,7 @@ def _identities(records: list[dict]) -> list[str]:
 def matches(info: dict, cfg_hash: str, parents: list[handoff.Parent]) -> str | None:
     """None when the recorded output is what this config would train now; else the reason it is not."""
     if info.get("config_hash") != cfg_hash:
-        return "config changed"
+        return CONFIG_CHANGED
     recorded = info.get("parents", [])
     if _identities(recorded) != sorted({p.identity for p in parents}):
         stages = sorted({p.stage for p in parents} | {r["stage"] for r in recorded})
@@ -86,7 +87,9 @@ def decide(cfg: DictConfig, force: bool) -> Decision:
     if handoff.is_complete(out):
         reason = matches(handoff.read_stage_json(out), cfg_hash, parents)
         if reason is None:
-            return Decision(SKIP, "same config and parents")
+            return Decision(SKIP, "same config, data and parents")
+        if reason == CONFIG_CHANGED:
+            reason = f"changed: {handoff.changes(handoff.recorded_identity(out), handoff.identity(cfg))}"
     if not out.exists() or out.is_symlink():
         source = find_reusable(cfg, cfg_hash, parents)
         if source is not None:

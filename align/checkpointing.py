@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 COMMITTED = "align_committed.json"
+ASIDE = ".checkpoints.old"  # beside checkpoints/: a re-run's predecessors, kept until it commits its first one
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -40,6 +41,20 @@ def latest(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def within_budget(folder: Path) -> Path | None:
+    """The newest committed checkpoint that still has training left to do. The Trainer resumed from one
+    saved at its last step would train one step past train.max_steps; an older one (or none: start over)
+    reaches the same weights, since resume is exact."""
+    for path in reversed([p for p in checkpoints(folder) if is_committed(p)]):
+        state = path / "trainer_state.json"
+        if not state.is_file():
+            return path  # not a Trainer checkpoint (PPO's own loop stops at its budget)
+        info = json.loads(state.read_text())
+        if info.get("global_step", 0) < info.get("max_steps", 0):
+            return path
+    return None
+
+
 def commit(path: Path, info: dict | None = None) -> None:
     """Mark a fully written checkpoint as complete (write-then-rename: the marker is whole or absent)."""
     tmp = path / f".{COMMITTED}.tmp"
@@ -59,6 +74,7 @@ def commit_when_all_written(path: Path, keep: int, main: bool, info: dict | None
     if main and path.is_dir():
         commit(path, info)
         rotate(path.parent, keep)
+        shutil.rmtree(path.parent.parent / ASIDE, ignore_errors=True)  # the new run has a checkpoint of its own
     distributed.barrier()
 
 

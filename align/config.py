@@ -16,114 +16,179 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
+@dataclass(frozen=True)
+class Check:
+    """The allowed values of one key, declared beside it (`keyed`) and applied before anything loads
+    (align/validate.py): a numeric range, a set of names, or both (e.g. -1 or >= 1). None passes
+    wherever the key's type allows it."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself not allowed
+    high_open: bool = False
+    choices: tuple = ()  # allowed values (names, or special numbers beside the range)
+
+    def allows(self, value) -> bool:
+        if value is None or value in self.choices:
+            return True
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False if self.choices and self.low is None and self.high is None else True
+        if self.low is None and self.high is None:
+            return not self.choices
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None and self.high is not None:
+            parts.append(f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}")
+        elif self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        elif self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        if self.choices:
+            names = ", ".join(str(c) for c in self.choices)
+            parts.insert(0, f"one of {names}") if not parts else parts.append(f"or {names}")
+        return " ".join(parts)
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Check(low=0, low_open=True), Check(low=0), Check(low=1)
+PROBABILITY, FRACTION = Check(0, 1), Check(0, 1, high_open=True)
+
+
+def one_of(*names) -> Check:
+    return Check(choices=tuple(names))
+
+
+def keyed(default, check: Check | None = None, help: str = "", factory=None):
+    """A schema field with its allowed values and a one-line help (docs and --help read both)."""
+    meta = {"check": check, "help": help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "query_response")
+
+
 @dataclass
 class RunConfig:
-    name: str = "demo"
-    root: str = "runs"
-    resume: bool = True  # continue an interrupted stage from its latest checkpoint when the config matches
+    name: str = keyed("demo", help="run folder under run.root; stages of one run find each other by it")
+    root: str = keyed("runs", help="where runs are written")
+    resume: bool = keyed(True, help="continue an interrupted stage from its latest checkpoint when the config matches")
+    force: bool = keyed(False, help="re-train a stage that is already complete (an interrupted run's checkpoints are "
+                                    "kept aside until the new run commits its first one)")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = -1  # > 0 overrides epochs
-    epochs: float = 1.0
-    lr: float | None = None  # None: the recommended rate for the stage and weights (see align/stages/common.py)
-    batch_size: int = 8  # per device
-    grad_accum: int = 1
-    max_length: int = 1024
-    seed: int = 42
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    eval_steps: int = 0  # 0: evaluate once at the end
-    save_steps: int = 500
-    keep_checkpoints: int = 2
-    max_bad_steps: int = 10  # non-finite loss/gradient steps in a row (each skipped) before the run stops
+    max_steps: int = keyed(-1, Check(low=1, choices=(-1,)), "optimizer steps; -1: train.epochs decides")
+    epochs: float = keyed(1.0, POSITIVE, "passes over the data (when max_steps is -1)")
+    lr: float | None = keyed(None, POSITIVE, "learning rate; null: the stage's recommended rate (align/stages/common.py)")
+    batch_size: int = keyed(8, AT_LEAST_ONE, "rows per device per micro-step")
+    grad_accum: int = keyed(1, AT_LEAST_ONE, "micro-steps per optimizer step")
+    max_length: int = keyed(1024, Check(low=8), "tokens per row; longer rows are cut (counted in stage.json)")
+    seed: int = keyed(42, help="seed of data order, new heads and adapters")
+    lr_scheduler: str = keyed("cosine", one_of(*LR_SCHEDULERS), "learning-rate schedule")
+    warmup_ratio: float = keyed(0.03, FRACTION, "share of the steps spent warming the learning rate up")
+    weight_decay: float = keyed(0.0, NON_NEGATIVE, "AdamW weight decay")
+    max_grad_norm: float = keyed(1.0, NON_NEGATIVE, "gradient clipping norm; 0: none")
+    logging_steps: int = keyed(10, AT_LEAST_ONE, "steps between logged metrics")
+    eval_steps: int = keyed(0, NON_NEGATIVE, "steps between evaluations; 0: once at the end")
+    save_steps: int = keyed(500, AT_LEAST_ONE, "steps between checkpoints")
+    keep_checkpoints: int = keyed(2, AT_LEAST_ONE, "committed checkpoints kept")
+    max_bad_steps: int = keyed(10, AT_LEAST_ONE, "non-finite loss/gradient steps in a row (each skipped) before the run stops")
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "builtin:tiny"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    dtype: str = "auto"  # auto: bf16 where supported, fp32 on CPU; or bf16 / fp16 / fp32
-    attn_implementation: str | None = None  # sdpa, eager, flash_attention_2; None: transformers' choice
-    gradient_checkpointing: bool = False
+    name_or_path: str = keyed("builtin:tiny", help="hub id, local model directory, or builtin:tiny")
+    revision: str | None = keyed(None, help="hub revision (branch, tag or commit)")
+    trust_remote_code: bool = keyed(False, help="allow the model's own code from the hub")
+    dtype: str = keyed("auto", one_of("auto", "bf16", "fp16", "fp32"), "auto: bf16 where supported, fp32 on CPU")
+    attn_implementation: str | None = keyed(
+        None, one_of("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+        "attention kernel; null: transformers' choice")
+    gradient_checkpointing: bool = keyed(False, help="recompute activations in the backward pass (less memory)")
 
 
 @dataclass
 class DataConfig:
-    train: str = "demo"  # file, save_to_disk folder, hub name, or `demo` for the bundled data
-    eval: str | None = None  # same forms; None: data.eval_fraction, or the demo's eval split
-    eval_fraction: float = 0.0
-    format: str = "auto"
-    split: str = "train"
-    eval_split: str = "test"
-    dedup: bool = False
-    on_error: str = "raise"  # raise | skip
-    max_rows: int = 0  # 0: all
-    checker: str | None = "auto"  # auto (demo for the bundled data, else none) | demo | exact | regex | json
-    checker_pattern: str | None = None  # for checker=regex
+    train: str = keyed("demo", help="file, save_to_disk folder, hub name, or `demo` for the bundled data")
+    eval: str | None = keyed(None, help="same forms; null: data.eval_fraction, or the demo's eval split")
+    eval_fraction: float = keyed(0.0, FRACTION, "share of data.train held out for evaluation when data.eval is null")
+    format: str = keyed("auto", one_of(*DATA_FORMATS), "instruction format; auto: detected per row")
+    split: str = keyed("train", help="split of a hub dataset or DatasetDict folder")
+    eval_split: str = keyed("test", help="split read for data.eval")
+    dedup: bool = keyed(False, help="drop exact duplicate rows")
+    on_error: str = keyed("raise", one_of("raise", "skip"), "a bad row stops the run (raise) or is skipped and counted")
+    max_rows: int = keyed(0, NON_NEGATIVE, "use the first N training rows; 0: all")
+    checker: str | None = keyed("auto", one_of("auto", "demo", "exact", "regex", "json"),
+                                "task checker; auto: demo on the bundled data, else none")
+    checker_pattern: str | None = keyed(None, help="regular expression for checker=regex")
 
 
 @dataclass
 class QuantConfig:
-    bits: int = 4
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "auto"  # auto follows model.dtype
+    bits: int = keyed(4, one_of(4, 8), "4 (NF4/FP4) or 8")
+    quant_type: str = keyed("nf4", one_of("nf4", "fp4"), "4-bit data type")
+    double_quant: bool = keyed(True, help="quantize the quantization constants too")
+    compute_dtype: str = keyed("auto", one_of("auto", "bf16", "fp16", "fp32"), "auto follows model.dtype")
 
 
 @dataclass
 class PeftConfig:
-    method: str = "none"  # none | lora | qlora
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: Any = "all-linear"
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    method: str = keyed("none", one_of("none", "lora", "qlora"), "full weights, LoRA, or LoRA on a quantized base")
+    r: int = keyed(16, AT_LEAST_ONE, "LoRA rank")
+    alpha: int = keyed(32, POSITIVE, "LoRA scale numerator (scale = alpha / r)")
+    dropout: float = keyed(0.05, FRACTION, "LoRA dropout")
+    target_modules: Any = keyed("all-linear", help="modules that get adapters: all-linear or a list of names")
+    quant: QuantConfig = keyed(None, factory=QuantConfig)
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = -1  # -1: no DeepSpeed; 0..3: the ZeRO stage
-    offload_optimizer: str = "none"  # none | cpu (ZeRO 1-3: optimizer states and step on the CPU)
-    offload_param: str = "none"  # none | cpu (ZeRO-3 only: parameters live on the CPU)
-    overlap_comm: bool = True
-    contiguous_gradients: bool = True
-    bucket_size: Any = "auto"  # reduce/prefetch bucket size: "auto" (from the hidden size) or a number
-    extra: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
+    zero_stage: int = keyed(-1, one_of(-1, 0, 1, 2, 3), "-1: no DeepSpeed; 0..3: the ZeRO stage")
+    offload_optimizer: str = keyed("none", one_of("none", "cpu"), "optimizer states and step on the CPU (ZeRO 1-3)")
+    offload_param: str = keyed("none", one_of("none", "cpu"), "parameters live on the CPU (ZeRO-3 only)")
+    overlap_comm: bool = keyed(True, help="overlap gradient reduction with the backward pass")
+    contiguous_gradients: bool = keyed(True, help="copy gradients into one buffer as they are produced")
+    bucket_size: Any = keyed("auto", help='reduce/prefetch bucket size: "auto" (from the hidden size) or a number')
+    extra: dict[str, Any] = keyed(None, help="merged last into the generated DeepSpeed JSON", factory=dict)
 
 
 @dataclass
 class LoggerConfig:
-    backend: str = "none"  # none | wandb
-    project: str = "align"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-    name: str | None = None  # default: <run.name>-<stage>
-    mode: str | None = None  # online | offline | disabled; None: offline when WANDB_MODE says so or no key
+    backend: str = keyed("none", one_of("none", "wandb"), "where metrics go besides the console and history.jsonl")
+    project: str = keyed("align", help="W&B project")
+    entity: str | None = keyed(None, help="W&B entity")
+    group: str | None = keyed(None, help="W&B group (a sweep sets it)")
+    tags: list[str] = keyed(None, help="W&B tags", factory=list)
+    name: str | None = keyed(None, help="W&B run name; default <run.name>-<stage>")
+    mode: str | None = keyed(None, one_of("online", "offline", "disabled"),
+                             "null: offline when WANDB_MODE says so or no key is set")
 
 
 @dataclass
 class StageConfig:
     name: str = MISSING
-    init: str | None = None  # a model/stage directory instead of the run's parent stage; `base`: model.name_or_path
+    init: str | None = keyed(None, help="a model/stage directory instead of the run's parent stage; "
+                                        "`base`: model.name_or_path")
 
 
 @dataclass
 class SFTStageConfig(StageConfig):
     name: str = "sft"
-    packing: bool = False
+    packing: bool = keyed(False, help="pack whole examples into train.max_length rows")
 
 
 @dataclass
 class RMStageConfig(StageConfig):
     name: str = "rm"
-    center_rewards_coef: float | None = None  # adds coef * mean((r_chosen + r_rejected)^2): rewards centred on 0
+    center_rewards_coef: float | None = keyed(None, NON_NEGATIVE, "adds coef * mean((r_chosen + r_rejected)^2)")
 
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -133,64 +198,66 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 @dataclass
 class DPOStageConfig(StageConfig):
     name: str = "dpo"
-    beta: float = 0.1  # strength of the pull toward the reference (higher: stay closer)
-    loss_type: Any = "sigmoid"  # one of DPO_LOSS_TYPES, or a list combined with loss_weights, e.g. [sigmoid,sft]
-    loss_weights: list[float] | None = None
-    label_smoothing: float = 0.0  # robust / exo_pair / aot: assumed share of flipped labels
-    precompute_ref_logps: bool = False  # score the data with the reference once, then drop it from memory
+    beta: float = keyed(0.1, POSITIVE, "strength of the pull toward the reference (higher: stay closer)")
+    loss_type: Any = keyed("sigmoid", one_of(*DPO_LOSS_TYPES),
+                           "one of the DPO losses, or a list combined with loss_weights, e.g. [sigmoid,sft]")
+    loss_weights: list[float] | None = keyed(None, NON_NEGATIVE, "one weight per loss_type entry")
+    label_smoothing: float = keyed(0.0, Check(0, 0.5, high_open=True),
+                                   "robust / exo_pair / aot: assumed share of flipped labels")
+    precompute_ref_logps: bool = keyed(False, help="score the data with the reference once, then drop it from memory")
 
 
 @dataclass
 class PPOStageConfig(StageConfig):
     name: str = "ppo"
-    actor: str | None = None  # actor and reference; default: the run's sft (stage.init is the same)
-    reward: str | None = None  # reward model; default: the run's rm
-    critic: str | None = None  # critic init (a sequence classifier); default: the reward model
-    critic_peft: str = "auto"  # auto (LoRA when peft is lora/qlora) | none | lora
-    critic_lr: float | None = None  # None: train.lr
-    # auto: reference and reward model beside the actor (sharded under ZeRO-3); cpu: their weights stay in CPU
-    # memory (ZeRO-3: parameter offload; otherwise they run on the CPU). With LoRA the reference is the actor's base.
-    frozen_device: str = "auto"
+    actor: str | None = keyed(None, help="actor and reference; default: the run's sft (stage.init is the same)")
+    reward: str | None = keyed(None, help="reward model; default: the run's rm")
+    critic: str | None = keyed(None, help="critic init (a sequence classifier); default: the reward model")
+    critic_peft: str = keyed("auto", one_of("auto", "none", "lora"), "auto: LoRA when peft is lora/qlora")
+    critic_lr: float | None = keyed(None, POSITIVE, "critic learning rate; null: train.lr")
+    frozen_device: str = keyed("auto", one_of("auto", "cpu"),
+                               "auto: reference and reward model beside the actor; cpu: their weights stay in CPU memory")
     # rollout
-    rollout_batch_size: int = 64  # prompts per rank per PPO step
-    max_prompt_length: int = 512
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop_tokens: list[str] = field(default_factory=list)  # extra single-token stops besides EOS
-    missing_eos_penalty: float | None = None  # subtracted from the score of a response with no EOS
+    rollout_batch_size: int = keyed(64, AT_LEAST_ONE, "prompts per rank per PPO step")
+    max_prompt_length: int = keyed(512, AT_LEAST_ONE, "longest prompt in tokens")
+    max_new_tokens: int = keyed(64, AT_LEAST_ONE, "longest response in tokens")
+    temperature: float = keyed(1.0, POSITIVE, "sampling temperature of rollouts")
+    top_p: float = keyed(1.0, Check(0, 1, low_open=True), "nucleus sampling of rollouts")
+    stop_tokens: list[str] = keyed(None, help="extra single-token stops besides EOS", factory=list)
+    missing_eos_penalty: float | None = keyed(None, NON_NEGATIVE, "subtracted from the score of a response with no EOS")
     # score
-    reward_norm: bool = True  # (score - mean) / std with the reward model's stored statistics
-    reward_clip: float | None = 10.0
+    reward_norm: bool = keyed(True, help="(score - mean) / std with the reward model's stored statistics")
+    reward_clip: float | None = keyed(10.0, POSITIVE, "clip normalised scores to +-this; null: no clip")
     # KL penalty
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"  # k1 | k3
-    kl_target: float | None = None  # set: adaptive coefficient tracking this KL per sequence
-    kl_horizon: int = 10000
+    kl_coef: float = keyed(0.05, NON_NEGATIVE, "per-token KL penalty coefficient (initial one when kl_target is set)")
+    kl_estimator: str = keyed("k1", one_of("k1", "k3"), "per-token KL estimator")
+    kl_target: float | None = keyed(None, POSITIVE, "set: adaptive coefficient tracking this KL per sequence")
+    kl_horizon: int = keyed(10000, AT_LEAST_ONE, "adaptive KL controller horizon")
     # advantages and losses
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    ppo_epochs: int = 4
-    eval_prompts: int = 256  # held-out prompts scored (greedy) before and after training; 0: none
+    gamma: float = keyed(1.0, PROBABILITY, "discount")
+    lam: float = keyed(0.95, PROBABILITY, "GAE lambda")
+    whiten_rewards: bool = keyed(False, help="whiten per-token rewards before GAE")
+    whiten_advantages: bool = keyed(True, help="whiten advantages per batch")
+    clip_range: float = keyed(0.2, POSITIVE, "policy ratio clip")
+    clip_range_value: float = keyed(0.2, POSITIVE, "value clip")
+    vf_coef: float = keyed(0.1, NON_NEGATIVE, "value loss weight")
+    ppo_epochs: int = keyed(4, AT_LEAST_ONE, "passes over each rollout batch")
+    eval_prompts: int = keyed(256, NON_NEGATIVE, "held-out prompts scored (greedy) before and after training; 0: none")
 
 
 @dataclass
 class EvalStageConfig(StageConfig):
     name: str = "eval"
-    policies: list[str] = field(default_factory=list)  # run stages (sft, dpo, ppo) or model paths; []: those the run has
-    baseline: str | None = "sft"  # win-rate and KL are measured against it: the run's sft, or a path; null: none
-    reward: str | None = None  # judge for reward / win-rate / pair accuracy: the run's rm, or a path; `none`: no judge
-    pairs: str | None = None  # preference pairs for the judge's accuracy; default: the judge's own held-out pairs
-    prompts: int = 256  # held-out prompts each policy answers (greedy; 0: all)
-    max_prompt_length: int = 512
-    max_new_tokens: int = 64
-    kl_samples: int = 1  # sampled responses per prompt for the KL estimate
-    batch_size: int = 64  # prompts per forward/generate call
+    policies: list[str] = keyed(None, help="run stages (sft, dpo, ppo) or model paths; []: those the run has",
+                                factory=list)
+    baseline: str | None = keyed("sft", help="win-rate and KL are measured against it: the run's sft, a path, or null")
+    reward: str | None = keyed(None, help="judge: the run's rm, a path, or `none`")
+    pairs: str | None = keyed(None, help="preference pairs for the judge's accuracy; default: its own held-out pairs")
+    prompts: int = keyed(256, NON_NEGATIVE, "held-out prompts each policy answers (greedy; 0: all)")
+    max_prompt_length: int = keyed(512, AT_LEAST_ONE, "longest prompt in tokens")
+    max_new_tokens: int = keyed(64, AT_LEAST_ONE, "longest answer in tokens")
+    kl_samples: int = keyed(1, AT_LEAST_ONE, "sampled responses per prompt for the KL estimate")
+    batch_size: int = keyed(64, AT_LEAST_ONE, "prompts per forward/generate call")
 
 
 @dataclass

@@ -44,12 +44,49 @@ def read_stage_json(path: Path) -> dict:
     return json.loads((path / STAGE_JSON).read_text())
 
 
-def config_hash(cfg: DictConfig) -> str:
+def identity(cfg: DictConfig) -> dict:
+    """What a stage's output depends on besides its parents: the resolved config (less the keys that do
+    not change what it computes) and the content of its inputs (data files, a local base model)."""
+    from align import fingerprint
+
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in UNHASHED_KEYS:
         data.pop(key, None)
-    blob = json.dumps(data, sort_keys=True, default=str)
+    return {"config": data, "inputs": fingerprint.inputs(cfg)}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    blob = json.dumps(identity(cfg), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def changes(old: dict, new: dict, most: int = 6) -> str:
+    """`train.lr: 0.001 -> 0.002; data.train content changed` between two identities."""
+    a, b = _flat(old.get("config", {})), _flat(new.get("config", {}))
+    out = [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    for key in sorted(set(old.get("inputs", {})) | set(new.get("inputs", {}))):
+        if old.get("inputs", {}).get(key) != new.get("inputs", {}).get(key):
+            out.append(f"{key} content changed")
+    if not out:
+        return "no key differs (an older version of align wrote it)"
+    return "; ".join(out[:most]) + (f" (+{len(out) - most} more)" if len(out) > most else "")
+
+
+def recorded_identity(path: Path) -> dict:
+    """The identity a complete stage was trained with (its config.yaml and recorded inputs)."""
+    config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_YAML), resolve=False) if (path / CONFIG_YAML).is_file() else {}
+    for key in UNHASHED_KEYS:
+        config.pop(key, None)
+    return {"config": config, "inputs": read_stage_json(path).get("inputs", {})}
 
 
 @dataclass

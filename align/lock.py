@@ -61,6 +61,14 @@ class StageLock:
             self.fd = None
 
 
+def release_held(stage_dir: Path) -> None:
+    """Drop this process's lock on `stage_dir`, if it holds one."""
+    fd = _HELD.pop(str((Path(stage_dir) / LOCK_FILE).resolve()), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def _read(fd: int) -> dict:
     try:
         return json.loads(os.pread(fd, 4096, 0).decode() or "{}")

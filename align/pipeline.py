@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from align import cache, distributed, handoff, recipes, supported, tracking
+from align import cache, distributed, handoff, preflight, recipes, supported, tracking
 
 log = logging.getLogger("align")
 
@@ -72,8 +72,17 @@ def job(cfg: DictConfig, sweep_name: str | None) -> Job:
 def run(cfg: DictConfig, task_overrides: list[str], sweep_name: str | None = None) -> float | None:
     """Run the recipe's stages; `sweep_name` (the job's swept values) is set for the jobs of a sweep."""
     recipes.check(cfg, task_overrides)
+    objective_stage = (cfg.pipeline.objective or "").partition(".")[0]
+    if objective_stage and objective_stage not in cfg.pipeline.stages:
+        if sweep_name is not None:  # a sweeper needs the value: refuse before anything trains
+            raise recipes.RecipeError(
+                f"pipeline.objective={cfg.pipeline.objective}: {objective_stage!r} is not among pipeline.stages "
+                f"({', '.join(cfg.pipeline.stages)}); add it, or set pipeline.objective to a metric of a stage that runs")
+        _say("pipeline.objective=%s is not computed: this run does not include %s",
+             cfg.pipeline.objective, objective_stage)
+        cfg.pipeline.objective = None
     j = job(cfg, sweep_name)
-    force = set(cfg.pipeline.force)
+    force = set(cfg.pipeline.force) | ({"all"} if cfg.run.force else set())
     outcomes = []
     _say("recipe %s: %s (run %s)", cfg.pipeline.name, " -> ".join(cfg.pipeline.stages), j.run_name)
     stage_cfgs = [recipes.stage_config(cfg, name, j.run_name) for name in cfg.pipeline.stages]
@@ -97,6 +106,8 @@ def run(cfg: DictConfig, task_overrides: list[str], sweep_name: str | None = Non
             status = "reused"
         else:
             _say("%s: running (%s)", name, decision.reason)
+            scfg.run.force = scfg.run.force or name in force or "all" in force  # start over, old checkpoints aside
+            preflight.check(scfg)
             _run_stage(scfg)
             status = "trained"
         distributed.barrier()
@@ -110,8 +121,14 @@ def run(cfg: DictConfig, task_overrides: list[str], sweep_name: str | None = Non
 
 
 def _run_stage(cfg: DictConfig) -> None:
+    from align.stages.common import discard_if_unstarted
+
     module = importlib.import_module(f"align.stages.{cfg.stage.name}")
-    result = module.run(cfg)
+    try:
+        result = module.run(cfg)
+    except BaseException:
+        discard_if_unstarted(cfg)
+        raise
     del result  # the trained model: free it before the next stage loads its own
     gc.collect()
     import torch

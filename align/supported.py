@@ -7,7 +7,7 @@ anything; the message says what to change.
 
 from __future__ import annotations
 
-from align import distributed
+from align import distributed, validate
 from align.models.loading import peft_problems, resolve_dtype
 
 
@@ -16,26 +16,26 @@ class Unsupported(ValueError):
 
 
 def problems(cfg) -> list[str]:
-    out = peft_problems(cfg.peft)
+    out = validate.problems(cfg)  # every key against its declared range, and the relations between keys
+    later = peft_problems(cfg.peft)
     try:
         resolve_dtype(cfg.model.dtype)
     except ValueError as e:
-        out.append(str(e))
+        later.append(str(e))
     try:
         distributed.deepspeed_config(cfg)
     except ValueError as e:
-        out.append(str(e))
+        later.append(str(e))
     stage = cfg.stage
     if stage.name == "dpo" and stage.precompute_ref_logps and cfg.deepspeed.zero_stage == 3:
         # TRL wraps the policy in a second (inference) ZeRO-3 engine for the precompute pass. Measured on 2 ranks:
         # the training diverges from ZeRO-2's from step 2 on and the saved adapter no longer reproduces the
         # trained model's logits (measured for tests/test_supported.py; ZeRO-2 stays allowed, tests/test_zero_matrix.py).
-        out.append("stage.precompute_ref_logps=true does not work under ZeRO-3 (TRL shards the policy a second "
-                   "time for the reference pass, and the trained weights come out wrong); use deepspeed=zero2 "
-                   "(or zero1) with it, or keep ZeRO-3 and set stage.precompute_ref_logps=false")
-    if stage.name == "ppo" and stage.frozen_device not in ("auto", "cpu"):
-        out.append(f"stage.frozen_device must be auto or cpu; got {stage.frozen_device!r}")
-    return out
+        later.append("stage.precompute_ref_logps=true does not work under ZeRO-3 (TRL shards the policy a second "
+                     "time for the reference pass, and the trained weights come out wrong); use deepspeed=zero2 "
+                     "(or zero1) with it, or keep ZeRO-3 and set stage.precompute_ref_logps=false")
+    reported = {p.split("=", 1)[0] for p in out}  # one message per key
+    return out + [p for p in later if p.split(" ", 1)[0] not in reported]
 
 
 def check(cfg) -> None:

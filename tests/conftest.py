@@ -48,6 +48,20 @@ def compose(*overrides: str):
         return hydra_compose("config", overrides=list(overrides))
 
 
+def run_cli(args: list[str], monkeypatch) -> int:
+    """`python -m align <args>` in this process (no import cost per call): its exit code."""
+    import sys
+
+    from align.__main__ import main
+
+    monkeypatch.setattr(sys, "argv", ["align", *args])
+    try:
+        main()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quiet():
     import datasets

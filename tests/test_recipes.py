@@ -101,7 +101,7 @@ def test_second_run_trains_nothing_and_a_changed_rm_key_reruns_rm_and_ppo(cached
     changed = output_ids(cached_runs)
     assert changed["sft"] == first["sft"] and changed["rm"] != first["rm"] and changed["ppo"] != first["ppo"]
     assert changed["eval"] != first["eval"]  # it judges with the new rm and scores the new ppo
-    assert "rm: running (config changed)" in caplog.text and "ppo: running (rm output changed)" in caplog.text
+    assert "rm: running (changed: train.lr: 0.002 -> 0.001)" in caplog.text and "ppo: running (rm output changed)" in caplog.text
     assert "eval: running (ppo/rm output changed)" in caplog.text
 
     run_recipe(cached_runs, "rm.train.lr=1e-3", "pipeline.force=[rm]")  # same config, forced: rm and downstream

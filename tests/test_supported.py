@@ -38,12 +38,13 @@ def test_every_problem_is_listed_at_once():
     cfg = compose("stage=ppo", "peft=qlora", "peft.quant.compute_dtype=bfloat16", "peft.quant.bits=3",
                   "stage.frozen_device=gpu", "deepspeed=zero2", "deepspeed.offload_param=cpu")
     found = supported.problems(cfg)
-    assert found == [
-        "peft.quant.bits must be 4 or 8; got 3",
-        "peft.quant.compute_dtype must be auto, bf16, fp16, fp32; got 'bfloat16'",
+    assert [p.split(":")[0] for p in found] == [  # each key once, with its value
+        "peft.quant.bits=3",
+        "peft.quant.compute_dtype=bfloat16",
+        "stage.frozen_device=gpu",
         "deepspeed.offload_param needs ZeRO-3 (deepspeed=zero3_offload); zero_stage is 2",
-        "stage.frozen_device must be auto or cpu; got 'gpu'",
     ]
+    assert "must be one of auto, bf16, fp16, fp32" in found[1] and "the default is auto" in found[1]
 
 
 def test_the_command_line_refuses_before_loading_and_writes_nothing(tmp_path):

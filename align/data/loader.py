@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from align.data import demo
 from align.data.chat import encode_chat, encode_pair, encode_prompt, encode_prompt_completions
-from align.data.errors import RowErrors, RowProblem
+from align.data.errors import DataError, RowErrors, RowProblem
 from align.data.formats import to_messages
 from align.data.preferences import to_preference
 from align.data.prompts import prompt_text, to_prompt
@@ -98,7 +98,8 @@ def split_rows(data_cfg, kind: str, convert: Callable[[dict], dict], seed: int, 
     if data_cfg.max_rows:
         train = train[: data_cfg.max_rows]
     if not train:
-        raise ValueError(f"no usable training rows in {train_spec} ({report.errors.summary()})")
+        raise DataError(train_spec, None, f"no usable training rows ({report.errors.summary()})",
+                        "the file is empty, or every row was bad; check data.train (and data.format)")
     return train, eval_rows
 
 
@@ -195,7 +196,8 @@ def _tokenized(data_cfg, kind: str, convert, encode_row, seed: int):
 
     train_ds, eval_ds = encode(train), encode(held_out)
     if train_ds is None:
-        raise ValueError(f"no training rows left after tokenization ({report.errors.summary()})")
+        raise DataError(data_cfg.train, None, f"no training rows left after tokenization ({report.errors.summary()})",
+                        "raise train.max_length, or check the rows")
     report.train_rows = len(train_ds)
     report.eval_rows = len(eval_ds) if eval_ds is not None else 0
     return train_ds, eval_ds, report

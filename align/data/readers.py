@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,9 +33,25 @@ def read_rows(spec: str, split: str = "train") -> Iterator[tuple[int, dict | Row
         yield from _read_hub(spec, split)
 
 
+UTF8_FIX = "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 in.jsonl > out.jsonl)"
+
+
+def _decode(raw: bytes, first: bool) -> str:
+    """One line as text; a UTF-8 byte-order mark at the start of the file is dropped (Windows editors write it)."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise RowProblem(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})", UTF8_FIX) from None
+
+
 def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = _decode(raw, lineno == 1)
+            except RowProblem as problem:
+                yield lineno, problem
+                continue
             if not line.strip():
                 continue
             try:
@@ -50,7 +67,9 @@ def _read_jsonl(path: Path):
 
 def _read_json(path: Path):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path.read_bytes(), first=True))
+    except RowProblem as problem:
+        raise DataError(str(path), None, problem.reason, problem.fix) from None
     except json.JSONDecodeError as e:
         raise DataError(str(path), None, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}",
                         "a .json file holds one array of objects (use .jsonl for one object per line)") from None
@@ -81,7 +100,23 @@ def _read_tabular(path: Path, suffix: str):
     from datasets import load_dataset
 
     builder = "parquet" if suffix == ".parquet" else "csv"
-    ds = load_dataset(builder, data_files=str(path), split="train")
+    if path.stat().st_size == 0:
+        return
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # it logs the parser's error before raising it; ours names the fix
+    try:
+        ds = load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps the parser's error (pandas / pyarrow) in DatasetGenerationError
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        fix = ("a CSV file needs a header row and the same number of fields on every line (quote fields that "
+               "hold commas or line breaks) in UTF-8" if builder == "csv" else "check that the file is a Parquet file")
+        raise DataError(str(path), None, f"cannot be read as {builder.upper()}: {reason}", fix) from None
+    finally:
+        quiet.setLevel(level)
     yield from _rows_of(ds)
 
 

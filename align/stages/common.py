@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -13,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from align import checkpointing, distributed, handoff, tracking
-from align.lock import StageLock, StageLocked
+from align.lock import LOCK_FILE, StageLock, StageLocked, release_held
 from align.preemption import Preempted, SignalFlag, TrainingDiverged
 from align.models.loading import is_builtin_tiny, point_adapter_at, resolve_dtype
 
@@ -27,6 +29,12 @@ LR_DEFAULTS = {
     "adapter": {"sft": 2e-4, "rm": 1e-4, "dpo": 5e-6, "ppo": 1e-5},
 }
 HASH_FILE = ".config_hash"
+IDENTITY_FILE = ".identity.json"  # beside HASH_FILE: the config and inputs the checkpoints were trained with
+ASIDE = checkpointing.ASIDE
+
+
+class CheckpointsKept(handoff.HandoffError):
+    """An interrupted run's checkpoints would be lost: refused before anything loads."""
 SHARED_DATA = "shared_data"  # checkpoints/shared_data: datasets every rank reads (StageRun.shared_datasets)
 
 
@@ -42,6 +50,33 @@ def resolve_lr(cfg: DictConfig) -> float:
 
 def weights_kind(cfg: DictConfig) -> str:
     return "full" if cfg.peft.method == "none" else cfg.peft.method
+
+
+class TiedKeysFilter(logging.Filter):
+    """Drops the Trainer's resume warning about missing keys when every one of them is a tied weight
+    (lm_head.weight shares the embeddings' tensor, so checkpoints rightly leave it out)."""
+
+    PREFIX = "There were missing keys in the checkpoint model loaded: "
+
+    def __init__(self, model):
+        super().__init__()
+        tied = set()
+        for module in model.modules():
+            keys = getattr(module, "_tied_weights_keys", None) or ()
+            tied |= set(keys)
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if not msg.startswith(self.PREFIX):
+            return True
+        import ast
+
+        try:
+            missing = ast.literal_eval(msg[len(self.PREFIX):].rstrip("."))
+        except (ValueError, SyntaxError):
+            return True
+        return not all(any(k == t or k.endswith("." + t) for t in self.tied) for k in missing)
 
 
 @dataclass
@@ -70,8 +105,10 @@ class StageRun:
         # from this, not from whatever the process drew before
         set_seed(self.cfg.train.seed)
         self.out = handoff.stage_dir(self.cfg)
+        self.identity = handoff.identity(self.cfg)
         self.config_hash = handoff.config_hash(self.cfg)
         self.ds_config = distributed.deepspeed_config(self.cfg)  # validated before anything loads
+        self.start_over = self._check_checkpoints()  # before anything loads: refuse rather than lose a run
         distributed.init(self.cfg)
         refused = None
         if tracking.is_main_process():
@@ -90,20 +127,46 @@ class StageRun:
     def checkpoints(self) -> Path:
         return self.out / handoff.CHECKPOINTS
 
-    def prepare_checkpoints(self) -> None:
-        """Resume from the latest checkpoint when the config matches; otherwise start clean."""
+    def _check_checkpoints(self) -> bool:
+        """Whether this run starts over (else it resumes). Raises CheckpointsKept when starting over would
+        discard an interrupted run's checkpoints that were trained with another config or data."""
         marker = self.checkpoints / HASH_FILE
-        same = marker.is_file() and marker.read_text().strip() == self.config_hash
-        if self.cfg.run.resume and same:
+        recorded = marker.read_text().strip() if marker.is_file() else None
+        latest = checkpointing.latest(self.checkpoints)
+        if recorded == self.config_hash and latest is not None and self.cfg.run.resume and not self.cfg.run.force:
+            return False
+        if latest is None or self.cfg.run.force or not self.cfg.run.resume:
+            return True
+        if handoff.is_complete(self.out) and handoff.read_stage_json(self.out).get("config_hash") == recorded:
+            return True  # the checkpoints of the complete output, not of an interrupted run
+        ident = self.checkpoints / IDENTITY_FILE
+        old = json.loads(ident.read_text()) if ident.is_file() else {}
+        raise CheckpointsKept(
+            f"{self.checkpoints} holds an interrupted run's checkpoint ({latest.name}) trained with another "
+            f"config: {handoff.changes(old, self.identity)}. Nothing was changed. To resume it, run with the same "
+            f"config; to start over, add run.force=true (its checkpoints are kept in {self.out / ASIDE} until the "
+            f"new run commits its first checkpoint)")
+
+    def prepare_checkpoints(self) -> None:
+        """Resume from the latest checkpoint when the config matches; otherwise start clean, with the old
+        checkpoints kept aside until the new run has committed one (checkpointing.commit_when_all_written)."""
+        if not self.start_over:
             latest = checkpointing.latest(self.checkpoints)  # committed ones only: never a half-written one
-            self.resume_from = str(latest) if latest else None
-        if self.resume_from:
-            log.info("resuming from %s", self.resume_from)
-            return
+            self.resume_from = str(checkpointing.within_budget(self.checkpoints) or "") or None
+            if self.resume_from:
+                log.info("resuming from %s", self.resume_from)
+                return
+            log.info("%s is the end of training: training again from the start (same config and data; the "
+                     "result is the same)", latest)
         if tracking.is_main_process():
-            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            if checkpointing.latest(self.checkpoints) is not None:
+                shutil.rmtree(self.out / ASIDE, ignore_errors=True)
+                os.replace(self.checkpoints, self.out / ASIDE)
+            else:
+                shutil.rmtree(self.checkpoints, ignore_errors=True)
             self.checkpoints.mkdir(parents=True)
-            marker.write_text(self.config_hash + "\n")
+            (self.checkpoints / IDENTITY_FILE).write_text(json.dumps(self.identity, default=str))
+            (self.checkpoints / HASH_FILE).write_text(self.config_hash + "\n")
         distributed.barrier()  # no rank starts writing checkpoints into a folder rank 0 is clearing
 
     def shared_datasets(self, *datasets):
@@ -130,11 +193,18 @@ class StageRun:
         from the latest committed checkpoint when prepare_checkpoints found one."""
         from align.stages.guards import CommitCheckpoints, SkipNonFinite, StopOnSignal
 
+        trainer.create_model_card = lambda *args, **kwargs: None  # TRL's card in checkpoints/ names no base ("[None]")
+        quiet = TiedKeysFilter(trainer.model)
+        trainer_log = logging.getLogger("transformers.trainer")
+        trainer_log.addFilter(quiet)
         with SignalFlag() as flag:
             stop, guard = StopOnSignal(flag), SkipNonFinite(self.cfg.train.max_bad_steps, trainer.accelerator)
             for callback in (CommitCheckpoints(self.cfg.train.keep_checkpoints), guard, stop):
                 trainer.add_callback(callback)
-            result = trainer.train(resume_from_checkpoint=self.resume_from)
+            try:
+                result = trainer.train(resume_from_checkpoint=self.resume_from)
+            finally:
+                trainer_log.removeFilter(quiet)
         self.skipped_steps = guard.skipped
         name = self.cfg.stage.name
         if guard.diverged_at is not None:
@@ -163,6 +233,7 @@ class StageRun:
             "adapter": self.cfg.peft.method != "none",
             "distributed": {"world_size": distributed.world_size(), "zero_stage": self.cfg.deepspeed.zero_stage},
             "config_hash": self.config_hash,
+            "inputs": self.identity["inputs"],
             "metrics": metrics,
             "wall_time_s": round(time.time() - self.started, 2),
             "versions": handoff.versions(),
@@ -170,10 +241,24 @@ class StageRun:
             **(extra or {}),
         }
         record = handoff.commit(self.out, staged_model, self.cfg, record, extra_dirs, history, extra_files)
+        shutil.rmtree(self.out / ASIDE, ignore_errors=True)  # a forced re-run that saved no checkpoint
         if self.lock is not None:
             self.lock.release()
         tracking.finish(self.wandb_run, metrics)
         return record
+
+
+def discard_if_unstarted(cfg: DictConfig) -> None:
+    """After a stage failed: remove its folder when the run left nothing in it but its lock (a bad file or
+    a missing parent found before training), so no empty stage folder is mistaken for a started one."""
+    out = handoff.stage_dir(cfg)
+    if not tracking.is_main_process() or out.is_symlink() or not out.is_dir():
+        return
+    if {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+        release_held(out)
+        shutil.rmtree(out, ignore_errors=True)
+        if out.parent.is_dir() and not any(out.parent.iterdir()):
+            out.parent.rmdir()  # the run folder this stage made
 
 
 def save_and_commit(stage: StageRun, trainer, tokenizer, parent, base_model: str, metrics: dict,

@@ -1,0 +1,105 @@
+"""Every value checked before anything loads: the ranges declared beside each key in the schema
+(align/config.py `keyed(..., Check)`), the relations between keys, and keys the schema does not know.
+
+Each problem names the key, the value, what is allowed and the default, so the fix is one edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from align.config import STAGE_SCHEMAS, Check
+
+SECTIONS = ("run", "train", "model", "data", "peft", "deepspeed", "logger")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (list, ListConfig)):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+def _schema_fields(schema: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(schema)}
+
+
+def _check_node(node: DictConfig, schema: type, prefix: str) -> list[str]:
+    out = []
+    for name, f in _schema_fields(schema).items():
+        if name not in node or OmegaConf.is_missing(node, name):
+            continue
+        value = node[name]
+        if isinstance(value, DictConfig):
+            sub = OmegaConf.get_type(value)
+            if dataclasses.is_dataclass(sub):
+                out += _check_node(value, sub, f"{prefix}{name}.")
+            continue
+        check: Check | None = f.metadata.get("check")
+        if check is None:
+            continue
+        items = list(value) if isinstance(value, ListConfig) else [value]
+        if all(check.allows(v) for v in items):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        helptext = f.metadata.get("help")
+        out.append(f"{prefix}{name}={_fmt(value)}: must be {check.describe()}"
+                   + (f" ({helptext})" if helptext else "") + f"; the default is {_fmt(default)}")
+    return out
+
+
+def relations(cfg: DictConfig) -> list[str]:
+    """Rules between keys (each key alone may be fine)."""
+    out, s, t = [], cfg.stage, cfg.train
+    if s.name == "ppo":
+        mini = t.batch_size * t.grad_accum
+        if mini > 0 and s.rollout_batch_size % mini:
+            out.append(f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of train.batch_size x "
+                       f"train.grad_accum = {mini} (one PPO mini-batch); e.g. stage.rollout_batch_size="
+                       f"{max(mini, s.rollout_batch_size // mini * mini)}")
+    if s.name == "dpo" and s.loss_weights is not None:
+        losses = list(s.loss_type) if isinstance(s.loss_type, ListConfig) else [s.loss_type]
+        if len(s.loss_weights) != len(losses):
+            out.append(f"stage.loss_weights={_fmt(s.loss_weights)} needs one weight per stage.loss_type entry "
+                       f"({_fmt(losses)}: {len(losses)})")
+    if cfg.data.checker == "regex" and not cfg.data.checker_pattern:
+        out.append("data.checker=regex needs data.checker_pattern (a Python regular expression)")
+    return out
+
+
+def problems(cfg: DictConfig) -> list[str]:
+    """What is wrong with one stage's config (recipes: each stage's own config)."""
+    from align.config import AlignConfig
+
+    fields = _schema_fields(AlignConfig)
+    out = []
+    for section in SECTIONS:
+        if section in cfg:
+            out += _check_node(cfg[section], fields[section].default_factory, f"{section}.")
+    schema = STAGE_SCHEMAS.get(cfg.stage.name)
+    if schema is not None:
+        out += _check_node(cfg.stage, schema, "stage.")
+    return out + relations(cfg)
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that no schema declares (`+train.lrr=1e-4` adds one past Hydra's own check), with the
+    nearest known key. Free-form dicts (deepspeed.extra) take any key."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    known = _schema_fields(schema)
+    out = []
+    for key in cfg:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; {prefix.rstrip('.') or 'the top level'} has " \
+                                                                       f"{', '.join(sorted(known))}"
+            out.append(f"{prefix}{key}: no such key{hint}")
+            continue
+        value = cfg._get_node(key)
+        if isinstance(value, DictConfig) and not OmegaConf.is_missing(cfg, key):
+            out += unknown_keys(value, f"{prefix}{key}.")
+    return out
