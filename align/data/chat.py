@@ -36,6 +36,35 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def _per_tokenizer(tokenizer, key: str, compute):
+    """`compute(tokenizer)` once per tokenizer object (encoding loops call these for every row)."""
+    cache = tokenizer.__dict__.setdefault("_align_cache", {})
+    if key not in cache:
+        cache[key] = compute(tokenizer)
+    return cache[key]
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own post-processor starts every encoding with BOS (Llama, Mistral, Gemma)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and _per_tokenizer(tokenizer, "adds_bos", lambda t: t("a")["input_ids"][:1] == [bos])
+
+
+def tokenize(tokenizer, text: str, offsets: bool = False) -> dict:
+    """Rendered chat text as ids with exactly one BOS where the model family uses one: the template's own
+    BOS is kept, and the tokenizer's is added only when the template wrote none (never twice)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+    ids = list(enc["input_ids"])
+    out = {"input_ids": ids}
+    if offsets:
+        out["offset_mapping"] = list(enc["offset_mapping"])
+    if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+        out["input_ids"] = [tokenizer.bos_token_id, *ids]
+        if offsets:
+            out["offset_mapping"] = [(0, 0), *out["offset_mapping"]]
+    return out
+
+
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character spans of every assistant turn (end-of-turn token included)."""
     full = render(tokenizer, messages)
@@ -50,14 +79,22 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
                 "the model's chat template does not render conversations as a growing prefix",
                 "use a model whose chat template does, or set a template with tokenizer.chat_template",
             )
-        spans.append((len(before), len(upto)))
+        spans.append((len(before), _turn_end_in(tokenizer, full, len(before), len(upto))))
     return full, spans
+
+
+def _turn_end_in(tokenizer, text: str, start: int, end: int) -> int:
+    """Where the assistant turn text[start:end] ends: just after its last end-of-turn token, so template
+    text that follows it (ChatML's newline) is not learned as part of the answer."""
+    marks = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
+    found = [text.rfind(m, start, end) + len(m) for m in marks if m and text.rfind(m, start, end) >= 0]
+    return max(found) if found else end
 
 
 def encode_chat(tokenizer, messages: list[dict], max_length: int) -> dict:
     """input_ids and labels (-100 outside assistant turns), truncated to max_length from the end."""
     text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenize(tokenizer, text, offsets=True)
     ids = enc["input_ids"]
     supervised = [end > start and any(a <= start < b for a, b in spans) for start, end in enc["offset_mapping"]]
     if not any(supervised):
@@ -74,21 +111,50 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int) -> dict:
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a prompt ready for generation (ends with the assistant header)."""
-    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    return tokenize(tokenizer, render(tokenizer, messages, add_generation_prompt=True))["input_ids"]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens that end an assistant turn: EOS, and the special token the chat template writes right after
+    an answer (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>) when it is another one."""
+    return _per_tokenizer(tokenizer, f"turn_end:{tokenizer.chat_template}", _end_of_turn_ids)
+
+
+def _end_of_turn_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id} - {None}
+    answer = "Zq7"
+    text = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}])
+    after = text[text.rfind(answer) + len(answer):]
+    following = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {i for t, i in tokenizer.get_added_vocab().items()}
+    if following and following[0] in special:
+        ids.add(following[0])
+    return sorted(ids)
+
+
+def cut_after_turn_end(ids: list[int], turn_end: list[int]) -> list[int]:
+    """`ids` up to and including its last end-of-turn token: template text after it (ChatML's newline, the
+    fallback template's blank line) is not part of what a reward model scores."""
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] in turn_end:
+            return ids[: i + 1]
+    return ids
 
 
 def encode_pair(tokenizer, row: dict, max_length: int) -> dict:
-    """Token ids of prompt+chosen and prompt+rejected for a reward model, truncated to max_length."""
+    """Token ids of prompt+chosen and prompt+rejected for a reward model, each ending at the end-of-turn
+    token of its answer (where PPO and the eval stage score a generated response), truncated to max_length."""
     prompt_len = len(encode_prompt(tokenizer, row["prompt"])) if row["prompt"] else 0
     if prompt_len >= max_length:
         raise RowProblem(
             f"the prompt alone is {prompt_len} tokens, over train.max_length={max_length}",
             "raise train.max_length or shorten the prompt",
         )
-    out = {}
+    out, turn_end = {}, end_of_turn_ids(tokenizer)
     for key in ("chosen", "rejected"):
         text = render(tokenizer, row["prompt"] + row[key])
-        out[f"{key}_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+        ids = cut_after_turn_end(tokenize(tokenizer, text)["input_ids"], turn_end)
+        out[f"{key}_ids"] = ids[:max_length]
     if out["chosen_ids"] == out["rejected_ids"]:
         raise RowProblem(f"chosen and rejected are identical after truncation to train.max_length={max_length}",
                          "raise train.max_length")
@@ -104,7 +170,7 @@ def encode_prompt_completions(tokenizer, row: dict, max_length: int) -> dict:
         raise RowProblem("the pair has no prompt (chosen and rejected share no leading turns)",
                          "give a `prompt` column, or conversations that share their opening turns")
     prompt_ids = encode_prompt(tokenizer, row["prompt"])
-    full = {key: tokenizer(render(tokenizer, row["prompt"] + row[key]), add_special_tokens=False)["input_ids"]
+    full = {key: tokenize(tokenizer, render(tokenizer, row["prompt"] + row[key]))["input_ids"]
             for key in ("chosen", "rejected")}
     # tokenizers may merge across the prompt/answer boundary: keep the prefix both renderings share
     shared = min(_common_prefix(prompt_ids, ids) for ids in full.values())

@@ -84,10 +84,26 @@ def check_peft(peft_cfg) -> None:
         raise ValueError("; ".join(problems))
 
 
+def exact_cpu_4bit_kernels() -> None:
+    """Keep bitsandbytes' 4-bit layers on their fp32 CPU path.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weights at its first no-grad eval forward
+    and computes in bf16 from then on; repacking is undone at save, lossily. Measured here (AMD EPYC,
+    bitsandbytes 0.50.2): a QLoRA adapter reloaded that way gave logits 2.5e-3 away from the trained model
+    (1e-7 on the fp32 path), and training, evaluation and reload numbers depended on the CPU model. Applies
+    to the 4-bit layers built after this call (align builds every quantized model through
+    quantization_config)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    bnb_modules.has_avx512bf16 = lambda: False
+
+
 def quantization_config(peft_cfg, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     check_peft(peft_cfg)
+    if not torch.cuda.is_available():
+        exact_cpu_4bit_kernels()
     q = peft_cfg.quant
     compute = dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
     if q.bits == 4:
@@ -107,10 +123,17 @@ def load_merged(auto_cls, source: str, **kwargs):
     base = adapter_base(source)
     if base is None:
         return auto_cls.from_pretrained(resolve_name(source), **kwargs)
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
 
     model = load_merged(auto_cls, base, **kwargs)
-    model = PeftModel.from_pretrained(model, source).merge_and_unload()
+    config = PeftConfig.from_pretrained(source)
+    if auto_cls is not AutoModelForCausalLM:
+        # PEFT picks its wrapper class from the adapter's task type: a causal-LM adapter (an SFT stage's) on a
+        # sequence classifier (the RM built from it) would get the generation wrapper, which needs methods the
+        # classifier lacks. The plain wrapper loads the same LoRA weights into the shared backbone.
+        config.task_type = None
+    model = PeftModel.from_pretrained(model, source, config=config).merge_and_unload()
     return model.requires_grad_(True)  # PEFT froze the base for the adapter; merged, it is plain weights again
 
 
@@ -237,13 +260,12 @@ def load_reward_model(source: str, model_cfg, peft_cfg, pad_token_id: int):
 @torch.no_grad()
 def score(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
     """Reward of each token sequence (the score head at its last token), as float32."""
-    from align.rl.rollout import right_pad
+    from align.rl.rollout import last_token_scores, right_pad
 
     model.eval()
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(sequences), batch_size):
         ids, mask = right_pad(sequences[i : i + batch_size], pad_token_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        out.append(logits[:, 0].float().cpu())
+        out.append(last_token_scores(model, ids.to(device), mask.to(device)).cpu())
     return torch.cat(out)

@@ -66,8 +66,10 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def stop_token_ids(tokenizer, extra: list[str]) -> list[int]:
-    """EOS and the single-token stops in `extra` (stage.stop_tokens)."""
-    ids = [tokenizer.eos_token_id]
+    """EOS, the chat template's end-of-turn token, and the single-token stops in `extra` (stage.stop_tokens)."""
+    from align.data.chat import end_of_turn_ids
+
+    ids = end_of_turn_ids(tokenizer)
     for text in extra:
         tok = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(tok) != 1:
@@ -127,6 +129,16 @@ def token_scores(model, batch: Batch) -> torch.Tensor:
     hidden = backbone(input_ids=batch.sequences, attention_mask=attn, position_ids=positions(attn),
                       use_cache=False).last_hidden_state
     return head(hidden).squeeze(-1).float()
+
+
+def last_token_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The score head at each sequence's last real token by the attention mask, [B]: the end-of-turn token,
+    also where it doubles as the pad token (transformers' own pooling skips every pad id, that one too)."""
+    backbone, head = _seq_cls_parts(model)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).last_hidden_state
+    steps = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask.long() * steps).argmax(-1)
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
 
 
 def values(critic, batch: Batch) -> torch.Tensor:

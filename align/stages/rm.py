@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from align import handoff
 from align.data.loader import preference_datasets
+from align.rl.rollout import last_token_scores
 from align.models.loading import (
     cast_trainable,
     describe,
@@ -61,8 +62,8 @@ def run(cfg: DictConfig) -> StageResult:
         center_rewards_coefficient=cfg.stage.center_rewards_coef,
         disable_dropout=True,
     )
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tokenizer)
+    trainer = end_of_turn_trainer(RewardTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                                 processing_class=tokenizer)
     if cfg.peft.method == "qlora":  # TRL casts adapters to bf16; the head must match fp32 activations on CPU
         cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
     result = stage.train(trainer)
@@ -77,6 +78,23 @@ def run(cfg: DictConfig) -> StageResult:
     metrics = finite(metrics)
 
     return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics, task="seq_cls")
+
+
+def end_of_turn_trainer(trainer_cls):
+    """TRL's RewardTrainer with each sequence scored at its last real token (rollout.last_token_scores), the
+    position PPO and the eval stage score: transformers' pooling skips pad ids, and with pad = EOS (Llama 3,
+    Mistral) that would move the score to the token before the end of turn."""
+
+    class EndOfTurnRewardTrainer(trainer_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from transformers.modeling_outputs import SequenceClassifierOutput
+
+            def scorer(input_ids, attention_mask, **_):
+                return SequenceClassifierOutput(logits=last_token_scores(model, input_ids, attention_mask).unsqueeze(-1))
+
+            return super().compute_loss(scorer, inputs, return_outputs, num_items_in_batch)
+
+    return EndOfTurnRewardTrainer
 
 
 def pair_metrics(model, dataset, pad_token_id: int, split: str) -> dict:

@@ -1,0 +1,121 @@
+"""Model fixtures shaped like the families users bring, built from a fixed seed into a local directory
+exactly like a hub checkout (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+chat template), and loaded through the normal `model.name_or_path=DIR` path.
+
+Each has a byte-level BPE with real merges trained on the bundled demo data (`tokenizers`), tiny random
+weights, and its family's conventions, written from the families' public formats:
+- chatml: Qwen2 architecture, grouped-query attention, ChatML with a default system turn and a newline
+  after <|im_end|>, pad <|endoftext|> distinct from EOS <|im_end|>.
+- llama3: Llama architecture, header template, BOS added by the template *and* the tokenizer's
+  post-processor, EOS <|eot_id|>, no pad token.
+- mistral: [INST] blocks, no system role, BOS <s>, EOS </s>, no pad token.
+- base: no chat template at all (align's fallback applies), EOS </s>, no pad token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FAMILIES = ("chatml", "llama3", "mistral", "base")
+VOCAB = 480
+
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+)
+MISTRAL_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + eos_token }}"
+    "{%- else -%}{{ raise_exception('Only user and assistant roles are supported') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+SPEC = {
+    "chatml": dict(arch="qwen2", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None,
+                   eos="<|im_end|>", pad="<|endoftext|>", template=CHATML_TEMPLATE, post_bos=False),
+    "llama3": dict(arch="llama", specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                           "<|end_header_id|>", "<|eot_id|>"],
+                   bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None, template=LLAMA3_TEMPLATE, post_bos=True),
+    "mistral": dict(arch="mistral", specials=["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>", pad=None,
+                    template=MISTRAL_TEMPLATE, post_bos=True),
+    "base": dict(arch="llama", specials=["<s>", "</s>"], bos="<s>", eos="</s>", pad=None, template=None,
+                 post_bos=True),
+}
+
+
+def _corpus() -> list[str]:
+    from align.data import demo
+
+    texts = []
+    for split in ("sft", "prefs"):
+        for line in demo.path(split).read_text().splitlines()[:3000]:
+            row = json.loads(line)
+            texts += [str(v) for v in row.values() if isinstance(v, str)]
+            texts += [m["content"] for m in row.get("messages", []) if isinstance(m, dict)]
+    return texts + ["You are a helpful assistant.", "system user assistant"]
+
+
+def build_tokenizer(family: str, vocab_size: int = VOCAB):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    spec = SPEC[family]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec["specials"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(_corpus(), trainer)
+    if spec["post_bos"]:
+        bos = spec["bos"]
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, core.token_to_id(bos))])
+    else:
+        core.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokens = {"eos_token": spec["eos"]}
+    if spec["bos"]:
+        tokens["bos_token"] = spec["bos"]
+    if spec["pad"]:
+        tokens["pad_token"] = spec["pad"]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **tokens)
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in spec["specials"] if t not in tokens.values()]})
+    if spec["template"]:
+        tokenizer.chat_template = spec["template"]
+    tokenizer.model_max_length = 512
+    return tokenizer
+
+
+def build(family: str, out: Path, vocab_size: int = VOCAB, seed: int = 0) -> Path:
+    """Write the fixture model of `family` into `out` (a hub-like checkout) and return it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = SPEC[family]
+    tokenizer = build_tokenizer(family, vocab_size)
+    vocab = max(len(tokenizer), vocab_size)
+    config = AutoConfig.for_model(
+        spec["arch"], vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
