@@ -18,6 +18,19 @@ COMMANDS = ("export",)  # `python -m align export stage=rm run.name=x`
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(=(\d+))?$")
 
 
+def implicit_data_group(args: list[str]) -> list[str]:
+    """`data.train=mine.jsonl` (or a recipe's `sft.data.train=...`) without a `data=` group selects
+    `data=custom`: the demo group's training settings (64 tokens, batch 16, 3 epochs) are for the demo's
+    data and the tiny model, and must not cut a user's conversations to 64 tokens without a word."""
+    if any(a.lstrip("+~").startswith("data=") for a in args):
+        return args
+    for a in args:
+        key, _, value = a.lstrip("+~").partition("=")
+        if (key == "data.train" or key.endswith(".data.train")) and value not in ("", "demo"):
+            return ["data=custom", *args]
+    return args
+
+
 def drop_local_rank(argv: list[str]) -> tuple[list[str], str | None]:
     """Split off `--local_rank=N` / `--local_rank N` (DeepSpeed's launcher adds it): (rest, N or None)."""
     out, skip_next, local_rank = [], False, None
@@ -152,6 +165,7 @@ def up_to_date(cfg):
 
 def main() -> None:
     args, local_rank = drop_local_rank(sys.argv[1:])
+    args = implicit_data_group(args)
     if "--help" in args or "-h" in args:
         print_help()
         return

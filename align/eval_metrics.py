@@ -12,12 +12,16 @@ IGNORE_INDEX = -100
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """(summed negative log-likelihood, number of scored tokens) of `labels` under next-token `logits`
     ([B, T, V] and [B, T]; label -100 is not scored; position t predicts label t+1)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    keep = labels != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return labelled_nll(logp.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1), labels)
+
+
+def labelled_nll(picked: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """token_nll from `picked` ([B, T-1]: the log-prob of labels[:, 1:] at each position, however computed:
+    the eval stage does it by chunks, rl/logprobs.py)."""
+    keep = labels[:, 1:] != IGNORE_INDEX
     if not keep.any():
         return 0.0, 0
-    logp = torch.log_softmax(logits, dim=-1)
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return float(-(picked * keep).sum()), int(keep.sum())
 
 

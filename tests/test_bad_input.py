@@ -142,3 +142,20 @@ def test_a_partial_recipe_runs_without_its_objective_and_a_sweep_refuses_it_befo
         assert run_cli(["-m", *base, "run.name=sweep", "sft.train.lr=1e-3,2e-3"], monkeypatch) == 2
     assert "'dpo' is not among pipeline.stages" in caplog.text
     assert not list((tmp_path / "runs").glob("sweep/**/stage.json"))
+
+
+def test_a_hub_name_without_network_fails_at_once_with_the_fix(monkeypatch):
+    """No HF_HUB_OFFLINE, no cached copy, the hub unreachable (a closed local port stands in for no network):
+    one probe, no retries, align's message."""
+    import time
+
+    import huggingface_hub
+
+    from align import preflight
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    problem = preflight.model_problem("Qwen/Qwen2.5-0.5B-Instruct")
+    assert "the hub cannot be reached" in problem and "local directory" in problem
+    assert time.monotonic() - start < 20  # the loaders' own retries took 25-60 s

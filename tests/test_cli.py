@@ -39,3 +39,5 @@ def test_package_runs_outside_the_repo(tmp_path):
     out = align("--cfg", "job", cwd=tmp_path, timeout=120)
     assert out.returncode == 0 and "name_or_path: builtin:tiny" in out.stdout
     assert str(REPO) not in out.stdout
+    own = align("stage=sft", "model=qwen2_5_0_5b", "data.train=mine.jsonl", "--cfg", "job", cwd=tmp_path, timeout=120)
+    assert own.returncode == 0 and "max_length: 2048" in own.stdout and "max_length: 64" not in own.stdout

@@ -66,3 +66,19 @@ def test_drop_local_rank_forms():
     assert drop_local_rank(["--local_rank", "2", "a=b"]) == (["a=b"], "2")
     assert drop_local_rank(["--local-rank=0"]) == ([], "0")
     assert drop_local_rank(["stage=sft"]) == (["stage=sft"], None)
+
+
+def test_own_data_gets_the_defaults_for_real_models_not_the_demo_s():
+    """`data.train=mine.jsonl` alone selects data=custom: no demo setting (64 tokens, batch 16, 3 epochs) leaks
+    into a run on the user's data; the demo keeps its own."""
+    from align.__main__ import implicit_data_group
+
+    own = compose(*implicit_data_group(["stage=sft", "model=qwen2_5_0_5b", "data.train=mine.jsonl"]))
+    assert (own.train.max_length, own.train.batch_size, own.train.grad_accum, own.train.epochs) == (2048, 4, 4, 1.0)
+    assert own.data.train == "mine.jsonl" and own.train.logging_steps == 10
+    demo = compose()
+    assert (demo.train.max_length, demo.train.batch_size, demo.train.grad_accum, demo.train.epochs) == (64, 16, 1, 3.0)
+    in_recipe = implicit_data_group(["recipe=rlhf_dpo", "sft.data.train=sft.jsonl"])
+    assert in_recipe[0] == "data=custom" and compose(*in_recipe).train.max_length == 2048
+    assert implicit_data_group(["data=demo", "data.train=x.jsonl"]) == ["data=demo", "data.train=x.jsonl"]
+    assert implicit_data_group(["data.train=demo"]) == ["data.train=demo"]

@@ -132,3 +132,18 @@ def test_eval_fraction_and_dedup(tmp_path, tiny_tokenizer):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="nope.jsonl: file not found"):
         load_canonical(str(tmp_path / "nope.jsonl"), lambda r: r, RowErrors())
+
+
+def test_a_byte_order_mark_is_accepted_and_a_non_utf8_row_is_skipped_when_asked(tmp_path):
+    good = {"prompt": "p", "completion": "c"}
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n" + json.dumps(good).encode() + b"\n")
+    convert = lambda raw: {"messages": to_messages(raw)}  # noqa: E731
+    assert [r["_row"] for r in load_canonical(str(bom), convert, RowErrors("raise"))] == [1, 2]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(json.dumps(good).encode() + b'\n{"prompt": "caf\xe9", "completion": "c"}\n' + json.dumps(good).encode() + b"\n")
+    with pytest.raises(DataError, match=r"mixed.jsonl, row 2: not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        load_canonical(str(mixed), convert, RowErrors("raise"))
+    errors = RowErrors("skip")
+    assert [r["_row"] for r in load_canonical(str(mixed), convert, errors)] == [1, 3]
+    assert "row 2: not valid UTF-8" in errors.summary()

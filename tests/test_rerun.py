@@ -28,6 +28,7 @@ def test_rerunning_a_finished_stage_changes_nothing(budget, tmp_path, monkeypatc
     out = tmp_path / "runs" / "y" / "sft"
     first, info = tree(out), json.loads((out / "stage.json").read_text())
     assert info["metrics"]["global_step"] == 2  # 32 rows / batch 16 = 2 steps an epoch
+    assert not list(out.rglob("README.md"))  # no model card naming "[None]" as the base
     with caplog.at_level("INFO", logger="align"):
         assert run_cli(args, monkeypatch) == 0
     assert "sft: up to date" in caplog.text and "nothing changed" in caplog.text

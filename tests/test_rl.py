@@ -125,3 +125,33 @@ def test_explained_variance_and_entropy():
     close(explained_variance(T([[1.0, 2.0, 3.0]]), T([[1.0, 2.0, 3.0]]), mask), 1.0)
     close(explained_variance(T([[2.0, 2.0, 2.0]]), T([[1.0, 2.0, 3.0]]), mask), 0.0)  # a constant critic
     close(entropy_from_logits(torch.zeros(1, 4)), [math.log(4)])  # uniform over 4 tokens
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_chunked_logprobs_equal_full_log_softmax_with_gradients(cap):
+    """Chunks of 2 positions (vocab 50): the chosen token's log-prob, the entropy and the gradients into the
+    hidden states and the output layer equal those of the full [B, T, V] log-softmax."""
+    from align.rl.logprobs import token_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 5))
+    transform = (lambda x: torch.tanh(x / cap) * cap) if cap else (lambda x: x)
+
+    logp_all = torch.log_softmax(transform(head(hidden)).float() / 0.7, dim=-1)
+    full = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    full_entropy = -(logp_all.exp() * logp_all).sum(-1)
+    (full.sum() + full_entropy.sum()).backward()
+    want = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+
+    logp, entropy = token_logprobs(hidden, targets, head, transform, temperature=0.7, with_entropy=True,
+                                   chunk_elements=100)
+    torch.testing.assert_close(logp, full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropy, full_entropy, rtol=0, atol=1e-5)
+    (logp.sum() + entropy.sum()).backward()
+    torch.testing.assert_close(hidden.grad, want[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(head.weight.grad, want[1], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert token_logprobs(hidden, targets, head, transform, 0.7)[1] is None

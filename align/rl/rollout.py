@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.rl.losses import entropy_from_logprobs
+from align.rl.logprobs import causal_lm_parts, token_logprobs
 from align.rl.rewards import last_index, response_mask
 
 
@@ -98,16 +98,13 @@ def generate(actor, prompts: list[list[int]], *, pad_id: int, stop_ids: list[int
 
 
 def response_logprobs(model, batch: Batch, temperature: float = 1.0, with_entropy: bool = False):
-    """log pi(token) of every response token under `model` (logits / temperature), and the entropy."""
+    """log pi(token) of every response token under `model` (logits / temperature), and the entropy; by chunks
+    of positions through the output layer, so no [B, T, V] float32 tensor is built (align/rl/logprobs.py)."""
     seq, attn = batch.sequences, batch.attention_mask
-    logits = model(input_ids=seq, attention_mask=attn, position_ids=positions(attn), use_cache=False).logits
+    backbone, head, transform = causal_lm_parts(model)
+    hidden = backbone(input_ids=seq, attention_mask=attn, position_ids=positions(attn), use_cache=False).last_hidden_state
     q = batch.queries.shape[1]
-    logits = logits[:, q - 1 : -1].float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return logp, None
-    return logp, entropy_from_logprobs(logp_all)
+    return token_logprobs(hidden[:, q - 1 : -1], batch.responses, head, transform, temperature, with_entropy)
 
 
 def _seq_cls_parts(model):

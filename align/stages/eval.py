@@ -23,9 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from align import checkers, handoff, tracking
 from align.data.loader import eval_pairs, eval_prompts
-from align.eval_metrics import IGNORE_INDEX, pair_accuracy, perplexity, sequence_kl, token_nll, win_rate
+from align.eval_metrics import IGNORE_INDEX, labelled_nll, pair_accuracy, perplexity, sequence_kl, win_rate
 from align.models.loading import load_pretrained, load_reward_model, load_tokenizer, resolve_name, score
 from align.rl import rollout
+from align.rl.logprobs import causal_lm_parts, token_logprobs
 from align.rl.engine import device
 from align.stages.common import StageResult, StageRun, finite, print_summary
 
@@ -192,8 +193,10 @@ class Evaluator:
         for chunk in self._chunks(scored):
             ids, attn = rollout.right_pad([r["input_ids"] for r in chunk], self.pad)
             labels, _ = rollout.right_pad([r["labels"] for r in chunk], IGNORE_INDEX)
-            logits = model(input_ids=ids.to(self.dev), attention_mask=attn.to(self.dev)).logits
-            nll, n = token_nll(logits.cpu(), labels)
+            backbone, head, transform = causal_lm_parts(model)
+            hidden = backbone(input_ids=ids.to(self.dev), attention_mask=attn.to(self.dev), use_cache=False).last_hidden_state
+            picked, _ = token_logprobs(hidden[:, :-1], labels[:, 1:].clamp(min=0).to(self.dev), head, transform)
+            nll, n = labelled_nll(picked.cpu(), labels)
             total, count = total + nll, count + n
         return perplexity(total, count)
 
