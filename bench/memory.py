@@ -1,6 +1,8 @@
-"""Peak memory of SFT with full weights, LoRA and QLoRA on one model: the same data, batch and steps.
+"""Peak memory of SFT with full weights, LoRA and QLoRA on one model: the same data, batch and steps; and of
+one PPO log-prob pass at Qwen 2.5's vocabulary, full log-softmax against align's chunks.
 
     python bench/memory.py [--hidden 1024] [--layers 12] [--steps 4] [--batch-size 8]
+    python bench/memory.py --logprobs [--vocab 151936] [--rollout 8x512] [--hidden 896]
 
 Builds a randomly initialised Llama of the given size once (the embedded tokenizer: no download), then runs
 align's SFT stage on it three times — peft=none, lora, qlora — each in a process of its own, and prints each
@@ -62,13 +64,53 @@ def peak_rss_mib(cmd: list[str], cwd: Path) -> float:
     return usage.ru_maxrss / 1024
 
 
+LOGPROB_PASS = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from align.rl.logprobs import token_logprobs
+torch.manual_seed(0)
+head = torch.nn.Linear({hidden}, {vocab}, bias=False)
+hidden = torch.randn({batch}, {length}, {hidden})
+targets = torch.randint(0, {vocab}, ({batch}, {length}))
+with torch.no_grad():
+    if {mode!r} == "full":  # what PPO did before: the whole [B, T, V] logits, then a float32 log-softmax over them
+        logp = torch.log_softmax(head(hidden).float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    elif {mode!r} == "chunked":
+        logp, _ = token_logprobs(hidden, targets, head)
+"""
+
+
+def logprob_pass(args) -> None:
+    """Peak RSS of one log-prob pass over a rollout (no grad: the rollout's and the reference's pass), each way in
+    a process of its own, above a process that only builds the same output layer and hidden states."""
+    batch, length = (int(x) for x in args.rollout.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        peaks = {}
+        for mode in ("none", "full", "chunked"):
+            code = LOGPROB_PASS.format(repo=str(REPO), hidden=args.hidden, vocab=args.vocab, batch=batch,
+                                       length=length, mode=mode)
+            peaks[mode] = peak_rss_mib([sys.executable, "-c", code], Path(tmp))
+    full, chunked = peaks["full"] - peaks["none"], peaks["chunked"] - peaks["none"]
+    print(f"log-prob pass, vocab {args.vocab}, rollout {batch}x{length}, hidden {args.hidden}: "
+          f"full log-softmax {full:.0f} MiB, chunked {chunked:.0f} MiB above the inputs ({full / max(chunked, 1):.1f}x)")
+    print(json.dumps({"vocab": args.vocab, "rollout": args.rollout, "floor_mib": peaks["none"], "full_mib": full,
+                      "chunked_mib": chunked}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--logprobs", action="store_true", help="the log-prob pass comparison instead of SFT")
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--rollout", default="8x512", help="BxT of the rollout for --logprobs")
+    ap.add_argument("--hidden", type=int, default=None, help="default: 1024 (SFT), 896 (Qwen 2.5 0.5B, --logprobs)")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
+    if args.logprobs:
+        args.hidden = args.hidden or 896
+        return logprob_pass(args)
+    args.hidden = args.hidden or 1024
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         params = build_model(tmp / "model", args.hidden, args.layers)

@@ -102,12 +102,13 @@ def build_tokenizer(family: str, vocab_size: int = VOCAB):
 
 
 def build(family: str, out: Path, vocab_size: int = VOCAB, seed: int = 0) -> Path:
-    """Write the fixture model of `family` into `out` (a hub-like checkout) and return it."""
+    """Write the fixture model of `family` into `out` (a hub-like checkout) and return it. A `vocab_size` above
+    the tokenizer's (Qwen 2.5's 151,936) pads the embeddings and output layer, as the real checkpoints do."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = SPEC[family]
-    tokenizer = build_tokenizer(family, vocab_size)
+    tokenizer = build_tokenizer(family, min(vocab_size, VOCAB))
     vocab = max(len(tokenizer), vocab_size)
     config = AutoConfig.for_model(
         spec["arch"], vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -71,7 +71,7 @@ def test_pad_equal_to_eos_keeps_the_final_eos_in_the_batch_labels(family_dirs):
     assert (batch["labels"][0, n:] == -100).all()  # the padding after it: not
 
 
-@pytest.mark.parametrize("family", ["chatml", "llama3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_rm_accuracy_in_stage_json_is_measured_at_the_end_of_turn(family, family_dirs, runs):
     """Trained by align, then re-scored independently: each held-out sequence alone (no padding), the plain
     transformers classifier reading its last token, which is the end-of-turn token."""
@@ -118,3 +118,118 @@ def test_lora_sft_then_lora_rm_builds_the_rm_on_the_merged_sft(family_dirs, runs
     sft_w, rm_w = merged_sft.state_dict()[key], rm_base.state_dict()[key]
     base_w = AutoModelForCausalLM.from_pretrained(family_dirs["llama3"]).state_dict()[key]
     assert torch.equal(sft_w, rm_w) and not torch.equal(sft_w, base_w)  # the SFT's LoRA delta is in the RM
+
+
+def user_files(where):
+    """The user's own data in common formats: Alpaca-style instructions, prompt/chosen/rejected pairs."""
+    from align.data import demo
+
+    sft = [json.loads(line)["messages"] for line in demo.path("sft").read_text().splitlines()[:48]]
+    with open(where / "sft.jsonl", "w") as f:
+        for m in sft:
+            f.write(json.dumps({"instruction": m[0]["content"], "input": "", "output": m[1]["content"]}) + "\n")
+    prefs = demo.path("prefs").read_text().splitlines()[:48]
+    (where / "prefs.jsonl").write_text("\n".join(prefs) + "\n")
+
+
+TINY_RUN = ["train.max_length=128", "data.eval_fraction=0.15", "sft.train.max_steps=2"]
+RECIPES = {
+    "rlhf_ppo": ["sft.data.train=sft.jsonl", "rm.data.train=prefs.jsonl", "ppo.data.train=sft.jsonl",
+                 "rm.train.max_steps=2", "ppo.train.max_steps=1", "ppo.rollout_batch_size=8", "ppo.train.batch_size=4",
+                 "ppo.max_new_tokens=8", "ppo.eval_prompts=4", "ppo.max_prompt_length=64"],
+    "rlhf_dpo": ["sft.data.train=sft.jsonl", "dpo.data.train=prefs.jsonl", "dpo.train.max_steps=2"],
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_real_recipes_run_end_to_end_on_each_family(family, recipe, family_dirs, tmp_path, monkeypatch):
+    """recipe=rlhf_ppo / rlhf_dpo with their own settings (the Qwen model group, LoRA at every stage), pointed at
+    the fixture with model.name_or_path and at the user's files, then the eval stage and export: every LoRA ->
+    LoRA handoff (sft -> rm, sft -> dpo, sft + rm -> ppo) on the family's template and special tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from align.models.loading import load_merged
+    from conftest import run_cli
+
+    user_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    common = [f"model.name_or_path={family_dirs[family]}", "run.root=runs", f"run.name={family}"]
+    assert run_cli([f"recipe={recipe}", *common, *TINY_RUN, *RECIPES[recipe]], monkeypatch) == 0
+    run = tmp_path / "runs" / family
+    policy = "ppo" if recipe == "rlhf_ppo" else "dpo"
+    info = {s: json.loads((run / s / "stage.json").read_text()) for s in ("sft", policy)}
+    assert all(i["weights"] == "lora" and i["adapter"] for i in info.values())
+    assert info[policy]["parents"][0]["output_id"] == info["sft"]["output_id"]
+    assert "eval_accuracy" in info[policy]["metrics"] or "eval_reward_mean" in info[policy]["metrics"]
+
+    evaluate = ["stage=eval", *common, "data.train=sft.jsonl", "data.eval_fraction=0.15", "stage.prompts=4",
+                "stage.max_new_tokens=8", "train.max_length=128"]
+    assert run_cli(evaluate, monkeypatch) == 0
+    metrics = json.loads((run / "eval" / "stage.json").read_text())["metrics"]
+    assert metrics["sft/kl"] == pytest.approx(0.0, abs=1e-6) and metrics[f"{policy}/perplexity"] > 1.0
+    assert run_cli(["export", f"stage={policy}", *common], monkeypatch) == 0
+    merged = AutoModelForCausalLM.from_pretrained(run / policy / "merged")
+    chain = load_merged(AutoModelForCausalLM, str(run / policy / "model"))  # adapter on the SFT adapter on the base
+    probe = torch.tensor([[5, 17, 40, 99, 120]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(probe).logits, chain(probe).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_qlora_at_every_stage_hands_off_through_merged_parents(recipe, family_dirs, tmp_path, monkeypatch):
+    """peft=qlora at every stage of the real recipes (Llama 3 shape, pad = EOS): each QLoRA stage starts from its
+    LoRA parent merged into the base and quantized again (used to be refused)."""
+    from conftest import run_cli
+
+    user_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    args = [f"recipe={recipe}", f"model.name_or_path={family_dirs['llama3']}", "run.root=runs", "run.name=q",
+            "peft=qlora", *TINY_RUN, *RECIPES[recipe]]
+    assert run_cli(args, monkeypatch) == 0
+    stages = ("sft", "rm", "ppo") if recipe == "rlhf_ppo" else ("sft", "dpo")
+    for stage in stages:
+        info = json.loads((tmp_path / "runs" / "q" / stage / "stage.json").read_text())
+        assert info["weights"] == "qlora", stage
+        if stage != "sft":
+            assert info["parents"][0]["stage"] == "sft"
+    assert not list((tmp_path / "cache" / "merged-for-qlora").iterdir())  # the merged copies are gone
+
+
+QWEN_VOCAB = 151_936
+
+
+def test_a_151936_token_vocabulary_runs_every_stage_without_full_vocabulary_logprob_tensors(tmp_path, monkeypatch):
+    """Qwen 2.5's vocabulary size: one step of sft, rm, dpo, ppo and eval. During PPO and eval no output of
+    the output layer holds more than one chunk of logits (align/rl/logprobs.py), where a full [B, T, V] pass
+    over the rollout would be 16 x 40 x 151,936."""
+    from align.rl.logprobs import CHUNK_ELEMENTS
+    from conftest import run_cli
+
+    model = build("chatml", tmp_path / "qwen-vocab", vocab_size=QWEN_VOCAB)
+    user_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    common = [f"model.name_or_path={model}", "run.root=runs", "run.name=v", "data.eval_fraction=0.1",
+              "train.batch_size=4", "train.grad_accum=1", "train.max_length=96", "train.max_steps=1"]
+    for stage, data in (("sft", "sft.jsonl"), ("rm", "prefs.jsonl"), ("dpo", "prefs.jsonl")):
+        assert run_cli([f"stage={stage}", *common, f"data.train={data}"], monkeypatch) == 0, stage
+    common.append("data.train=sft.jsonl")
+
+    widest = []
+
+    def watch(module, args, output):
+        if isinstance(output, torch.Tensor) and output.shape[-1] == QWEN_VOCAB:
+            widest.append(output.numel())
+
+    handle = torch.nn.modules.module.register_module_forward_hook(watch)
+    try:
+        assert run_cli(["stage=ppo", *common, "stage.rollout_batch_size=16", "stage.max_new_tokens=8",
+                        "stage.eval_prompts=4", "stage.max_prompt_length=96", "train.batch_size=16"], monkeypatch) == 0
+        assert run_cli(["stage=eval", *common, "stage.prompts=4", "stage.max_new_tokens=8",
+                        "stage.max_prompt_length=96"], monkeypatch) == 0
+    finally:
+        handle.remove()
+    assert widest and max(widest) <= CHUNK_ELEMENTS, max(widest)
+    info = json.loads((tmp_path / "runs" / "v" / "ppo" / "stage.json").read_text())
+    assert info["metrics"]["global_step"] == 1

@@ -135,6 +135,21 @@ def test_two_ranks_zero3_lora_saves_a_real_adapter(tmp_path):
     assert torch.isfinite(logps).all()
 
 
+def test_two_ranks_zero3_lora_rm_after_a_lora_sft(tmp_path):
+    """The real recipes' handoff under the launcher: a LoRA reward model on a LoRA SFT, ZeRO-3 on 2 ranks (it
+    failed loading the SFT's causal-LM adapter onto the classifier)."""
+    from align.stages.sft import run
+    from conftest import compose
+
+    runs = tmp_path / "runs"
+    run(compose("stage=sft", f"run.root={runs}", "peft=lora", "train.max_steps=2", "data.max_rows=64"))
+    launch(["bash", str(REPO / "launch/rm.sh"), "--num_gpus", "2", "deepspeed=zero3", "peft=lora",
+            f"run.root={runs}", "train.max_steps=2", "data.max_rows=64"], cwd=tmp_path)
+    record = json.loads((runs / "demo" / "rm" / "stage.json").read_text())
+    assert record["distributed"] == {"world_size": 2, "zero_stage": 3} and record["weights"] == "lora"
+    assert record["parents"][0]["stage"] == "sft"
+
+
 def test_literal_deepspeed_launch_runs(tmp_path):
     runs = tmp_path / "runs"
     launch([deepspeed_bin(), "launch/dpo.sh", "train.max_steps=2", f"run.root={runs}", "data.max_rows=100"],

@@ -151,14 +151,33 @@ def load_pretrained(auto_cls, source: str, model_cfg, peft_cfg, **kwargs):
     quantized = peft_cfg.method == "qlora"
     if adapter_base(source) is not None:
         if quantized:
-            raise ValueError(
-                f"{source} is a LoRA adapter: QLoRA on top of it needs the merged model saved first "
-                f"(python -m align export) and model.name_or_path pointed at it"
-            )
+            return _quantized_from_adapter(auto_cls, source, peft_cfg, dtype, common)
         return load_merged(auto_cls, source, **common)
     if quantized:
         common["quantization_config"] = quantization_config(peft_cfg, dtype)
     return auto_cls.from_pretrained(resolve_name(source), **common)
+
+
+def _quantized_from_adapter(auto_cls, source: str, peft_cfg, dtype, common: dict):
+    """A QLoRA stage on a LoRA/QLoRA parent: the parent's adapter chain is merged into its base in full
+    precision, written to a temporary folder (bitsandbytes quantizes while loading from disk), loaded 4/8-bit
+    from there, and the folder removed. Needs the merged model's size in free disk under ALIGN_CACHE for the
+    time of the load."""
+    import shutil
+    import tempfile
+
+    from align.models.tiny import cache_root
+
+    root = cache_root() / "merged-for-qlora"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=root))
+    try:
+        merged = load_merged(auto_cls, source, **{k: v for k, v in common.items() if k != "quantization_config"})
+        merged.save_pretrained(folder)
+        del merged
+        return auto_cls.from_pretrained(folder, **{**common, "quantization_config": quantization_config(peft_cfg, dtype)})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def point_adapter_at(model, base: str) -> None:

@@ -320,6 +320,20 @@ def training_arguments(cfg: DictConfig, run: StageRun, has_eval: bool) -> dict:
     return kwargs
 
 
+MODEL_LIMIT_UNSET = 10**7  # transformers' stand-in model_max_length when a tokenizer names none
+
+
+def max_length(cfg: DictConfig, tokenizer) -> int:
+    """train.max_length, capped at the model's own limit (its tokenizer's model_max_length): the default 2048
+    must not ask a 512-position model for positions it does not have."""
+    limit = getattr(tokenizer, "model_max_length", None) or MODEL_LIMIT_UNSET
+    if limit < MODEL_LIMIT_UNSET and cfg.train.max_length > limit:
+        log.info("train.max_length=%d is above the model's limit of %d tokens: using %d", cfg.train.max_length,
+                 limit, limit)
+        return int(limit)
+    return cfg.train.max_length
+
+
 def log_no_parent(cfg: DictConfig, parent_stage: str, source: str) -> None:
     if cfg.stage.init == handoff.BASE:
         log.info("stage.init=base: starting from %s", source)

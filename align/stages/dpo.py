@@ -30,6 +30,7 @@ from align.models.loading import (
     set_use_cache,
 )
 from align.stages.common import (
+    max_length,
     StageResult,
     StageRun,
     finite,
@@ -82,7 +83,8 @@ def run(cfg: DictConfig) -> StageResult:
         log_no_parent(cfg, "sft", source)
 
     tokenizer = load_tokenizer(resolve_name(source), cfg.model)
-    train_ds, eval_ds, report = dpo_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+    length = max_length(cfg, tokenizer)
+    train_ds, eval_ds, report = dpo_datasets(cfg.data, tokenizer, length, cfg.train.seed)
     log.info("data: %d train pairs, %d eval pairs; %s", report.train_rows, report.eval_rows, report.errors.summary())
 
     stage.prepare_checkpoints()
@@ -90,7 +92,7 @@ def run(cfg: DictConfig) -> StageResult:
         train_ds, eval_ds = stage.shared_datasets(train_ds, eval_ds)
     args = DPOConfig(
         **training_arguments(cfg, stage, eval_ds is not None),
-        max_length=cfg.train.max_length,
+        max_length=length,
         beta=cfg.stage.beta,
         loss_type=names,
         loss_weights=list(cfg.stage.loss_weights) if cfg.stage.loss_weights is not None else None,

@@ -26,6 +26,7 @@ from align.models.loading import (
     score,
 )
 from align.stages.common import (
+    max_length,
     StageResult,
     StageRun,
     finite,
@@ -48,7 +49,8 @@ def run(cfg: DictConfig) -> StageResult:
         log_no_parent(cfg, "sft", source)
 
     tokenizer = load_tokenizer(resolve_name(source), cfg.model)
-    train_ds, eval_ds, report = preference_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+    length = max_length(cfg, tokenizer)
+    train_ds, eval_ds, report = preference_datasets(cfg.data, tokenizer, length, cfg.train.seed)
     log.info("data: %d train pairs, %d eval pairs; %s", report.train_rows, report.eval_rows, report.errors.summary())
 
     model = load_reward_model(source, cfg.model, cfg.peft, tokenizer.pad_token_id)
@@ -58,7 +60,7 @@ def run(cfg: DictConfig) -> StageResult:
     stage.start_logging()
     args = RewardConfig(
         **training_arguments(cfg, stage, eval_ds is not None),
-        max_length=cfg.train.max_length,
+        max_length=length,
         center_rewards_coefficient=cfg.stage.center_rewards_coef,
         disable_dropout=True,
     )

@@ -24,6 +24,7 @@ from align.models.loading import (
     set_use_cache,
 )
 from align.stages.common import (
+    max_length,
     StageResult,
     StageRun,
     finite,
@@ -43,7 +44,8 @@ def run(cfg: DictConfig) -> StageResult:
     source = str(parent.model) if parent else cfg.model.name_or_path
 
     tokenizer = load_tokenizer(resolve_name(source), cfg.model)
-    train_ds, eval_ds, report = sft_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+    length = max_length(cfg, tokenizer)
+    train_ds, eval_ds, report = sft_datasets(cfg.data, tokenizer, length, cfg.train.seed)
     log.info("data: %d train rows, %d eval rows; %s", report.train_rows, report.eval_rows, report.errors.summary())
 
     model = load_causal_lm(source, cfg.model, cfg.peft)
@@ -53,7 +55,7 @@ def run(cfg: DictConfig) -> StageResult:
     layout = packed_layout(model.config._attn_implementation) if cfg.stage.packing else None
     trainer_cls, collator = SFTTrainer, None
     if layout == ROWS:
-        train_ds = pack_rows(train_ds, cfg.train.max_length)
+        train_ds = pack_rows(train_ds, length)
         trainer_cls, collator = row_packed_trainer(SFTTrainer), RowPackedCollator(tokenizer.pad_token_id)
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # as TRL does for its own collator
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -64,7 +66,7 @@ def run(cfg: DictConfig) -> StageResult:
     stage.start_logging()
     args = SFTConfig(
         **training_arguments(cfg, stage, eval_ds is not None),
-        max_length=cfg.train.max_length,
+        max_length=length,
         packing=layout == FLAT,  # ROWS: packed above, batched by RowPackedCollator
         packing_strategy="bfd",
         padding_free=layout == FLAT,
