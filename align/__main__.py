@@ -165,13 +165,13 @@ def up_to_date(cfg):
 
 def main() -> None:
     args, local_rank = drop_local_rank(sys.argv[1:])
-    args = implicit_data_group(args)
     if "--help" in args or "-h" in args:
         print_help()
         return
     command = "train"
     if args and args[0] in COMMANDS:
         command = args.pop(0)
+    args = implicit_data_group(args)
     sys.argv = [sys.argv[0], *args]
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", local_rank)

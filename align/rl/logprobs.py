@@ -3,7 +3,8 @@
 The backbone's hidden states go through the output layer a chunk of positions at a time; each chunk's
 logits give the chosen token's log-prob (logit minus logsumexp) and, when asked, the entropy, and are
 dropped. With gradients on, each chunk is recomputed in the backward pass (activation checkpointing), so
-what stays alive is the hidden states ([B, T, H]), not the logits. At Qwen 2.5's 151,936-token vocabulary
+what stays alive is the hidden states ([B, T, H]), not the logits (under ZeRO-3, whose partitioned output
+layer torch's recomputation refuses, the chunks' logits are kept for the backward pass). At Qwen 2.5's 151,936-token vocabulary
 a rollout of 64 x 512 tokens needs ~20 GB for full fp32 log-softmax; chunked, 64 MiB at a time.
 """
 
@@ -18,14 +19,15 @@ CHUNK_ELEMENTS = 2**24  # logits per chunk (64 MiB in float32)
 def causal_lm_parts(model):
     """(backbone, output layer, logits transform) of a causal LM, through PEFT and DeepSpeed wrappers. The
     transform is what the model's own forward does to the output layer's result (Gemma 2's soft-capping,
-    Cohere's and Granite's scaling)."""
+    Cohere's, Falcon-H1's and Granite's scaling)."""
     m = getattr(model, "module", model)
     if hasattr(m, "peft_config"):  # PeftModel -> LoraModel -> the transformers model (LoRA injected in place)
         m = m.base_model.model
     config = m.config.get_text_config()
     cap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    divide = getattr(config, "logits_scaling", None)
+    scale = next((v for v in (getattr(config, k, None) for k in ("logit_scale", "output_multiplier",
+                                                                  "lm_head_multiplier")) if v is not None), None)
+    divide = getattr(config, "logits_scaling", None)  # Granite, MiniCPM3
 
     def transform(logits: torch.Tensor) -> torch.Tensor:
         if scale is not None:
@@ -57,7 +59,9 @@ def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, transform=
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]
     rows = max(1, chunk_elements // vocab)
-    recompute = torch.is_grad_enabled() and flat_h.requires_grad
+    # ZeRO-3 partitions the output layer's weight between uses, which torch's recomputation refuses ("different
+    # metadata"): there each chunk's logits are kept for the backward pass instead (chunked, not recomputed)
+    recompute = torch.is_grad_enabled() and flat_h.requires_grad and not hasattr(head.weight, "ds_id")
     chosen, entropy = [], []
     for i in range(0, flat_h.shape[0], rows):
         args = (flat_h[i : i + rows], flat_t[i : i + rows], head, transform, temperature, with_entropy)

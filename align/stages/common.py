@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
@@ -70,8 +71,6 @@ class TiedKeysFilter(logging.Filter):
         msg = record.getMessage()
         if not msg.startswith(self.PREFIX):
             return True
-        import ast
-
         try:
             missing = ast.literal_eval(msg[len(self.PREFIX):].rstrip("."))
         except (ValueError, SyntaxError):
@@ -151,13 +150,13 @@ class StageRun:
         """Resume from the latest checkpoint when the config matches; otherwise start clean, with the old
         checkpoints kept aside until the new run has committed one (checkpointing.commit_when_all_written)."""
         if not self.start_over:
-            latest = checkpointing.latest(self.checkpoints)  # committed ones only: never a half-written one
-            self.resume_from = str(checkpointing.within_budget(self.checkpoints) or "") or None
-            if self.resume_from:
+            found = checkpointing.within_budget(self.checkpoints)  # committed ones only: never a half-written one
+            if found is not None:
+                self.resume_from = str(found)
                 log.info("resuming from %s", self.resume_from)
                 return
             log.info("%s is the end of training: training again from the start (same config and data; the "
-                     "result is the same)", latest)
+                     "result is the same)", checkpointing.latest(self.checkpoints))
         if tracking.is_main_process():
             if checkpointing.latest(self.checkpoints) is not None:
                 shutil.rmtree(self.out / ASIDE, ignore_errors=True)
