@@ -236,3 +236,23 @@ def test_a_151936_token_vocabulary_runs_every_stage_without_full_vocabulary_logp
     assert widest and max(widest) <= CHUNK_ELEMENTS, max(widest)
     info = json.loads((tmp_path / "runs" / "v" / "ppo" / "stage.json").read_text())
     assert info["metrics"]["global_step"] == 1
+
+
+def test_editing_a_data_file_in_place_retrains_that_stage_and_its_children_in_the_recipe(family_dirs, tmp_path,
+                                                                                        monkeypatch, caplog):
+    from conftest import run_cli
+
+    user_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["recipe=rlhf_dpo", f"model.name_or_path={family_dirs['chatml']}", "run.root=runs", "run.name=e",
+            *TINY_RUN, *RECIPES["rlhf_dpo"]]
+    assert run_cli(args, monkeypatch) == 0
+    ids = {s: json.loads((tmp_path / "runs" / "e" / s / "stage.json").read_text())["output_id"] for s in ("sft", "dpo")}
+    prefs = tmp_path / "prefs.jsonl"
+    rows = prefs.read_text().splitlines()
+    prefs.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # same rows, another order: other bytes
+    with caplog.at_level("INFO", logger="align"):
+        assert run_cli(args, monkeypatch) == 0
+    assert "sft: up to date" in caplog.text and "dpo: running (changed: data.train content changed)" in caplog.text
+    again = {s: json.loads((tmp_path / "runs" / "e" / s / "stage.json").read_text())["output_id"] for s in ("sft", "dpo")}
+    assert again["sft"] == ids["sft"] and again["dpo"] != ids["dpo"]
