@@ -46,7 +46,8 @@ def _check_node(node: DictConfig, schema: type, prefix: str) -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else None
         helptext = f.metadata.get("help")
         out.append(f"{prefix}{name}={_fmt(value)}: must be {check.describe()}"
-                   + (f" ({helptext})" if helptext else "") + f"; the default is {_fmt(default)}")
+                   + (f" ({helptext})" if helptext else "")
+                   + f". Fix: set {prefix}{name} to a value {check.describe()}; the default is {_fmt(default)}")
     return out
 
 

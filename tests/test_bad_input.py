@@ -54,7 +54,8 @@ def files(where: Path) -> None:
 
 
 CASES = {  # id: (arguments, exit code, what the message must say)
-    "batch_size_zero": (["train.batch_size=0"], 2, ["train.batch_size=0: must be >= 1", "the default is 4"]),
+    "batch_size_zero": (["train.batch_size=0"], 2, ["train.batch_size=0: must be >= 1",
+                                                    "Fix: set train.batch_size to a value >= 1; the default is 4"]),
     "batch_size_negative": (["train.batch_size=-3"], 2, ["train.batch_size=-3: must be >= 1"]),
     "negative_lr": (["train.lr=-1"], 2, ["train.lr=-1.0: must be > 0"]),
     "negative_beta": (["stage=dpo", "stage.beta=-1"], 2, ["stage.beta=-1.0: must be > 0"]),
