@@ -6,7 +6,6 @@ selected stage from align/stages/<name>.py.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
@@ -134,14 +133,7 @@ def dispatch(cfg, command: str = "train", task_overrides: list[str] | None = Non
     if done is not None:
         return done
     preflight.check(cfg)
-    module = importlib.import_module(f"align.stages.{name}")
-    from align.stages.common import discard_if_unstarted
-
-    try:
-        return module.run(cfg)
-    except BaseException:
-        discard_if_unstarted(cfg)  # a stage that stopped before writing anything leaves no folder behind
-        raise
+    return pipeline.run_stage(cfg)
 
 
 def up_to_date(cfg):

@@ -31,13 +31,13 @@ class Check:
     def allows(self, value) -> bool:
         if value is None or value in self.choices:
             return True
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return False if self.choices and self.low is None and self.high is None else True
         if self.low is None and self.high is None:
-            return not self.choices
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+            return not self.choices  # names only, and the value is not one of them
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return True  # a range on a non-number: the schema's type check has the say
+        below = self.low is not None and (value < self.low or (self.low_open and value == self.low))
+        above = self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        return not (below or above)
 
     def describe(self) -> str:
         parts = []

@@ -55,8 +55,9 @@ def identity(cfg: DictConfig) -> dict:
     return {"config": data, "inputs": fingerprint.inputs(cfg)}
 
 
-def config_hash(cfg: DictConfig) -> str:
-    blob = json.dumps(identity(cfg), sort_keys=True, default=str)
+def config_hash(cfg: DictConfig, ident: dict | None = None) -> str:
+    """The hash of identity(cfg); pass `ident` when it is at hand."""
+    blob = json.dumps(ident if ident is not None else identity(cfg), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

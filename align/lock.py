@@ -55,9 +55,7 @@ class StageLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            _HELD.pop(str(self.path.resolve()), None)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
+            release_held(self.path.parent)  # acquire() registered the fd there
             self.fd = None
 
 

@@ -120,15 +120,20 @@ def run(cfg: DictConfig, task_overrides: list[str], sweep_name: str | None = Non
     return objective(cfg, outcomes)
 
 
-def _run_stage(cfg: DictConfig) -> None:
+def run_stage(cfg: DictConfig):
+    """The stage's module run on `cfg`; a stage that stopped before writing anything leaves no folder behind."""
     from align.stages.common import discard_if_unstarted
 
     module = importlib.import_module(f"align.stages.{cfg.stage.name}")
     try:
-        result = module.run(cfg)
+        return module.run(cfg)
     except BaseException:
         discard_if_unstarted(cfg)
         raise
+
+
+def _run_stage(cfg: DictConfig) -> None:
+    result = run_stage(cfg)
     del result  # the trained model: free it before the next stage loads its own
     gc.collect()
     import torch

@@ -8,7 +8,6 @@ anything; the message says what to change.
 from __future__ import annotations
 
 from align import distributed, validate
-from align.models.loading import peft_problems, resolve_dtype
 
 
 class Unsupported(ValueError):
@@ -16,12 +15,8 @@ class Unsupported(ValueError):
 
 
 def problems(cfg) -> list[str]:
-    out = validate.problems(cfg)  # every key against its declared range, and the relations between keys
-    later = peft_problems(cfg.peft)
-    try:
-        resolve_dtype(cfg.model.dtype)
-    except ValueError as e:
-        later.append(str(e))
+    out = validate.problems(cfg)  # every key against its declared range (peft, model.dtype, ...), and relations
+    later = []
     try:
         distributed.deepspeed_config(cfg)
     except ValueError as e:
@@ -34,7 +29,7 @@ def problems(cfg) -> list[str]:
         later.append("stage.precompute_ref_logps=true does not work under ZeRO-3 (TRL shards the policy a second "
                      "time for the reference pass, and the trained weights come out wrong); use deepspeed=zero2 "
                      "(or zero1) with it, or keep ZeRO-3 and set stage.precompute_ref_logps=false")
-    reported = {p.split("=", 1)[0] for p in out}  # one message per key
+    reported = {p.split("=", 1)[0] for p in out}  # one message per key (deepspeed_config checks zero_stage too)
     return out + [p for p in later if p.split(" ", 1)[0] not in reported]
 
 

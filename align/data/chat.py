@@ -87,7 +87,7 @@ def _turn_end_in(tokenizer, text: str, start: int, end: int) -> int:
     """Where the assistant turn text[start:end] ends: just after its last end-of-turn token, so template
     text that follows it (ChatML's newline) is not learned as part of the answer."""
     marks = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
-    found = [text.rfind(m, start, end) + len(m) for m in marks if m and text.rfind(m, start, end) >= 0]
+    found = [at + len(m) for m in marks if m and (at := text.rfind(m, start, end)) >= 0]
     return max(found) if found else end
 
 

@@ -16,13 +16,20 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_ELEMENTS = 2**24  # logits per chunk (64 MiB in float32)
 
 
+def transformers_model(model):
+    """The transformers model inside DeepSpeed's engine and PEFT's wrappers (LoRA is injected in place, so
+    calling its modules computes with the adapter, or without it inside `disable_adapter()`)."""
+    m = getattr(model, "module", model)
+    if hasattr(m, "peft_config"):  # PeftModel -> LoraModel -> the transformers model
+        m = m.base_model.model
+    return m
+
+
 def causal_lm_parts(model):
     """(backbone, output layer, logits transform) of a causal LM, through PEFT and DeepSpeed wrappers. The
     transform is what the model's own forward does to the output layer's result (Gemma 2's soft-capping,
     Cohere's, Falcon-H1's and Granite's scaling)."""
-    m = getattr(model, "module", model)
-    if hasattr(m, "peft_config"):  # PeftModel -> LoraModel -> the transformers model (LoRA injected in place)
-        m = m.base_model.model
+    m = transformers_model(model)
     config = m.config.get_text_config()
     cap = getattr(config, "final_logit_softcapping", None)
     scale = next((v for v in (getattr(config, k, None) for k in ("logit_scale", "output_multiplier",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.rl.logprobs import causal_lm_parts, token_logprobs
+from align.rl.logprobs import causal_lm_parts, token_logprobs, transformers_model
 from align.rl.rewards import last_index, response_mask
 
 
@@ -109,9 +109,7 @@ def response_logprobs(model, batch: Batch, temperature: float = 1.0, with_entrop
 
 def _seq_cls_parts(model):
     """(backbone, score head) of a sequence classifier, through PEFT and DeepSpeed wrappers."""
-    m = getattr(model, "module", model)
-    if hasattr(m, "peft_config"):  # PeftModel -> LoraModel -> the transformers model (LoRA injected in place)
-        m = m.base_model.model
+    m = transformers_model(model)
     head = getattr(m, "score", None)
     if head is None:
         raise ValueError(f"{type(m).__name__} has no `score` head: the critic/reward must be a sequence classifier "

@@ -105,7 +105,7 @@ class StageRun:
         set_seed(self.cfg.train.seed)
         self.out = handoff.stage_dir(self.cfg)
         self.identity = handoff.identity(self.cfg)
-        self.config_hash = handoff.config_hash(self.cfg)
+        self.config_hash = handoff.config_hash(self.cfg, self.identity)
         self.ds_config = distributed.deepspeed_config(self.cfg)  # validated before anything loads
         self.start_over = self._check_checkpoints()  # before anything loads: refuse rather than lose a run
         distributed.init(self.cfg)

@@ -190,10 +190,10 @@ class Evaluator:
     def perplexity(self, model, rows: list[dict]) -> float:
         scored = [r for r in rows if r["labels"]]
         total, count = 0.0, 0
+        backbone, head, transform = causal_lm_parts(model)
         for chunk in self._chunks(scored):
             ids, attn = rollout.right_pad([r["input_ids"] for r in chunk], self.pad)
             labels, _ = rollout.right_pad([r["labels"] for r in chunk], IGNORE_INDEX)
-            backbone, head, transform = causal_lm_parts(model)
             hidden = backbone(input_ids=ids.to(self.dev), attention_mask=attn.to(self.dev), use_cache=False).last_hidden_state
             picked, _ = token_logprobs(hidden[:, :-1], labels[:, 1:].clamp(min=0).to(self.dev), head, transform)
             nll, n = labelled_nll(picked.cpu(), labels)

@@ -87,10 +87,10 @@ def end_of_turn_trainer(trainer_cls):
     position PPO and the eval stage score: transformers' pooling skips pad ids, and with pad = EOS (Llama 3,
     Mistral) that would move the score to the token before the end of turn."""
 
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
     class EndOfTurnRewardTrainer(trainer_cls):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from transformers.modeling_outputs import SequenceClassifierOutput
-
             def scorer(input_ids, attention_mask, **_):
                 return SequenceClassifierOutput(logits=last_token_scores(model, input_ids, attention_mask).unsqueeze(-1))
 
