@@ -201,12 +201,17 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 class DPOStageConfig(StageConfig):
     name: str = "dpo"
     beta: float = keyed(0.1, POSITIVE, "strength of the pull toward the reference (higher: stay closer)")
-    loss_type: Any = keyed("sigmoid", one_of(*DPO_LOSS_TYPES),
-                           "one of the DPO losses, or a list combined with loss_weights, e.g. [sigmoid,sft]")
+    loss_type: Any = keyed(None, one_of(*DPO_LOSS_TYPES),
+                           "one of the DPO losses, or a list combined with loss_weights; the default adds an NLL term "
+                           "on the chosen answer to the sigmoid loss (plain sigmoid pushes the chosen answers down too)",
+                           factory=lambda: ["sigmoid", "sft"])
     loss_weights: list[float] | None = keyed(None, NON_NEGATIVE, "one weight per loss_type entry")
     label_smoothing: float = keyed(0.0, Check(0, 0.5, high_open=True),
                                    "robust / exo_pair / aot: assumed share of flipped labels")
     precompute_ref_logps: bool = keyed(False, help="score the data with the reference once, then drop it from memory")
+    displacement_bound: float | None = keyed(
+        2.0, POSITIVE, "warn when the chosen answers' log-prob falls this many nats below the reference's while the "
+                       "margin grows (likelihood displacement); null: no check")
 
 
 @dataclass

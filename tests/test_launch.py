@@ -94,7 +94,8 @@ def test_two_ranks_zero2_agree_on_one_output(tmp_path):
 
     runs = tmp_path / "runs"
     out = launch([deepspeed_bin(), "--num_gpus", "2", str(REPO / "launch/dpo.sh"), "deepspeed=zero2",
-                  f"run.root={runs}", "train.max_steps=3", "train.batch_size=8", "data.max_rows=200"], cwd=tmp_path)
+                  f"run.root={runs}", "train.max_steps=3", "train.batch_size=8", "data.max_rows=200",
+                  "stage.loss_type=sigmoid"], cwd=tmp_path)
     assert out.stdout.count("exits successfully") == 2
     record = stage_record(runs)
     assert record["distributed"] == {"world_size": 2, "zero_stage": 2}

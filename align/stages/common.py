@@ -261,7 +261,7 @@ def discard_if_unstarted(cfg: DictConfig) -> None:
 
 
 def save_and_commit(stage: StageRun, trainer, tokenizer, parent, base_model: str, metrics: dict,
-                    task: str = "causal_lm") -> StageResult:
+                    task: str = "causal_lm", warnings: list[dict] | None = None) -> StageResult:
     """Save on every rank (ZeRO gathers), then on the main process swap the model in and write stage.json."""
     main = trainer.is_world_process_zero()
     if parent is not None:
@@ -276,7 +276,7 @@ def save_and_commit(stage: StageRun, trainer, tokenizer, parent, base_model: str
         if parent is not None:
             base_model = parent.info.get("base_model", str(parent.model))
         stage.commit(staged, [parent] if parent else [], base_model, metrics, task=task,
-                     history=trainer.state.log_history)
+                     history=trainer.state.log_history, extra={"warnings": warnings or []})
         print_summary(stage.cfg.stage.name, metrics, stage.out)
     return StageResult(stage.out, metrics, trainer.model)
 

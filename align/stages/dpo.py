@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 from omegaconf import DictConfig, ListConfig
+from transformers import TrainerCallback
 
 from align import handoff
 from align.config import DPO_LOSS_TYPES
@@ -113,10 +114,12 @@ def run(cfg: DictConfig) -> StageResult:
              "precomputed log-probs" if ref_model is None else "a frozen copy")
 
     stage.start_logging()
+    watch = DisplacementWatch(cfg.stage.beta, cfg.stage.displacement_bound)
     trainer = PretokenizedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
                                      eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config)
     if cfg.peft.method == "qlora":  # TRL casts adapters to bf16; keep them in the compute dtype (see cast_trainable)
         cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
+    trainer.add_callback(watch)
     result = stage.train(trainer)
 
     metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
@@ -129,11 +132,59 @@ def run(cfg: DictConfig) -> StageResult:
         metrics["eval_loss"] = ev.get("eval_loss")
         metrics.update({f"eval_{ours}": ev[f"eval_{theirs}"] for theirs, ours in METRICS.items()
                         if f"eval_{theirs}" in ev})
+    metrics.update(watch.metrics())
     metrics.update(report.metrics())
     metrics = finite(metrics)
 
     set_use_cache(trainer.model, True)
-    return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics)
+    return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics,
+                           warnings=watch.warnings)
+
+
+def displacement(chosen_shifts: list[float], margins: list[float], bound: float | None) -> str | None:
+    """Likelihood displacement at the latest logged step: the chosen answers' log-prob (summed over the answer,
+    mean over pairs) has fallen more than `bound` nats below the reference's while the margin grew past its
+    first logged value. None when not (or no bound)."""
+    if bound is None or not chosen_shifts or len(margins) < 2:
+        return None
+    shift, margin = chosen_shifts[-1], margins[-1]
+    if shift < -bound and margin > margins[0]:
+        return (f"likelihood displacement: the chosen answers' log-probability is {shift:.2f} nats below the "
+                f"reference's (bound {bound:g}) while the margin grew from {margins[0]:.3f} to {margin:.3f} - the "
+                "policy wins the pairs by pushing both answers down, which usually lowers answer quality. Add an NLL "
+                "term (stage.loss_type=[sigmoid,sft], the default), raise stage.beta or lower train.lr")
+    return None
+
+
+class DisplacementWatch(TrainerCallback):
+    """Each logged training step: the mean change of the chosen answers' log-probs against the reference
+    (TRL logs rewards/chosen = beta * that change). The first time displacement() fires, the console warns;
+    the warning goes to stage.json."""
+
+    def __init__(self, beta: float, bound: float | None):
+        self.beta, self.bound = beta, bound
+        self.shifts: list[float] = []
+        self.margins: list[float] = []
+        self.warnings: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "rewards/chosen" not in logs or "rewards/margins" not in logs or "eval_loss" in logs:
+            return
+        self.shifts.append(logs["rewards/chosen"] / self.beta)
+        self.margins.append(logs["rewards/margins"])
+        message = displacement(self.shifts, self.margins, self.bound)
+        if message and not self.warnings and state.is_world_process_zero:
+            log.warning("dpo step %d: %s", state.global_step, message)
+        if message and not self.warnings:
+            self.warnings.append({"kind": "likelihood_displacement", "step": state.global_step,
+                                  "chosen_logp_change": round(self.shifts[-1], 4), "margin": round(self.margins[-1], 4),
+                                  "message": message})
+
+    def metrics(self) -> dict:
+        if not self.shifts:
+            return {}
+        return {"train_chosen_logp_change": self.shifts[-1], "train_min_chosen_logp_change": min(self.shifts)}
 
 
 def _last_logged(log_history: list[dict]) -> dict:
