@@ -12,7 +12,7 @@ import re
 import sys
 import warnings
 
-STAGES = ("sft", "rm", "dpo", "ppo", "eval")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "eval")
 COMMANDS = ("export",)  # `python -m align export stage=rm run.name=x`
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(=(\d+))?$")
 

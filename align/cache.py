@@ -34,6 +34,11 @@ def parent_specs(cfg: DictConfig) -> list[tuple[str, str | None]]:
     if s.name == "ppo":
         specs = [("sft", s.actor or s.init), ("rm", s.reward)]
         return specs + ([("rm", s.critic)] if s.critic else [])
+    if s.name == "grpo":
+        from align.rewards import components_of
+
+        rm = [("rm", cfg.reward.model)] if "rm" in components_of(cfg.reward) else []
+        return [("sft", s.init)] + rm
     if s.name == "eval":  # the policies (default: the policy stages the run has), the baseline and the judge
         named = list(s.policies) or list(handoff.POLICY_STAGES)
         specs = [(p, None) if p in handoff.POLICY_STAGES else ("policy", p) for p in named]

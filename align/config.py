@@ -215,23 +215,31 @@ class DPOStageConfig(StageConfig):
 
 
 @dataclass
-class PPOStageConfig(StageConfig):
-    name: str = "ppo"
-    actor: str | None = keyed(None, help="actor and reference; default: the run's sft (stage.init is the same)")
-    reward: str | None = keyed(None, help="reward model; default: the run's rm")
-    critic: str | None = keyed(None, help="critic init (a sequence classifier); default: the reward model")
-    critic_peft: str = keyed("auto", one_of("auto", "none", "lora"), "auto: LoRA when peft is lora/qlora")
-    critic_lr: float | None = keyed(None, POSITIVE, "critic learning rate; null: train.lr")
+class OnlineStageConfig(StageConfig):
+    """What the online stages (ppo, grpo) share: sampling, the frozen models' place, the held-out eval."""
+
     frozen_device: str = keyed("auto", one_of("auto", "cpu"),
-                               "auto: reference and reward model beside the actor; cpu: their weights stay in CPU memory")
-    # rollout
-    rollout_batch_size: int = keyed(64, AT_LEAST_ONE, "prompts per rank per PPO step")
+                               "auto: reference and reward model beside the policy; cpu: their weights stay in CPU memory")
     max_prompt_length: int = keyed(512, AT_LEAST_ONE, "longest prompt in tokens")
     max_new_tokens: int = keyed(64, AT_LEAST_ONE, "longest response in tokens")
     temperature: float = keyed(1.0, POSITIVE, "sampling temperature of rollouts")
     top_p: float = keyed(1.0, Check(0, 1, low_open=True), "nucleus sampling of rollouts")
     stop_tokens: list[str] = keyed(None, help="extra single-token stops besides EOS", factory=list)
     missing_eos_penalty: float | None = keyed(None, NON_NEGATIVE, "subtracted from the score of a response with no EOS")
+    eval_prompts: int = keyed(256, NON_NEGATIVE, "held-out prompts answered (greedy) before and after training; 0: none")
+    watch_window: int = keyed(10, Check(low=2), "steps compared by the over-optimisation watch (learned reward "
+                                                "vs the checker on the rollouts)")
+
+
+@dataclass
+class PPOStageConfig(OnlineStageConfig):
+    name: str = "ppo"
+    actor: str | None = keyed(None, help="actor and reference; default: the run's sft (stage.init is the same)")
+    reward: str | None = keyed(None, help="reward model; default: the run's rm")
+    critic: str | None = keyed(None, help="critic init (a sequence classifier); default: the reward model")
+    critic_peft: str = keyed("auto", one_of("auto", "none", "lora"), "auto: LoRA when peft is lora/qlora")
+    critic_lr: float | None = keyed(None, POSITIVE, "critic learning rate; null: train.lr")
+    rollout_batch_size: int = keyed(64, AT_LEAST_ONE, "prompts per rank per PPO step")
     # score
     reward_norm: bool = keyed(True, help="(score - mean) / std with the reward model's stored statistics")
     reward_clip: float | None = keyed(10.0, POSITIVE, "clip normalised scores to +-this; null: no clip")
@@ -249,7 +257,43 @@ class PPOStageConfig(StageConfig):
     clip_range_value: float = keyed(0.2, POSITIVE, "value clip")
     vf_coef: float = keyed(0.1, NON_NEGATIVE, "value loss weight")
     ppo_epochs: int = keyed(4, AT_LEAST_ONE, "passes over each rollout batch")
-    eval_prompts: int = keyed(256, NON_NEGATIVE, "held-out prompts scored (greedy) before and after training; 0: none")
+
+
+@dataclass
+class GRPOStageConfig(OnlineStageConfig):
+    """Critic-free online RL (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO's pieces) on PPO's engine."""
+
+    name: str = "grpo"
+    group_size: int = keyed(8, Check(low=2), "responses sampled per prompt (one group)")
+    rollout_batch_size: int = keyed(8, AT_LEAST_ONE, "prompts per rank per step (x group_size responses)")
+    overlong_buffer: int = keyed(0, NON_NEGATIVE, "DAPO soft overlong penalty over the last N tokens before "
+                                                  "max_new_tokens; 0: off")
+    overlong_penalty: float = keyed(1.0, NON_NEGATIVE, "the overlong penalty at max_new_tokens")
+    # advantages and loss
+    advantage: str = keyed("grpo", one_of("grpo", "dr_grpo", "rloo", "reinforce_pp"),
+                           "grpo: group mean/std; dr_grpo: no std, no length normalisation; rloo: leave-one-out; "
+                           "reinforce_pp: group mean, per-token KL in the reward, batch-whitened")
+    loss_agg: str = keyed("auto", one_of("auto", "token_mean", "seq_mean", "seq_sum"),
+                          "auto: seq_sum (sum / max_new_tokens) for dr_grpo, token_mean otherwise")
+    clip_low: float = keyed(0.2, POSITIVE, "ratio clip below 1")
+    clip_high: float = keyed(0.28, POSITIVE, "ratio clip above 1 (DAPO's clip-higher when above clip_low)")
+    drop_zero_variance: bool = keyed(True, help="leave out groups whose rewards are all equal (DAPO); counted")
+    beta: float = keyed(0.0, NON_NEGATIVE, "KL(policy || reference) coefficient; 0: no reference pass at all")
+    kl_in: str = keyed("auto", one_of("auto", "loss", "reward"),
+                       "auto: in the reward for reinforce_pp, in the loss otherwise")
+    kl_estimator: str = keyed("k3", one_of("k1", "k3"), "per-token KL estimator")
+    ppo_epochs: int = keyed(1, AT_LEAST_ONE, "passes over each rollout batch")
+
+
+@dataclass
+class RewardConfig:
+    kind: str = keyed("checker", one_of("checker", "rm", "python", "weighted"),
+                      "what scores a response in grpo: the data's task checker, a reward model, your function, "
+                      "or a weighted sum")
+    model: str | None = keyed(None, help="reward=rm: a stage name or path; null: the run's rm")
+    fn: str | None = keyed(None, help="reward=python: module:function, called as fn(prompts, completions, **fields)")
+    weights: dict[str, float] = keyed(None, help="reward=weighted: {checker: 1.0, rm: 0.5, python: 1.0}",
+                                      factory=dict)
 
 
 @dataclass
@@ -279,9 +323,14 @@ class PipelineConfig:
 
 
 STAGE_SCHEMAS = {"sft": SFTStageConfig, "rm": RMStageConfig, "dpo": DPOStageConfig, "ppo": PPOStageConfig,
-                 "eval": EvalStageConfig}
+                 "grpo": GRPOStageConfig, "eval": EvalStageConfig}
 # groups a recipe may set per stage: `sft.train.epochs=2`, `rm.data.train=prefs.jsonl`
 SECTION_GROUPS = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig, "peft": PeftConfig}
+REWARD_STAGES = ("grpo",)  # the stages the reward group applies to: `grpo.reward.kind=rm` inside a recipe
+
+
+def section_groups(stage: str) -> dict[str, type]:
+    return {**SECTION_GROUPS, **({"reward": RewardConfig} if stage in REWARD_STAGES else {})}
 
 
 def _overlay(schema: type, name: str, extra: dict[str, type] | None = None) -> type:
@@ -307,7 +356,8 @@ def _overlay(schema: type, name: str, extra: dict[str, type] | None = None) -> t
 
 
 def _section(stage: str) -> type:
-    groups = {g: _overlay(schema, f"{stage.upper()}{schema.__name__}Overlay") for g, schema in SECTION_GROUPS.items()}
+    groups = {g: _overlay(schema, f"{stage.upper()}{schema.__name__}Overlay")
+              for g, schema in section_groups(stage).items()}
     return _overlay(STAGE_SCHEMAS[stage], f"{stage.upper()}Section", groups)
 
 
@@ -324,12 +374,14 @@ class AlignConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # per-stage overrides inside a recipe (see recipes/): unset keys leave the shared value alone
     sft: SECTIONS["sft"] = field(default_factory=SECTIONS["sft"])  # type: ignore[valid-type]
     rm: SECTIONS["rm"] = field(default_factory=SECTIONS["rm"])  # type: ignore[valid-type]
     dpo: SECTIONS["dpo"] = field(default_factory=SECTIONS["dpo"])  # type: ignore[valid-type]
     ppo: SECTIONS["ppo"] = field(default_factory=SECTIONS["ppo"])  # type: ignore[valid-type]
+    grpo: SECTIONS["grpo"] = field(default_factory=SECTIONS["grpo"])  # type: ignore[valid-type]
     eval: SECTIONS["eval"] = field(default_factory=SECTIONS["eval"])  # type: ignore[valid-type]
 
 

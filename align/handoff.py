@@ -17,15 +17,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from align.config import REWARD_STAGES
+
 STAGE_JSON = "stage.json"
 MODEL_DIR = "model"
 CONFIG_YAML = "config.yaml"
 CHECKPOINTS = "checkpoints"
 HISTORY = "history.jsonl"  # one line per logged step (training curves for summaries and plots)
 RESULTS_MD = "results.md"  # the eval stage's table
-POLICY_STAGES = ("sft", "dpo", "ppo")  # stages whose model/ is a policy (what the eval stage measures)
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo")  # stages whose model/ is a policy (what the eval stage measures)
 # keys that do not change what a stage computes: left out of the config hash
-UNHASHED_KEYS = ("run", "logger", "pipeline", "sft", "rm", "dpo", "ppo", "eval")  # the last five: a recipe's sections
+UNHASHED_KEYS = ("run", "logger", "pipeline", "sft", "rm", "dpo", "ppo", "grpo", "eval")  # from "sft": a recipe's sections
 
 
 class HandoffError(RuntimeError):
@@ -49,10 +51,16 @@ def identity(cfg: DictConfig) -> dict:
     not change what it computes) and the content of its inputs (data files, a local base model)."""
     from align import fingerprint
 
-    data = OmegaConf.to_container(cfg, resolve=True)
+    return {"config": _hashed(OmegaConf.to_container(cfg, resolve=True)), "inputs": fingerprint.inputs(cfg)}
+
+
+def _hashed(config: dict) -> dict:
+    """A resolved config less the keys that do not change what its stage computes."""
     for key in UNHASHED_KEYS:
-        data.pop(key, None)
-    return {"config": data, "inputs": fingerprint.inputs(cfg)}
+        config.pop(key, None)
+    if config.get("stage", {}).get("name") not in REWARD_STAGES:  # the reward group counts where it applies
+        config.pop("reward", None)
+    return config
 
 
 def config_hash(cfg: DictConfig, ident: dict | None = None) -> str:
@@ -85,9 +93,7 @@ def changes(old: dict, new: dict, most: int = 6) -> str:
 def recorded_identity(path: Path) -> dict:
     """The identity a complete stage was trained with (its config.yaml and recorded inputs)."""
     config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_YAML), resolve=False) if (path / CONFIG_YAML).is_file() else {}
-    for key in UNHASHED_KEYS:
-        config.pop(key, None)
-    return {"config": config, "inputs": read_stage_json(path).get("inputs", {})}
+    return {"config": _hashed(config), "inputs": read_stage_json(path).get("inputs", {})}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from align.config import SECTION_GROUPS, SECTIONS, STAGE_SCHEMAS, AlignConfig, config_dir
+from align.config import SECTIONS, STAGE_SCHEMAS, AlignConfig, config_dir, section_groups
 
 PER_STAGE_KEYS = tuple(SECTIONS)  # the section names: sft, rm, dpo, ppo
 STRIPPED = ("pipeline", *PER_STAGE_KEYS)  # not part of a single stage's config
@@ -91,7 +91,7 @@ def stage_config(cfg: DictConfig, stage: str, run_name: str | None = None) -> Di
     base = {**OmegaConf.to_container(cfg, resolve=False), "stage": {}}
     merged = OmegaConf.merge(OmegaConf.structured(AlignConfig), base)  # typed again; sections dropped by strip()
     merged.stage = stage_defaults(stage)
-    groups = {k: overrides.pop(k) for k in list(overrides) if k in SECTION_GROUPS}
+    groups = {k: overrides.pop(k) for k in list(overrides) if k in section_groups(stage)}
     if overrides:
         merged.stage = OmegaConf.merge(merged.stage, overrides)
     for group, values in groups.items():
@@ -127,4 +127,4 @@ def check(cfg: DictConfig, task_overrides: list[str]) -> None:
         owners = [s for s in stages if key.split("=")[0].split(".")[0] in STAGE_SCHEMAS[s].__dataclass_fields__]
         raise RecipeError(
             f"{stage_keys[0]}: inside a recipe a stage's keys are addressed by its name "
-            f"(e.g. {(owners or stages)[-1]}.{key}), since the recipe runs several stages")
+            f"(e.g. {' or '.join(f'{o}.{key}' for o in (owners or stages[-1:]))}), since the recipe runs several stages")

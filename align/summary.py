@@ -20,8 +20,10 @@ HEADLINE = {
     "dpo": ("first_loss", "last_loss", "eval_accuracy", "eval_margin"),
     "ppo": ("first_reward/score_mean", "reward/score_mean", "objective/kl", "eval_reward_mean_before",
             "eval_reward_mean", "eval_checker_accuracy_before", "eval_checker_accuracy"),
-    "eval": ("sft/checker_accuracy", "dpo/checker_accuracy", "ppo/checker_accuracy", "dpo/win_rate", "ppo/win_rate",
-             "dpo/kl", "ppo/kl", "rm_accuracy"),
+    "grpo": ("first_reward/total_mean", "reward/total_mean", "eval_checker_accuracy_before", "eval_checker_accuracy",
+             "eval_kl"),
+    "eval": ("sft/checker_accuracy", "dpo/checker_accuracy", "ppo/checker_accuracy", "grpo/checker_accuracy",
+             "dpo/win_rate", "ppo/win_rate", "grpo/win_rate", "dpo/kl", "ppo/kl", "grpo/kl", "rm_accuracy"),
 }
 # plot panels: title -> history keys drawn in it (those logged are drawn)
 PANELS = {
@@ -29,7 +31,8 @@ PANELS = {
     "accuracy": ("mean_token_accuracy", "accuracy", "rewards/accuracies", "eval_mean_token_accuracy",
                  "eval_accuracy", "eval_rewards/accuracies"),
     "reward": ("margin", "rewards/margins", "rewards/chosen", "rewards/rejected", "eval_margin",
-               "eval_rewards/margins", "reward/score_mean", "reward/shaped_mean"),
+               "eval_rewards/margins", "reward/score_mean", "reward/shaped_mean", "reward/total_mean",
+               "reward/checker"),
     "KL": ("objective/kl", "policy/approx_kl"),
 }
 

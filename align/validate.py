@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -60,6 +61,12 @@ def relations(cfg: DictConfig) -> list[str]:
             out.append(f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of train.batch_size x "
                        f"train.grad_accum = {mini} (one PPO mini-batch); e.g. stage.rollout_batch_size="
                        f"{max(mini, s.rollout_batch_size // mini * mini)}")
+    if s.name == "grpo":
+        mini, samples = t.batch_size * t.grad_accum, s.rollout_batch_size * s.group_size
+        if mini > 0 and samples % mini:
+            out.append(f"stage.rollout_batch_size x stage.group_size = {samples} responses per step must be a multiple "
+                       f"of train.batch_size x train.grad_accum = {mini} (one optimizer step); e.g. train.batch_size="
+                       f"{math.gcd(samples, t.batch_size)}")
     if s.name == "dpo" and s.loss_weights is not None:
         losses = list(s.loss_type) if isinstance(s.loss_type, ListConfig) else [s.loss_type]
         if len(s.loss_weights) != len(losses):

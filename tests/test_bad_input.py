@@ -124,7 +124,7 @@ def test_help_is_align_s_own_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("align: post-training for causal language models")
-    assert "stages:   sft, rm, dpo, ppo, eval" in out.stdout and "recipes:  demo" in out.stdout
+    assert "stages:   sft, rm, dpo, ppo, grpo, eval" in out.stdout and "recipes:  demo" in out.stdout
     assert "model:" in out.stdout and "qwen2_5_0_5b" in out.stdout
     assert "_schema" not in out.stdout and "???" not in out.stdout and "powered by Hydra" not in out.stdout
     assert out.stdout.rstrip().endswith("no torch")

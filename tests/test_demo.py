@@ -13,9 +13,9 @@ from conftest import compose
 pytestmark = pytest.mark.demo
 
 # the demo recipe's own settings, fewer steps: SFT as in the demo (it is the baseline), then
-# DPO 150 of 500 steps, the RM 250 of 500, PPO 30 of 100; checker on 128 held-out prompts
+# DPO 150 of 500 steps, the RM 250 of 500, PPO 30 of 100, GRPO 250 of 800; checker on 128 held-out prompts
 SHORT = ["dpo.train.max_steps=150", "rm.train.max_steps=250", "ppo.train.max_steps=30", "ppo.eval_prompts=128",
-         "eval.prompts=128"]
+         "grpo.train.max_steps=250", "grpo.eval_prompts=128", "eval.prompts=128"]
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +36,7 @@ def test_dpo_and_ppo_beat_sft_on_the_checker(demo):
     # the run's RM agrees: both preference stages' answers win against SFT's more often than not
     assert demo["dpo/win_rate"] > 0.5 and demo["ppo/win_rate"] > 0.5, demo
     assert 0 < demo["ppo/kl"] < 2.0, demo  # the KL penalty kept PPO near its reference
+
+
+def test_grpo_with_the_checker_beats_sft(demo):
+    assert demo["grpo/checker_accuracy"] >= demo["sft/checker_accuracy"] + 0.15, demo

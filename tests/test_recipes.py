@@ -61,7 +61,7 @@ def test_misplaced_keys_are_refused_with_the_fix():
         recipes.check(compose("stage=dpo", "dpo.beta=0.3"), ["stage=dpo", "dpo.beta=0.3"])
     with pytest.raises(recipes.RecipeError, match="runs sft, dpo, not ppo"):
         recipes.check(compose("recipe=rlhf_dpo", "ppo.kl_coef=0.1"), ["recipe=rlhf_dpo", "ppo.kl_coef=0.1"])
-    with pytest.raises(recipes.RecipeError, match=r"addressed by its name \(e.g. dpo.beta=0.2\)"):
+    with pytest.raises(recipes.RecipeError, match=r"addressed by its name \(e.g. dpo.beta=0.2 or grpo.beta=0.2\)"):
         recipes.check(compose("recipe=demo"), ["recipe=demo", "stage.beta=0.2"])
     with pytest.raises(recipes.RecipeError, match="pipeline.force names 'dpo'"):
         recipes.check(compose("recipe=demo", *FAST, "pipeline.force=[dpo]"), [])

@@ -19,7 +19,7 @@ import torch
 from conftest import REPO, compose
 from test_launch import deepspeed_bin, launch, stage_record
 
-STAGES = ("sft", "rm", "dpo", "ppo")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 ZERO = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
 PEFT = ("none", "lora", "qlora")
 # lr high and no warm-up: after a few steps an adapter (its B matrices start at zero) has clearly moved
@@ -31,6 +31,9 @@ STAGE_ARGS = {
     "dpo": ["train.max_steps=3", "data.max_rows=64"],
     "ppo": ["train.max_steps=2", "stage.rollout_batch_size=4", "stage.ppo_epochs=1", "stage.eval_prompts=8",
             "stage.max_new_tokens=8"],
+    "grpo": ["train.max_steps=2", "stage.rollout_batch_size=2", "stage.group_size=2", "stage.eval_prompts=8",
+             "stage.max_new_tokens=8", "stage.beta=0.05", "reward=python",
+             "reward.fn=tests.rewards_for_tests:length"],  # a reward that varies within a group of an untrained model
 }
 
 
@@ -129,11 +132,12 @@ def test_sft_loss_curve_is_the_same_on_one_process_and_on_two_ranks_under_zero2_
 
 
 @pytest.mark.parametrize("stage,zero,peft", [("rm", "zero3", "lora"), ("ppo", "zero3", "lora"),
-                                             ("dpo", "zero3", "qlora")])
+                                             ("dpo", "zero3", "qlora"), ("grpo", "zero3", "lora")])
 def test_zero3_outputs_reload_with_the_in_memory_logits(tmp_path, ppo_parents, stage, zero, peft):
     # PPO also with its memory knobs: checkpointed actor/critic, the reward model's shards offloaded to the CPU
-    extra = PPO_KNOBS if stage == "ppo" else []
-    out, live = run_two_ranks(tmp_path, stage, zero, peft, *extra, parents=ppo_parents if stage == "ppo" else None)
+    extra = PPO_KNOBS if stage in ("ppo", "grpo") else []
+    online = stage in ("ppo", "grpo")
+    out, live = run_two_ranks(tmp_path, stage, zero, peft, *extra, parents=ppo_parents if online else None)
     check_output(out, stage, zero, peft, live)
 
 
@@ -158,7 +162,7 @@ def test_dpo_precomputed_reference_on_two_ranks_trains_as_without(tmp_path):
 @pytest.mark.parametrize("zero", ZERO)
 @pytest.mark.parametrize("stage", STAGES)
 def test_matrix(tmp_path, ppo_parents, stage, zero, peft):
-    out, live = run_two_ranks(tmp_path, stage, zero, peft, parents=ppo_parents if stage == "ppo" else None)
+    out, live = run_two_ranks(tmp_path, stage, zero, peft, parents=ppo_parents if stage in ("ppo", "grpo") else None)
     check_output(out, stage, zero, peft, live)
 
 

@@ -142,7 +142,8 @@ def _encode_prompt_row(tokenizer, row: dict, max_length: int) -> dict:
     if len(ids) >= max_length:
         raise RowProblem(f"the prompt is {len(ids)} tokens, not below stage.max_prompt_length={max_length}",
                          "raise stage.max_prompt_length or shorten the prompt")
-    return {"prompt_ids": ids, "prompt_text": prompt_text(row["prompt"]), "reference": row["reference"]}
+    return {"prompt_ids": ids, "prompt_text": prompt_text(row["prompt"]), "reference": row["reference"],
+            "fields": row.get("fields", "{}")}
 
 
 def eval_prompts(data_cfg, tokenizer, max_length: int, max_chat_length: int, seed: int):

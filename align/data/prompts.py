@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from align.data.errors import RowProblem
 from align.data.formats import _messages_list, _string, to_messages
 from align.data.preferences import to_preference
@@ -32,7 +34,13 @@ def to_prompt(row: dict, fmt: str = "auto") -> dict:
     if not prompt or prompt[-1]["role"] == "assistant":
         raise RowProblem("no prompt to answer (the row has no user turn before the answer)",
                          "give each row a user turn, or a `prompt` field")
-    return {"prompt": prompt, "reference": reference}
+    fields = {k: v for k, v in row.items() if k not in CONVERSATION_KEYS and not k.startswith("_")}
+    return {"prompt": prompt, "reference": reference, "fields": json.dumps(fields, default=str)}
+
+
+# the keys a row's conversation is read from; the others reach a python reward function (reward=python)
+CONVERSATION_KEYS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected", "instruction",
+                     "input", "output", "query", "response", "system")
 
 
 def _last_assistant(messages: list[dict]) -> str | None:

@@ -7,13 +7,33 @@ import torch
 from align.rl.masked import masked_mean, masked_var
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
-    """-min(ratio * A, clip(ratio, 1 ± eps) * A) over response tokens; returns (loss, stats)."""
+AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", norm_length: int | None = None):
+    """One number from per-token values: token_mean (every token of the batch weighs the same), seq_mean (mean
+    over each response's tokens, then over responses) or seq_sum (each response's sum divided by the constant
+    `norm_length`, Dr. GRPO: no length normalisation), then the mean over responses."""
+    if how == "token_mean":
+        return masked_mean(x, mask)
+    if how == "seq_mean":
+        return masked_mean(x, mask, dim=1).mean()
+    if how == "seq_sum":
+        if not norm_length:
+            raise ValueError("seq_sum aggregation needs norm_length (the longest response allowed)")
+        return (x * mask.to(x.dtype)).sum(dim=1).mean() / norm_length
+    raise ValueError(f"stage.loss_agg must be one of {', '.join(AGGREGATIONS)}, got {how!r}")
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low: float, clip_high: float,
+                      how: str = "token_mean", norm_length: int | None = None):
+    """-min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) per token, aggregated; returns (loss, stats).
+    clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, how, norm_length)
     with torch.no_grad():
         stats = {
             "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -21,6 +41,11 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
             "policy/ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
+    """PPO's clipped policy loss, symmetric clip, mean over the batch's response tokens."""
+    return clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range, clip_range)
 
 
 def value_loss(values, old_values, returns, mask, clip_range_value: float):

@@ -25,9 +25,9 @@ log = logging.getLogger("align")
 # train.lr when unset: the usual rate per stage for full weights and for adapters; the tiny
 # demo model is trained from scratch and needs far larger steps.
 LR_DEFAULTS = {
-    "tiny": {"sft": 3e-3, "rm": 1e-3, "dpo": 3e-4, "ppo": 1e-4},
-    "full": {"sft": 2e-5, "rm": 1e-5, "dpo": 5e-7, "ppo": 1e-6},
-    "adapter": {"sft": 2e-4, "rm": 1e-4, "dpo": 5e-6, "ppo": 1e-5},
+    "tiny": {"sft": 3e-3, "rm": 1e-3, "dpo": 3e-4, "ppo": 1e-4, "grpo": 3e-4},
+    "full": {"sft": 2e-5, "rm": 1e-5, "dpo": 5e-7, "ppo": 1e-6, "grpo": 1e-6},
+    "adapter": {"sft": 2e-4, "rm": 1e-4, "dpo": 5e-6, "ppo": 1e-5, "grpo": 1e-5},
 }
 HASH_FILE = ".config_hash"
 IDENTITY_FILE = ".identity.json"  # beside HASH_FILE: the config and inputs the checkpoints were trained with

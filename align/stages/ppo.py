@@ -13,7 +13,6 @@ the reward model (its score head becomes the value head).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,9 +20,8 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from align import checkers, checkpointing, distributed, handoff, tracking
+from align import checkers, distributed, handoff, tracking
 from align.data.loader import prompt_datasets
-from align.eval_metrics import sequence_kl
 from align.models.loading import (
     cast_trainable,
     describe,
@@ -37,13 +35,13 @@ from align.models.loading import (
     wrap_peft,
 )
 from align.rl import rollout
-from align.rl.engine import Trainable, checkpointing_active, device, enable_checkpointing, frozen
+from align.rl.engine import Trainable, checkpointing_active, enable_checkpointing, frozen
+from align.rl.loop import OnlineLoop, mean_over_ranks, on_device_of, prompt_items, rollout_checker
 from align.rl.gae import gae
 from align.rl.kl import ESTIMATORS, kl_controller
 from align.rl.losses import explained_variance, policy_loss, value_loss
 from align.rl.masked import masked_mean, whiten
 from align.rl.rewards import shape_scores, token_rewards
-from align.preemption import Preempted, SignalFlag, TrainingDiverged
 from align.stages.common import StageResult, StageRun, finite, print_summary, resolve_lr
 
 log = logging.getLogger("align")
@@ -65,7 +63,7 @@ def run(cfg: DictConfig) -> StageResult:
 
     tokenizer = load_tokenizer(resolve_name(actor_source), cfg.model)
     train_ds, eval_ds, report = prompt_datasets(cfg.data, tokenizer, s.max_prompt_length, cfg.train.seed)
-    train_prompts = list(train_ds["prompt_ids"])
+    train_prompts = prompt_items(train_ds)  # (ids, prompt_text/reference): the checker reads the rollouts too
     n_eval = s.eval_prompts if (eval_ds is not None and s.eval_prompts) else 0
     eval_prompts = list(eval_ds["prompt_ids"])[:n_eval] if n_eval else []
     eval_texts = list(zip(eval_ds["prompt_text"], eval_ds["reference"]))[:n_eval] if n_eval else []
@@ -91,7 +89,8 @@ def run(cfg: DictConfig) -> StageResult:
     before = None
     if stage.resume_from is None:
         before = loop.evaluate(eval_prompts, eval_texts) if eval_prompts else {}
-    history = loop.train(train_prompts, steps, stage.wandb_run, stage.checkpoints, stage.resume_from, before)
+    history = loop.train(train_prompts, steps, s.rollout_batch_size, stage.wandb_run, stage.checkpoints,
+                         stage.resume_from, before)
     before = loop.before  # restored from the checkpoint when resuming
     after = loop.evaluate(eval_prompts, eval_texts) if eval_prompts else {}
 
@@ -106,7 +105,8 @@ def run(cfg: DictConfig) -> StageResult:
     metrics = finite(metrics)
     parents = [p for p in (actor_parent, reward_parent, critic_parent if s.critic else None) if p]
     curves = [{"step": i + 1, **h} for i, h in enumerate(history)]
-    return _save_and_commit(stage, models, tokenizer, parents, actor_parent, critic_parent, metrics, curves)
+    return _save_and_commit(stage, models, tokenizer, parents, actor_parent, critic_parent, metrics, curves,
+                            loop.warnings)
 
 
 def _validate(cfg) -> None:
@@ -171,44 +171,30 @@ def _load_models(cfg, stage: StageRun, actor_source, reward_parent, critic_paren
     return Models(actor_t, critic_t, reference, reward, peft_actor)
 
 
-def on_device_of(model, batch: rollout.Batch, fn) -> torch.Tensor:
-    """fn(batch) run where `model`'s weights are (the CPU with stage.frozen_device=cpu), the result back
-    beside the batch."""
-    where = next(model.parameters()).device
-    if where == batch.mask.device:
-        return fn(batch)
-    return fn(batch.to(where)).to(batch.mask.device)
+class PPOLoop(OnlineLoop):
+    name = "ppo"
+    progress_keys = ("reward/score_mean", "objective/kl")
+    watch_keys = ("reward/score_mean", "reward/checker")  # the RM's raw score beside the checker's accuracy
+    log_keys = ("reward/score_mean", "objective/kl", "objective/kl_coef", "policy/entropy", "policy/clipfrac",
+                "loss/value", "value/explained_variance", "response/length", "time/generation_share")
 
-
-class PPOLoop:
     def __init__(self, cfg, models: Models, tokenizer, norm, checker=None):
-        self.cfg, self.s, self.m, self.tok, self.checker = cfg, cfg.stage, models, tokenizer, checker
-        self.pad = tokenizer.pad_token_id
-        self.stop_ids = rollout.stop_token_ids(tokenizer, list(self.s.stop_tokens))
+        super().__init__(cfg, models.actor, models.reference, models.peft_actor, tokenizer, checker)
+        self.m = models
         self.norm_mean, self.norm_std = norm
         self.kl_ctl = kl_controller(self.s.kl_coef, self.s.kl_target, self.s.kl_horizon)
-        self.synced = cfg.deepspeed.zero_stage == 3 and distributed.world_size() > 1
-        self.train_time = 0.0
-        self.skipped, self.bad_in_a_row = 0, 0  # non-finite mini-batch updates dropped
-        self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)  # mini-batch order
 
-    # --- rollouts -------------------------------------------------------------------------------
-    def sample(self, prompts, greedy=False) -> rollout.Batch:
-        actor = self.m.actor.module
-        set_use_cache(actor, True)
-        batch = rollout.generate(actor, prompts, pad_id=self.pad, stop_ids=self.stop_ids,
-                                 max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
-                                 top_p=self.s.top_p, greedy=greedy, synced_gpus=self.synced, device=device())
-        set_use_cache(actor, False)
-        return batch
+    def trained(self) -> dict:
+        return {"actor": self.m.actor, "critic": self.m.critic}
 
-    @torch.no_grad()
-    def reference_logprobs(self, batch, temperature):
-        if self.m.peft_actor:
-            with rollout.adapter_disabled(self.m.actor.module):
-                return rollout.response_logprobs(self.m.actor.module, batch, temperature)[0]
-        return on_device_of(self.m.reference, batch, lambda b: rollout.response_logprobs(self.m.reference, b,
-                                                                                         temperature)[0])
+    def extra_state(self) -> dict:
+        return {"kl_coef": self.kl_ctl.value}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.kl_ctl.value = state["kl_coef"]
+
+    def eval_scores(self, batch, responses, items) -> dict:
+        return {"reward_mean": self.score(batch)}
 
     @torch.no_grad()
     def score(self, batch) -> torch.Tensor:
@@ -218,7 +204,7 @@ class PPOLoop:
     def step(self, prompts) -> dict:
         s = self.s
         t0 = time.perf_counter()
-        batch = self.sample(prompts)
+        batch = self.sample([ids for ids, _ in prompts])
         t_gen = time.perf_counter() - t0
         with torch.no_grad():
             old_logp, _ = rollout.response_logprobs(self.m.actor.module, batch, s.temperature)
@@ -241,6 +227,9 @@ class PPOLoop:
             "objective/non_score_reward": (-self.kl_ctl.value * kl * mask).sum(1).mean(),
             "response/length": mask.sum(1).float().mean(), "response/ended": batch.ended.float().mean(),
         }
+        if self.checker is not None:  # the over-optimisation watch compares it with the RM's score
+            rollout_stats["reward/checker"] = rollout_checker(
+                self.checker, rollout.decode_responses(self.tok, batch), [item for _, item in prompts]).mean()
 
         update_stats: dict[str, list] = {}
         n, micro = len(prompts), self.cfg.train.batch_size
@@ -255,7 +244,7 @@ class PPOLoop:
                     vpred = rollout.values(self.m.critic.model, mb)
                 pg_loss, pg_stats = policy_loss(logp, old_logp[idx], advantages[idx], mb.mask, s.clip_range)
                 vf_loss, vf_stats = value_loss(vpred, old_values[idx], returns[idx], mb.mask, s.clip_range_value)
-                if not self._finite_on_all_ranks(pg_loss, vf_loss):
+                if not self.finite_on_all_ranks(pg_loss, vf_loss):
                     continue  # this mini-batch's update is dropped on every rank
                 self.m.actor.backward(pg_loss)
                 self.m.actor.step()
@@ -273,147 +262,13 @@ class PPOLoop:
         stats["time/generation_share"] = t_gen / step_time
         stats["time/step_s"] = step_time
         stats["lr/actor"] = self.m.actor.lr()
-        stats = _mean_over_ranks(stats)
+        stats = mean_over_ranks(stats)
         self.kl_ctl.update(stats["objective/kl"], n * distributed.world_size())
         return stats
 
-    def _finite_on_all_ranks(self, *losses) -> bool:
-        """False (and counted) when a loss is NaN/inf on any rank; max_bad_steps in a row stop the run."""
-        if distributed.all_reduce_scalar(all(bool(torch.isfinite(x).all()) for x in losses), "min"):
-            self.bad_in_a_row = 0
-            return True
-        self.bad_in_a_row += 1
-        self.skipped += 1
-        log.warning("non-finite PPO loss: mini-batch update skipped (%d in a row, %d in all)",
-                    self.bad_in_a_row, self.skipped)
-        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
-            raise TrainingDiverged(
-                f"ppo: {self.bad_in_a_row} non-finite updates in a row (train.max_bad_steps="
-                f"{self.cfg.train.max_bad_steps}); stopped. Lower train.lr or check the reward model. The last "
-                "committed checkpoint (if any) is in checkpoints/.")
-        return False
-
-    def train(self, prompts: list[list[int]], steps: int, wandb_run, checkpoints=None, resume_from=None,
-              before: dict | None = None) -> list[dict]:
-        """`steps` PPO steps. Every `train.save_steps` steps, and at SIGTERM/SIGINT, the whole loop state
-        goes to checkpoints/checkpoint-N; `resume_from` continues from one exactly (same prompts next,
-        same sampling RNG). `before` (the pre-training eval) is kept in the checkpoint."""
-        from tqdm.auto import tqdm
-
-        s, world, rank = self.s, distributed.world_size(), distributed.rank()
-        g = torch.Generator().manual_seed(self.cfg.train.seed)
-        order, cursor, history = torch.randperm(len(prompts), generator=g).tolist(), 0, []
-        first, self.before = 0, before or {}
-        if resume_from is not None:
-            first, order, cursor, history = self.load_state(resume_from, g)  # restores self.before too
-            log.info("resuming from %s (step %d of %d)", resume_from, first, steps)
-        per_step = s.rollout_batch_size * world
-        start = time.perf_counter() - self.train_time
-        bar = tqdm(range(first, steps), desc="ppo", disable=not tracking.is_main_process(), initial=first, total=steps)
-        with SignalFlag() as flag:
-            for step in bar:
-                if cursor + per_step > len(order):
-                    order, cursor = torch.randperm(len(prompts), generator=g).tolist(), 0
-                mine = order[cursor + rank * s.rollout_batch_size : cursor + (rank + 1) * s.rollout_batch_size]
-                cursor += per_step
-                stats = self.step([prompts[i] for i in mine])
-                history.append(stats)
-                bar.set_postfix(score=f"{stats['reward/score_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-                if tracking.is_main_process() and (step % self.cfg.train.logging_steps == 0 or step == steps - 1):
-                    log.info("step %d/%d: %s", step + 1, steps, _fmt(stats))
-                    if wandb_run is not None:
-                        wandb_run.log({f"train/{k}": v for k, v in stats.items()}, step=step + 1)
-                done, stop = step + 1, flag.requested()
-                self.train_time = time.perf_counter() - start
-                save_steps = self.cfg.train.save_steps
-                if checkpoints is not None and (stop or (save_steps > 0 and done % save_steps == 0 and done < steps)):
-                    self.save_state(checkpoints / f"checkpoint-{done}", done, order, cursor, history, g)
-                if stop:
-                    raise Preempted.after_save("ppo", flag, done, checkpoints / f"checkpoint-{done}")
-        self.train_time = time.perf_counter() - start
-        return history
-
-    # --- checkpoints ----------------------------------------------------------------------------
-    def save_state(self, folder, step: int, order, cursor: int, history, g: torch.Generator) -> None:
-        """Actor and critic (weights being trained, optimizers, schedules), then the loop: step, prompt
-        order and position, every RNG, the KL coefficient, the history. Committed last, all ranks done."""
-        main = tracking.is_main_process()
-        self.m.actor.save_state(folder / "actor", main)
-        self.m.critic.save_state(folder / "critic", main)
-        if main:
-            from safetensors.torch import save_file
-
-            rng = {"prompt_order": g.get_state(), "minibatch_order": self.gen.get_state(), "torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state()
-            save_file(rng, str(folder / "rng.safetensors"))
-            state = {"step": step, "order": order, "cursor": cursor, "history": history, "kl_coef": self.kl_ctl.value,
-                     "train_time": self.train_time, "before": self.before, "skipped": self.skipped}
-            (folder / "loop.json").write_text(json.dumps(state))
-        checkpointing.commit_when_all_written(folder, self.cfg.train.keep_checkpoints, main, {"global_step": step})
-
-    def load_state(self, folder, g: torch.Generator):
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        self.m.actor.load_state(folder / "actor")
-        self.m.critic.load_state(folder / "critic")
-        state = json.loads((folder / "loop.json").read_text())
-        rng = load_file(str(folder / "rng.safetensors"))
-        g.set_state(rng["prompt_order"])
-        self.gen.set_state(rng["minibatch_order"])
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
-        self.kl_ctl.value = state["kl_coef"]
-        self.train_time = state["train_time"]
-        self.before = state["before"]
-        self.skipped = state.get("skipped", 0)
-        return state["step"], state["order"], state["cursor"], state["history"]
-
-    @torch.no_grad()
-    def evaluate(self, prompts: list[list[int]], texts: list[tuple[str, str | None]]) -> dict:
-        """Greedy responses to held-out prompts: mean raw reward, KL to the reference, length, and the
-        task checker's accuracy when the data set has one."""
-        rows, responses, chunk = [], [], max(self.cfg.train.batch_size, 32)
-        for i in range(0, len(prompts), chunk):
-            batch = self.sample(prompts[i : i + chunk], greedy=True)
-            logp, _ = rollout.response_logprobs(self.m.actor.module, batch)
-            ref = self.reference_logprobs(batch, 1.0)
-            rows.append((self.score(batch), sequence_kl(logp, ref, batch.mask), batch.mask.sum(1).float(),
-                         batch.ended.float()))
-            responses += rollout.decode_responses(self.tok, batch)
-        score, kl, length, ended = (torch.cat(x) for x in zip(*rows))
-        out = {"reward_mean": float(score.mean()), "kl": float(kl.mean()),
-               "response_length": float(length.mean()), "ended": float(ended.mean())}
-        if self.checker is not None:
-            out["checker_accuracy"] = checkers.accuracy(self.checker, [t for t, _ in texts], responses,
-                                                        [r for _, r in texts])
-        return _mean_over_ranks(out)
-
-
-def _mean_over_ranks(stats: dict) -> dict:
-    if not distributed.is_initialized() or distributed.world_size() == 1:
-        return stats
-    import torch.distributed as dist
-
-    keys = sorted(stats)
-    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device())
-    dist.all_reduce(t)
-    t /= distributed.world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-def _fmt(stats: dict) -> str:
-    keys = ("reward/score_mean", "objective/kl", "objective/kl_coef", "policy/entropy", "policy/clipfrac",
-            "loss/value", "value/explained_variance", "response/length", "time/generation_share")
-    return " ".join(f"{k.split('/')[-1]}={stats[k]:.4g}" for k in keys if k in stats)
-
 
 def _save_and_commit(stage: StageRun, models: Models, tokenizer, parents, actor_parent, critic_parent,
-                     metrics: dict, history: list[dict]) -> StageResult:
+                     metrics: dict, history: list[dict], warnings: list[dict]) -> StageResult:
     main = tracking.is_main_process()
     actor_sd = models.actor.state_dict_for_save()  # collectives: every rank takes part
     critic_sd = models.critic.state_dict_for_save()
@@ -431,7 +286,8 @@ def _save_and_commit(stage: StageRun, models: Models, tokenizer, parents, actor_
         tokenizer.save_pretrained(staged_critic)
         base = actor_parent.info.get("base_model", str(actor_parent.model)) if actor_parent else stage.cfg.model.name_or_path
         stage.commit(staged, parents, base, metrics, extra_dirs={CRITIC_DIR: staged_critic},
-                     extra={"critic": {"dir": CRITIC_DIR, "task": "seq_cls", "init": str(critic_parent.model)}},
+                     extra={"critic": {"dir": CRITIC_DIR, "task": "seq_cls", "init": str(critic_parent.model)},
+                            "warnings": warnings},
                      history=history)
         print_summary("ppo", metrics, stage.out)
     distributed.barrier()

@@ -1,0 +1,6 @@
+"""Reward functions the tests pass as reward.fn=tests.rewards_for_tests:<name>."""
+
+
+def length(prompts, completions, **fields):
+    """Longer is better: a reward that differs within almost every group, whatever the model."""
+    return [float(len(c)) for c in completions]

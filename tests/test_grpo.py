@@ -1,0 +1,134 @@
+"""stage=grpo end to end on the tiny model: the checker as the reward raises held-out accuracy, every advantage
+kind trains, a python reward function runs from the working directory, LoRA uses the adapter-free policy as its
+reference, and a preempted run resumes to the same weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from test_ppo import run_stage
+
+# temperature 0.7 as in the demo recipe: at 1.0 the tiny SFT model samples a right answer 17% of the time
+GRPO = ("train.batch_size=16", "stage.rollout_batch_size=8", "stage.group_size=8", "stage.eval_prompts=64",
+        "stage.max_new_tokens=8", "stage.temperature=0.7", "train.logging_steps=1")
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("grpo") / "runs"
+    run_stage("sft", runs)  # the demo's SFT (3 epochs): a model that answers right about half the time
+    return runs
+
+
+def test_grpo_with_the_checker_as_reward_raises_held_out_accuracy(sft_run):
+    result = run_stage("grpo", sft_run, *GRPO, "train.max_steps=250")
+    m = result.metrics
+    # measured here: 0.52 -> 0.83 on the 64 held-out prompts (the demo recipe: 0.58 -> 0.87-0.93 over seeds)
+    assert m["eval_checker_accuracy"] >= m["eval_checker_accuracy_before"] + 0.15, m
+    assert m["reward/checker"] > m["first_reward/checker"], m  # the rollouts' own accuracy rose
+    assert "eval_kl" not in m and "eval_kl_before" not in m  # beta 0 with full weights: no reference loaded
+    for key in ("groups/zero_variance_share", "policy/clipfrac", "policy/entropy", "response/length", "samples/s"):
+        assert key in m, key
+    record = json.loads((result.out / "stage.json").read_text())
+    assert [p["stage"] for p in record["parents"]] == ["sft"] and record["warnings"] == []
+
+
+@pytest.mark.parametrize("advantage", ["dr_grpo", "rloo", "reinforce_pp"])
+def test_every_advantage_kind_trains(sft_run, advantage):
+    result = run_stage("grpo", sft_run, *GRPO, "train.max_steps=60", f"stage.advantage={advantage}",
+                       f"run.name={advantage}", f"stage.init={sft_run / 'demo' / 'sft'}", "stage.beta=0.05")
+    m = result.metrics
+    assert m["eval_checker_accuracy"] > m["eval_checker_accuracy_before"], (advantage, m)
+    assert 0 < m["eval_kl"] < 5, m  # beta > 0 loads the reference
+
+
+def test_python_reward_from_the_working_directory(sft_run, tmp_path, monkeypatch):
+    """reward=python reward.fn=my_rewards:score, with the rows' own fields; errors skipped and counted."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text(
+        "def score(prompts, completions, reference, bonus):\n"
+        "    if any(c == '' for c in completions):\n        raise ValueError('empty')\n"
+        "    return [float(c.strip() == r.strip()) + b for c, r, b in zip(completions, reference, bonus)]\n")
+    rows = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}],
+             "bonus": 0.0} for w in ("cat", "dog", "sun", "map", "pen", "cup", "hat", "box")] * 4
+    data = write_jsonl(tmp_path / "repeat.jsonl", rows)
+    result = run_stage("grpo", sft_run, *GRPO, "train.max_steps=3", "reward=python", "reward.fn=my_rewards:score",
+                       f"data.train={data}", "data.checker=exact", "stage.eval_prompts=0", "run.name=py",
+                       f"stage.init={sft_run / 'demo' / 'sft'}", "data.on_error=skip")
+    m = result.metrics
+    assert "reward/python" in m and "reward/checker" in m
+    assert m["reward_errors"] >= 0
+
+
+def test_lora_grpo_reference_is_the_policy_without_its_adapter(sft_run):
+    result = run_stage("grpo", sft_run, *GRPO, "train.max_steps=3", "peft=lora", "stage.beta=0.1", "run.name=lora",
+                       f"stage.init={sft_run / 'demo' / 'sft'}", "train.lr=1e-3")
+    m = result.metrics
+    assert m["eval_kl_before"] == pytest.approx(0.0, abs=1e-6)  # adapter B = 0: policy == reference
+    assert (result.out / "model" / "adapter_config.json").is_file()
+
+
+def test_grpo_preempted_then_resumed_ends_with_the_uninterrupted_weights(sft_run, tmp_path, monkeypatch):
+    import shutil
+    import signal
+
+    from safetensors.torch import load_file
+
+    from align.handoff import read_history
+    from align.preemption import Preempted
+    from align.stages import grpo
+
+    keys = [*GRPO, "train.max_steps=5", "stage.eval_prompts=8", "stage.ppo_epochs=2", "stage.beta=0.05"]
+    for name in ("a", "b"):
+        shutil.copytree(sft_run / "demo" / "sft", tmp_path / name / "demo" / "sft")
+    whole = run_stage("grpo", tmp_path / "a", *keys)
+
+    original, calls = grpo.GRPOLoop.step, {"n": 0}
+
+    def step(self, prompts):
+        out = original(self, prompts)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(grpo.GRPOLoop, "step", step)
+        with pytest.raises(Preempted, match=r"grpo: stopped by SIGTERM at step 3"):
+            run_stage("grpo", tmp_path / "b", *keys)
+    resumed = run_stage("grpo", tmp_path / "b", *keys)
+    assert [h["step"] for h in read_history(resumed.out)] == [1, 2, 3, 4, 5]
+    a, b = (load_file(str(r.out / "model" / "model.safetensors")) for r in (whole, resumed))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert resumed.metrics["eval_checker_accuracy"] == whole.metrics["eval_checker_accuracy"]
+
+
+def test_overoptimisation_warning_reaches_the_console_and_stage_json(sft_run, monkeypatch, caplog):
+    """The watch's rule is tested by hand (test_grpo_math); here its wiring: a learned reward that rises while
+    the rollouts' checker accuracy falls (injected into each step's statistics) is warned about once."""
+    import logging
+
+    from align.stages import grpo
+
+    original, calls = grpo.GRPOLoop.step, {"n": 0}
+
+    def step(self, prompts):
+        out = original(self, prompts)
+        calls["n"] += 1
+        return {**out, "reward/rm": 0.1 * calls["n"], "reward/checker": 1.0 - 0.05 * calls["n"]}
+
+    monkeypatch.setattr(grpo.GRPOLoop, "step", step)
+    with caplog.at_level(logging.WARNING, logger="align"):
+        result = run_stage("grpo", sft_run, *GRPO, "train.max_steps=6", "stage.watch_window=3", "run.name=watch",
+                           f"stage.init={sft_run / 'demo' / 'sft'}", "stage.eval_prompts=0")
+    warnings = json.loads((result.out / "stage.json").read_text())["warnings"]
+    assert [(w["kind"], w["step"]) for w in warnings] == [("over_optimisation", 6)]
+    assert "rose by 0.300" in warnings[0]["message"] and "fell by 0.150" in warnings[0]["message"]
+    assert "over-optimisation" in caplog.text
