@@ -12,7 +12,6 @@ import re
 import sys
 import warnings
 
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "eval")
 COMMANDS = ("export",)  # `python -m align export stage=rm run.name=x`
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(=(\d+))?$")
 
@@ -84,7 +83,9 @@ def print_help() -> None:
     for group in sorted(p for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_")):
         options = sorted(p.stem for p in group.glob("*.yaml"))
         groups.append(f"  {group.name + ':':11s}{', '.join(options)}")
-    print(HELP.format(stages=", ".join(STAGES), recipes=", ".join(recipes), groups="\n".join(groups)))
+    from align.stages import names
+
+    print(HELP.format(stages=", ".join(names()), recipes=", ".join(recipes), groups="\n".join(groups)))
 
 
 def _quiet_third_party() -> None:
@@ -124,8 +125,9 @@ def dispatch(cfg, command: str = "train", task_overrides: list[str] | None = Non
 
         return run(cfg)
     name = cfg.stage.name
-    if name not in STAGES:
-        raise SystemExit(f"stage={name} is not available; choose one of {', '.join(STAGES)}")
+    from align import stages
+
+    stages.get(name)  # an unknown name stops here, naming the stages there are
     from align import preflight
 
     supported.check(cfg)  # every value, before any model is loaded
@@ -179,6 +181,8 @@ def main() -> None:
     from align.handoff import HandoffError
     from align.preemption import Preempted, TrainingDiverged
     from align.recipes import RecipeError
+    from align.rewards import RewardError
+    from align.stages import UnknownStage
     from align.supported import Unsupported
 
     register()
@@ -194,11 +198,13 @@ def main() -> None:
             sweep_name = job_name(task, swept_keys(args, hc.sweeper.get("params")))
         choice = hc.runtime.choices.get("stage", "")
         if choice.endswith("_schema"):
-            logging.getLogger("align").error("stage=%s is not a stage; choose one of %s", choice, ", ".join(STAGES))
+            from align.stages import names
+
+            logging.getLogger("align").error("stage=%s is not a stage; choose one of %s", choice, ", ".join(names()))
             sys.exit(2)
         try:
             return dispatch(cfg, command, task, sweep_name)
-        except (DataError, HandoffError, RecipeError, Unsupported) as e:
+        except (DataError, HandoffError, RecipeError, RewardError, UnknownStage, Unsupported) as e:
             logging.getLogger("align").error("%s", e)
             sys.exit(2)
         except Preempted as e:  # checkpoint saved: 143 (SIGTERM) / 130 (SIGINT) tells the scheduler to requeue

@@ -25,26 +25,10 @@ SEARCH_DEPTH = 3  # run.root/<name>/<stage>, run.root/<sweep>/<job>/<stage>, one
 
 
 def parent_specs(cfg: DictConfig) -> list[tuple[str, str | None]]:
-    """(parent stage, override) pairs the stage resolves with handoff.find_parent, in the same way."""
-    s = cfg.stage
-    if s.name == "sft":
-        return [("init", s.init)] if s.init else []
-    if s.name in ("rm", "dpo"):
-        return [("sft", s.init)]
-    if s.name == "ppo":
-        specs = [("sft", s.actor or s.init), ("rm", s.reward)]
-        return specs + ([("rm", s.critic)] if s.critic else [])
-    if s.name == "grpo":
-        from align.rewards import components_of
+    """(parent stage, override) pairs the stage resolves with handoff.find_parent, as its StageSpec declares."""
+    from align.stages import get
 
-        rm = [("rm", cfg.reward.model)] if "rm" in components_of(cfg.reward) else []
-        return [("sft", s.init)] + rm
-    if s.name == "eval":  # the policies (default: the policy stages the run has), the baseline and the judge
-        named = list(s.policies) or list(handoff.POLICY_STAGES)
-        specs = [(p, None) if p in handoff.POLICY_STAGES else ("policy", p) for p in named]
-        specs += [("sft", None if s.baseline == "sft" else s.baseline)] if s.baseline else []
-        return specs + ([] if s.reward == "none" else [("rm", s.reward)])
-    raise ValueError(f"unknown stage {s.name!r}")
+    return get(cfg.stage.name).parents(cfg)
 
 
 def current_parents(cfg: DictConfig) -> list[handoff.Parent] | None:

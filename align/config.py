@@ -7,6 +7,7 @@ anything loads. The YAML files in conf/ pick values; these classes define what m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,9 @@ class OnlineStageConfig(StageConfig):
     eval_prompts: int = keyed(256, NON_NEGATIVE, "held-out prompts answered (greedy) before and after training; 0: none")
     watch_window: int = keyed(10, Check(low=2), "steps compared by the over-optimisation watch (learned reward "
                                                 "vs the checker on the rollouts)")
+    gather_for_rollout: str = keyed("auto", one_of("auto", "on", "off"),
+                                    "ZeRO-3: gather the policy once per rollout instead of per token (auto: when its "
+                                    "full weights take under a quarter of the free memory)")
 
 
 @dataclass
@@ -322,15 +326,26 @@ class PipelineConfig:
     summary: bool = True  # summary.md, plots and the table at the end
 
 
-STAGE_SCHEMAS = {"sft": SFTStageConfig, "rm": RMStageConfig, "dpo": DPOStageConfig, "ppo": PPOStageConfig,
-                 "grpo": GRPOStageConfig, "eval": EvalStageConfig}
-# groups a recipe may set per stage: `sft.train.epochs=2`, `rm.data.train=prefs.jsonl`
 SECTION_GROUPS = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig, "peft": PeftConfig}
-REWARD_STAGES = ("grpo",)  # the stages the reward group applies to: `grpo.reward.kind=rm` inside a recipe
+
+
+def stage_schemas() -> dict[str, type]:
+    """name -> the dataclass of its stage.* keys, for every registered stage (align/stages/__init__.py)."""
+    from align.stages import registry
+
+    return {name: spec.schema for name, spec in registry().items()}
+
+
+def reads_reward(stage: str) -> bool:
+    """Whether the reward group applies to `stage` (`grpo.reward.kind=rm` inside a recipe)."""
+    from align.stages import registry
+
+    spec = registry().get(stage)
+    return bool(spec and spec.reward)
 
 
 def section_groups(stage: str) -> dict[str, type]:
-    return {**SECTION_GROUPS, **({"reward": RewardConfig} if stage in REWARD_STAGES else {})}
+    return {**SECTION_GROUPS, **({"reward": RewardConfig} if reads_reward(stage) else {})}
 
 
 def _overlay(schema: type, name: str, extra: dict[str, type] | None = None) -> type:
@@ -355,17 +370,20 @@ def _overlay(schema: type, name: str, extra: dict[str, type] | None = None) -> t
     return dataclasses.make_dataclass(name, fields)
 
 
-def _section(stage: str) -> type:
-    groups = {g: _overlay(schema, f"{stage.upper()}{schema.__name__}Overlay")
-              for g, schema in section_groups(stage).items()}
-    return _overlay(STAGE_SCHEMAS[stage], f"{stage.upper()}Section", groups)
+def _section(stage: str, schema: type) -> type:
+    groups = {g: _overlay(group, f"{stage.upper()}{group.__name__}Overlay")
+              for g, group in section_groups(stage).items()}
+    return _overlay(schema, f"{stage.upper()}Section", groups)
 
 
-SECTIONS = {name: _section(name) for name in STAGE_SCHEMAS}
+@functools.lru_cache(maxsize=1)
+def sections() -> dict[str, type]:
+    """A recipe's per-stage section of each registered stage: `dpo.beta=0.1`, `sft.train.epochs=2`."""
+    return {name: _section(name, schema) for name, schema in stage_schemas().items()}
 
 
 @dataclass
-class AlignConfig:
+class SharedConfig:
     stage: Any = MISSING
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -376,22 +394,25 @@ class AlignConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    # per-stage overrides inside a recipe (see recipes/): unset keys leave the shared value alone
-    sft: SECTIONS["sft"] = field(default_factory=SECTIONS["sft"])  # type: ignore[valid-type]
-    rm: SECTIONS["rm"] = field(default_factory=SECTIONS["rm"])  # type: ignore[valid-type]
-    dpo: SECTIONS["dpo"] = field(default_factory=SECTIONS["dpo"])  # type: ignore[valid-type]
-    ppo: SECTIONS["ppo"] = field(default_factory=SECTIONS["ppo"])  # type: ignore[valid-type]
-    grpo: SECTIONS["grpo"] = field(default_factory=SECTIONS["grpo"])  # type: ignore[valid-type]
-    eval: SECTIONS["eval"] = field(default_factory=SECTIONS["eval"])  # type: ignore[valid-type]
+
+
+@functools.lru_cache(maxsize=1)
+def align_schema() -> type:
+    """The whole config: the shared groups, and per-stage overrides inside a recipe (see recipes/), one section
+    per registered stage, whose unset keys leave the shared value alone."""
+    extra = [(name, section, field(default_factory=section)) for name, section in sections().items()]
+    return dataclasses.make_dataclass("AlignConfig", extra, bases=(SharedConfig,))
 
 
 def register() -> None:
     from align import recipes
 
     cs = ConfigStore.instance()
-    cs.store(name="align_schema", node=AlignConfig)
-    for name, schema in STAGE_SCHEMAS.items():
+    cs.store(name="align_schema", node=align_schema())
+    for name, schema in stage_schemas().items():
         cs.store(group="stage", name=f"{name}_schema", node=schema)
+        if not (config_dir() / "stage" / f"{name}.yaml").is_file():  # a stage from another package: its schema
+            cs.store(group="stage", name=name, node=schema(name=name))
     recipes.register(cs)
 
 

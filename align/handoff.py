@@ -17,7 +17,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from align.config import REWARD_STAGES
 
 STAGE_JSON = "stage.json"
 MODEL_DIR = "model"
@@ -25,9 +24,8 @@ CONFIG_YAML = "config.yaml"
 CHECKPOINTS = "checkpoints"
 HISTORY = "history.jsonl"  # one line per logged step (training curves for summaries and plots)
 RESULTS_MD = "results.md"  # the eval stage's table
-POLICY_STAGES = ("sft", "dpo", "ppo", "grpo")  # stages whose model/ is a policy (what the eval stage measures)
 # keys that do not change what a stage computes: left out of the config hash
-UNHASHED_KEYS = ("run", "logger", "pipeline", "sft", "rm", "dpo", "ppo", "grpo", "eval")  # from "sft": a recipe's sections
+UNHASHED_KEYS = ("run", "logger", "pipeline")  # and a recipe's per-stage sections (one per registered stage)
 
 
 class HandoffError(RuntimeError):
@@ -56,9 +54,12 @@ def identity(cfg: DictConfig) -> dict:
 
 def _hashed(config: dict) -> dict:
     """A resolved config less the keys that do not change what its stage computes."""
-    for key in UNHASHED_KEYS:
+    from align.config import reads_reward
+    from align.stages import registry
+
+    for key in (*UNHASHED_KEYS, *registry()):
         config.pop(key, None)
-    if config.get("stage", {}).get("name") not in REWARD_STAGES:  # the reward group counts where it applies
+    if not reads_reward(config.get("stage", {}).get("name")):  # the reward group counts where it applies
         config.pop("reward", None)
     return config
 

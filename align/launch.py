@@ -44,14 +44,19 @@ def split_launcher_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 RECIPE = "recipe"  # launch/recipe.sh: a whole recipe (recipe=NAME among the overrides) instead of one stage
+ANY = "stage"  # launch/stage.sh: the stage named by the stage= override
 
 
 def stage_argv(stage: str, overrides: list[str]) -> list[str]:
     """The `python -m align` arguments a launch file runs: its stage, ZeRO-2 unless told otherwise."""
+    extra = [] if any(o.startswith("deepspeed=") for o in overrides) else [f"deepspeed={DEFAULT_DEEPSPEED}"]
+    if stage == ANY:
+        if not any(o.startswith("stage=") for o in overrides):
+            raise SystemExit("launch/stage.sh needs the stage to run: stage=NAME (python -m align --help lists them)")
+        return [*extra, *overrides]
     for o in overrides:
         if o.startswith(("stage=", "+stage=", "stage/")):
-            raise SystemExit(f"launch/{stage}.sh runs stage={stage}; use launch/<stage>.sh for another stage")
-    extra = [] if any(o.startswith("deepspeed=") for o in overrides) else [f"deepspeed={DEFAULT_DEEPSPEED}"]
+            raise SystemExit(f"launch/{stage}.sh runs stage={stage}; use launch/stage.sh stage=NAME for another stage")
     if stage == RECIPE:
         if not any(o.startswith("recipe=") for o in overrides):
             raise SystemExit("launch/recipe.sh needs the recipe to run: recipe=NAME (see recipes/)")

@@ -8,7 +8,6 @@ broadcasts it, and all ranks wait for each stage's commit before the next decisi
 from __future__ import annotations
 
 import gc
-import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,9 +123,11 @@ def run_stage(cfg: DictConfig):
     """The stage's module run on `cfg`; a stage that stopped before writing anything leaves no folder behind."""
     from align.stages.common import discard_if_unstarted
 
-    module = importlib.import_module(f"align.stages.{cfg.stage.name}")
+    from align.stages import get
+
+    run = get(cfg.stage.name).run
     try:
-        return module.run(cfg)
+        return run(cfg)
     except BaseException:
         discard_if_unstarted(cfg)
         raise

@@ -15,10 +15,13 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from align.config import SECTIONS, STAGE_SCHEMAS, AlignConfig, config_dir, section_groups
+from align.config import align_schema, config_dir, section_groups, sections, stage_schemas
 
-PER_STAGE_KEYS = tuple(SECTIONS)  # the section names: sft, rm, dpo, ppo
-STRIPPED = ("pipeline", *PER_STAGE_KEYS)  # not part of a single stage's config
+
+
+def per_stage_keys() -> tuple[str, ...]:
+    """The section names: one per registered stage (sft, rm, dpo, ...)."""
+    return tuple(sections())
 
 
 class RecipeError(ValueError):
@@ -67,16 +70,22 @@ def section_overrides(cfg: DictConfig, stage: str) -> dict:
 
 
 def stage_defaults(stage: str) -> DictConfig:
-    """conf/stage/<stage>.yaml on its schema: what `stage=<stage>` selects."""
-    node = OmegaConf.load(config_dir() / "stage" / f"{stage}.yaml")
+    """conf/stage/<stage>.yaml on its schema: what `stage=<stage>` selects (a stage from another package: its
+    schema alone)."""
+    schema = OmegaConf.structured(stage_schemas()[stage])
+    path = config_dir() / "stage" / f"{stage}.yaml"
+    if not path.is_file():
+        schema.name = stage
+        return schema
+    node = OmegaConf.load(path)
     node.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage]), node)
+    return OmegaConf.merge(schema, node)
 
 
 def strip(cfg: DictConfig) -> DictConfig:
     """A single stage's config: everything but the pipeline and the per-stage sections."""
     data = OmegaConf.to_container(cfg, resolve=False)
-    for key in STRIPPED:
+    for key in ("pipeline", *per_stage_keys()):  # not part of a single stage's config
         data.pop(key, None)
     out = OmegaConf.create(data)
     OmegaConf.set_struct(out, True)
@@ -85,11 +94,11 @@ def strip(cfg: DictConfig) -> DictConfig:
 
 def stage_config(cfg: DictConfig, stage: str, run_name: str | None = None) -> DictConfig:
     """The config of `stage` inside the recipe: its defaults, the shared groups, its section on top."""
-    if stage not in STAGE_SCHEMAS:
-        raise RecipeError(f"pipeline.stages names {stage!r}; stages are {', '.join(STAGE_SCHEMAS)}")
+    if stage not in stage_schemas():
+        raise RecipeError(f"pipeline.stages names {stage!r}; stages are {', '.join(stage_schemas())}")
     overrides = section_overrides(cfg, stage)
     base = {**OmegaConf.to_container(cfg, resolve=False), "stage": {}}
-    merged = OmegaConf.merge(OmegaConf.structured(AlignConfig), base)  # typed again; sections dropped by strip()
+    merged = OmegaConf.merge(OmegaConf.structured(align_schema()), base)  # typed again; sections dropped by strip()
     merged.stage = stage_defaults(stage)
     groups = {k: overrides.pop(k) for k in list(overrides) if k in section_groups(stage)}
     if overrides:
@@ -105,18 +114,18 @@ def check(cfg: DictConfig, task_overrides: list[str]) -> None:
     """Refuse per-stage keys that would be silently ignored, with the fix."""
     stages = list(cfg.pipeline.stages)
     if not stages:
-        used = [s for s in PER_STAGE_KEYS if section_overrides(cfg, s)]
+        used = [s for s in per_stage_keys() if s in cfg and section_overrides(cfg, s)]
         if used:
             raise RecipeError(
                 f"{used[0]}.* keys only apply inside a recipe (recipe=NAME); for a single stage use stage.* "
                 f"(e.g. stage=dpo stage.beta=0.1) or train.* directly")
         return
     for name in stages:
-        if name not in STAGE_SCHEMAS:
-            raise RecipeError(f"pipeline.stages names {name!r}; stages are {', '.join(STAGE_SCHEMAS)}")
+        if name not in stage_schemas():
+            raise RecipeError(f"pipeline.stages names {name!r}; stages are {', '.join(stage_schemas())}")
     for o in task_overrides:
         name = o.lstrip("+~").split(".", 1)[0]
-        if name in PER_STAGE_KEYS and name not in stages and "." in o:
+        if name in per_stage_keys() and name not in stages and "." in o:
             raise RecipeError(f"{o}: recipe {cfg.pipeline.name} runs {', '.join(stages)}, not {name}")
     for force in cfg.pipeline.force:
         if force != "all" and force not in stages:
@@ -124,7 +133,7 @@ def check(cfg: DictConfig, task_overrides: list[str]) -> None:
     stage_keys = [o for o in task_overrides if o.lstrip("+~").startswith("stage.") or o.lstrip("+~").startswith("stage=")]
     if stage_keys:
         key = stage_keys[0].split(".", 1)[-1].lstrip("=")
-        owners = [s for s in stages if key.split("=")[0].split(".")[0] in STAGE_SCHEMAS[s].__dataclass_fields__]
+        owners = [s for s in stages if key.split("=")[0].split(".")[0] in stage_schemas()[s].__dataclass_fields__]
         raise RecipeError(
             f"{stage_keys[0]}: inside a recipe a stage's keys are addressed by its name "
             f"(e.g. {' or '.join(f'{o}.{key}' for o in (owners or stages[-1:]))}), since the recipe runs several stages")

@@ -13,18 +13,6 @@ from align import handoff
 
 SUMMARY_MD = "summary.md"
 PLOTS_DIR = "plots"
-# what a person looks at first, per stage (those present are shown)
-HEADLINE = {
-    "sft": ("first_loss", "last_loss", "eval_loss", "eval_token_accuracy"),
-    "rm": ("first_loss", "last_loss", "eval_accuracy", "eval_margin"),
-    "dpo": ("first_loss", "last_loss", "eval_accuracy", "eval_margin"),
-    "ppo": ("first_reward/score_mean", "reward/score_mean", "objective/kl", "eval_reward_mean_before",
-            "eval_reward_mean", "eval_checker_accuracy_before", "eval_checker_accuracy"),
-    "grpo": ("first_reward/total_mean", "reward/total_mean", "eval_checker_accuracy_before", "eval_checker_accuracy",
-             "eval_kl"),
-    "eval": ("sft/checker_accuracy", "dpo/checker_accuracy", "ppo/checker_accuracy", "grpo/checker_accuracy",
-             "dpo/win_rate", "ppo/win_rate", "grpo/win_rate", "dpo/kl", "ppo/kl", "grpo/kl", "rm_accuracy"),
-}
 # plot panels: title -> history keys drawn in it (those logged are drawn)
 PANELS = {
     "loss": ("loss", "eval_loss", "loss/policy", "loss/value"),
@@ -44,7 +32,10 @@ def _fmt(v) -> str:
 
 
 def headline(stage: str, metrics: dict) -> dict:
-    return {k: metrics[k] for k in HEADLINE.get(stage, ()) if k in metrics}
+    from align.stages import registry
+
+    spec = registry().get(stage)
+    return {k: metrics[k] for k in (spec.headline if spec else ()) if k in metrics}
 
 
 def curves(history: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:

@@ -12,7 +12,7 @@ import math
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from align.config import STAGE_SCHEMAS, Check
+from align.config import Check, stage_schemas
 
 SECTIONS = ("run", "train", "model", "data", "peft", "deepspeed", "logger")
 
@@ -79,14 +79,14 @@ def relations(cfg: DictConfig) -> list[str]:
 
 def problems(cfg: DictConfig) -> list[str]:
     """What is wrong with one stage's config (recipes: each stage's own config)."""
-    from align.config import AlignConfig
+    from align.config import align_schema
 
-    fields = _schema_fields(AlignConfig)
+    fields = _schema_fields(align_schema())
     out = []
     for section in SECTIONS:
         if section in cfg:
             out += _check_node(cfg[section], fields[section].default_factory, f"{section}.")
-    schema = STAGE_SCHEMAS.get(cfg.stage.name)
+    schema = stage_schemas().get(cfg.stage.name)
     if schema is not None:
         out += _check_node(cfg.stage, schema, "stage.")
     return out + relations(cfg)

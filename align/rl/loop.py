@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -77,9 +78,11 @@ class OnlineLoop:
     def sample(self, prompts: list[list[int]], greedy: bool = False) -> rollout.Batch:
         actor = self.actor.module
         set_use_cache(actor, True)
-        batch = rollout.generate(actor, prompts, pad_id=self.pad, stop_ids=self.stop_ids,
-                                 max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
-                                 top_p=self.s.top_p, greedy=greedy, synced_gpus=self.synced, device=device())
+        with generation_weights(self.actor, self.s.gather_for_rollout) as synced:
+            batch = rollout.generate(actor, prompts, pad_id=self.pad, stop_ids=self.stop_ids,
+                                     max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
+                                     top_p=self.s.top_p, greedy=greedy, synced_gpus=synced and self.synced,
+                                     device=device())
         set_use_cache(actor, False)
         return batch
 
@@ -228,6 +231,35 @@ class OnlineLoop:
             out["checker_accuracy"] = checkers.accuracy(self.checker, [t[0] for t in items], responses,
                                                         [t[1] for t in items])
         return mean_over_ranks(out)
+
+
+@contextmanager
+def generation_weights(trainable: Trainable, mode: str = "auto"):
+    """Under ZeRO-3 every generated token would gather the sharded weights layer by layer from every rank. When
+    the whole policy fits (mode auto: its full weights take under a quarter of the free memory; on: always),
+    gather it once for the rollout with DeepSpeed's own generation context (weights gathered, ZeRO's module hooks
+    off, re-partitioned after) — the idea of DeepSpeed-Chat's hybrid engine. Yields whether the ranks must still
+    generate in lock-step (synced_gpus): only when the weights stay sharded."""
+    engine = trainable.engine
+    if engine is None or engine.zero_optimization_stage() != 3 or mode == "off" or (
+            mode == "auto" and not _fits_gathered(engine.module)):
+        yield True
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(engine):
+        yield False
+
+
+def _fits_gathered(module) -> bool:
+    full = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return full < free / 4
 
 
 def prompt_items(ds) -> list[tuple[list[int], dict]]:

@@ -15,20 +15,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from align import checkpointing, distributed, handoff, tracking
+from align import checkpointing, distributed, handoff, stages, tracking
 from align.lock import LOCK_FILE, StageLock, StageLocked, release_held
 from align.preemption import Preempted, SignalFlag, TrainingDiverged
 from align.models.loading import is_builtin_tiny, point_adapter_at, resolve_dtype
 
 log = logging.getLogger("align")
 
-# train.lr when unset: the usual rate per stage for full weights and for adapters; the tiny
-# demo model is trained from scratch and needs far larger steps.
-LR_DEFAULTS = {
-    "tiny": {"sft": 3e-3, "rm": 1e-3, "dpo": 3e-4, "ppo": 1e-4, "grpo": 3e-4},
-    "full": {"sft": 2e-5, "rm": 1e-5, "dpo": 5e-7, "ppo": 1e-6, "grpo": 1e-6},
-    "adapter": {"sft": 2e-4, "rm": 1e-4, "dpo": 5e-6, "ppo": 1e-5, "grpo": 1e-5},
-}
 HASH_FILE = ".config_hash"
 IDENTITY_FILE = ".identity.json"  # beside HASH_FILE: the config and inputs the checkpoints were trained with
 ASIDE = checkpointing.ASIDE
@@ -46,7 +39,7 @@ def resolve_lr(cfg: DictConfig) -> float:
         kind = "tiny"
     else:
         kind = "full" if cfg.peft.method == "none" else "adapter"
-    return LR_DEFAULTS[kind][cfg.stage.name]
+    return stages.get(cfg.stage.name).default_lr(kind)  # each stage declares its own (its StageSpec)
 
 
 def weights_kind(cfg: DictConfig) -> str:

@@ -13,14 +13,16 @@ any model is built, so transformers builds the models already sharded.
 
 from __future__ import annotations
 
+
 import logging
 
 from omegaconf import DictConfig, ListConfig
 from transformers import TrainerCallback
 
 from align import handoff
-from align.config import DPO_LOSS_TYPES
+from align.config import DPO_LOSS_TYPES, DPOStageConfig
 from align.data.loader import dpo_datasets
+from align.stages import StageSpec
 from align.models.loading import (
     cast_trainable,
     describe,
@@ -195,3 +197,8 @@ def _last_logged(log_history: list[dict]) -> dict:
     out = {f"train_{ours}": steps[-1][theirs] for theirs, ours in METRICS.items() if theirs in steps[-1]}
     out["train_first_margin"] = steps[0]["rewards/margins"]
     return out
+
+
+SPEC = StageSpec(
+    name="dpo", schema=DPOStageConfig, run=run, lr={"tiny": 3e-4, "full": 5e-7, "adapter": 5e-6}, policy=True,
+    headline=("first_loss", "last_loss", "eval_accuracy", "eval_margin", "train_chosen_logp_change"))

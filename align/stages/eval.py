@@ -22,12 +22,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from align import checkers, handoff, tracking
+from align.config import EvalStageConfig
 from align.data.loader import eval_pairs, eval_prompts
 from align.eval_metrics import IGNORE_INDEX, labelled_nll, pair_accuracy, perplexity, sequence_kl, win_rate
 from align.models.loading import load_pretrained, load_reward_model, load_tokenizer, resolve_name, score
 from align.rl import rollout
 from align.rl.logprobs import causal_lm_parts, token_logprobs
 from align.rl.engine import device
+from align.stages import StageSpec
+from align.stages import policies as registry_policies
 from align.stages.common import StageResult, StageRun, finite, print_summary
 
 log = logging.getLogger("align")
@@ -100,7 +103,7 @@ def _policies(cfg: DictConfig) -> list[tuple[str, handoff.Parent]]:
     """(label, parent) of each policy: the named stages / paths, or every policy stage the run completed."""
     named = list(cfg.stage.policies)
     if not named:
-        found = [(name, handoff.find_parent(cfg, name)) for name in handoff.POLICY_STAGES]
+        found = [(name, handoff.find_parent(cfg, name)) for name in registry_policies()]
         found = [(name, p) for name, p in found if p is not None]
         if not found:
             raise handoff.HandoffError(
@@ -109,7 +112,7 @@ def _policies(cfg: DictConfig) -> list[tuple[str, handoff.Parent]]:
         return found
     out = []
     for item in named:
-        if item in handoff.POLICY_STAGES:
+        if item in registry_policies():
             parent = handoff.find_parent(cfg, item)
             if parent is None:
                 raise handoff.HandoffError(f"eval: stage.policies names {item}, but run {cfg.run.name!r} has no "
@@ -218,3 +221,18 @@ def results_table(results: dict[str, dict], baseline, judge, rm_accuracy) -> str
     if judge is not None:
         notes.append(f"judge: {judge.path}" + (f" (pair accuracy {rm_accuracy:.3f})" if rm_accuracy is not None else ""))
     return "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
+
+
+def _parents(cfg) -> list[tuple[str, str | None]]:
+    """The policies (default: the policy stages the run has), the baseline and the judge."""
+    s, policies = cfg.stage, registry_policies()
+    named = list(s.policies) or list(policies)
+    specs = [(p, None) if p in policies else ("policy", p) for p in named]
+    specs += [("sft", None if s.baseline == "sft" else s.baseline)] if s.baseline else []
+    return specs + ([] if s.reward == "none" else [("rm", s.reward)])
+
+
+SPEC = StageSpec(
+    name="eval", schema=EvalStageConfig, run=run, parents=_parents, trains=False,
+    headline=("sft/checker_accuracy", "dpo/checker_accuracy", "ppo/checker_accuracy", "grpo/checker_accuracy",
+              "dpo/win_rate", "ppo/win_rate", "grpo/win_rate", "dpo/kl", "ppo/kl", "grpo/kl", "rm_accuracy"))

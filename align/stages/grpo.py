@@ -15,6 +15,9 @@ online loop's (align/rl/loop.py).
 
 from __future__ import annotations
 
+from align.config import GRPOStageConfig
+from align.stages import StageSpec
+
 import logging
 import math
 import time
@@ -282,3 +285,15 @@ def _save_and_commit(stage: StageRun, loop: GRPOLoop, tokenizer, parents, parent
         print_summary("grpo", metrics, stage.out)
     distributed.barrier()
     return StageResult(stage.out, metrics, policy)
+
+
+def _parents(cfg) -> list[tuple[str, str | None]]:
+    rm = [("rm", cfg.reward.model)] if "rm" in rewards.components_of(cfg.reward) else []
+    return [("sft", cfg.stage.init)] + rm
+
+
+SPEC = StageSpec(
+    name="grpo", schema=GRPOStageConfig, run=run, parents=_parents,
+    lr={"tiny": 3e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reward=True,
+    headline=("first_reward/total_mean", "reward/total_mean", "eval_checker_accuracy_before",
+              "eval_checker_accuracy", "eval_kl"))

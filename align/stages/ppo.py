@@ -13,6 +13,9 @@ the reward model (its score head becomes the value head).
 
 from __future__ import annotations
 
+from align.config import PPOStageConfig
+from align.stages import StageSpec
+
 import logging
 import math
 import time
@@ -292,3 +295,15 @@ def _save_and_commit(stage: StageRun, models: Models, tokenizer, parents, actor_
         print_summary("ppo", metrics, stage.out)
     distributed.barrier()
     return StageResult(stage.out, metrics, actor)
+
+
+def _parents(cfg) -> list[tuple[str, str | None]]:
+    s = cfg.stage
+    return [("sft", s.actor or s.init), ("rm", s.reward)] + ([("rm", s.critic)] if s.critic else [])
+
+
+SPEC = StageSpec(
+    name="ppo", schema=PPOStageConfig, run=run, parents=_parents,
+    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True,
+    headline=("first_reward/score_mean", "reward/score_mean", "objective/kl", "eval_reward_mean_before",
+              "eval_reward_mean", "eval_checker_accuracy_before", "eval_checker_accuracy"))

@@ -8,6 +8,9 @@ to normalise rewards.
 
 from __future__ import annotations
 
+from align.config import RMStageConfig
+from align.stages import StageSpec
+
 import logging
 
 import torch
@@ -112,3 +115,8 @@ def pair_metrics(model, dataset, pad_token_id: int, split: str) -> dict:
         "reward_chosen_mean": chosen.mean().item(),
         "reward_rejected_mean": rejected.mean().item(),
     }
+
+
+SPEC = StageSpec(
+    name="rm", schema=RMStageConfig, run=run, lr={"tiny": 1e-3, "full": 1e-5, "adapter": 1e-4},
+    headline=("first_loss", "last_loss", "eval_accuracy", "eval_margin"))

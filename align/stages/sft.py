@@ -6,6 +6,9 @@ model (+LoRA/QLoRA) -> trainer -> train -> evaluate -> save -> commit.
 
 from __future__ import annotations
 
+from align.config import SFTStageConfig
+from align.stages import StageSpec
+
 import logging
 import math
 
@@ -107,3 +110,10 @@ def _tokens_per_s(trainer, result) -> float | None:
     if not tokens:
         tokens = next((h.get("num_tokens") for h in reversed(trainer.state.log_history) if "num_tokens" in h), None)
     return tokens / runtime if tokens and runtime else None
+
+
+SPEC = StageSpec(
+    name="sft", schema=SFTStageConfig, run=run,
+    parents=lambda cfg: [("init", cfg.stage.init)] if cfg.stage.init else [],
+    lr={"tiny": 3e-3, "full": 2e-5, "adapter": 2e-4}, policy=True,
+    headline=("first_loss", "last_loss", "eval_loss", "eval_token_accuracy"))
