@@ -291,10 +291,10 @@ class GRPOStageConfig(OnlineStageConfig):
 
 @dataclass
 class RewardConfig:
-    kind: str = keyed("checker", one_of("checker", "rm", "python", "weighted"),
-                      "what scores a response in grpo: the data's task checker, a reward model, your function, "
-                      "or a weighted sum")
-    model: str | None = keyed(None, help="reward=rm: a stage name or path; null: the run's rm")
+    kind: str = keyed("auto", one_of("auto", "checker", "rm", "python", "weighted"),
+                      "what scores a response in ppo and grpo: the data's task checker, a reward model, your "
+                      "function, or a weighted sum; auto: rm for ppo, checker for grpo")
+    model: str | None = keyed(None, help="reward=rm: a reward model directory; null: the run's rm (ppo: stage.reward)")
     fn: str | None = keyed(None, help="reward=python: module:function, called as fn(prompts, completions, **fields)")
     weights: dict[str, float] = keyed(None, help="reward=weighted: {checker: 1.0, rm: 0.5, python: 1.0}",
                                       factory=dict)
@@ -345,7 +345,11 @@ def reads_reward(stage: str) -> bool:
 
 
 def section_groups(stage: str) -> dict[str, type]:
-    return {**SECTION_GROUPS, **({"reward": RewardConfig} if reads_reward(stage) else {})}
+    """The groups a recipe may set per stage. The reward group joins them for the stages that read it, unless the
+    stage has a key of that name (ppo's stage.reward, its reward model: there the group is set for the recipe)."""
+    own = stage_schemas().get(stage)
+    clash = own is not None and "reward" in {f.name for f in dataclasses.fields(own)}
+    return {**SECTION_GROUPS, **({"reward": RewardConfig} if reads_reward(stage) and not clash else {})}
 
 
 def _overlay(schema: type, name: str, extra: dict[str, type] | None = None) -> type:

@@ -31,7 +31,7 @@ def test_grpo_with_the_checker_as_reward_raises_held_out_accuracy(sft_run):
     # measured here: 0.52 -> 0.83 on the 64 held-out prompts (the demo recipe: 0.58 -> 0.87-0.93 over seeds)
     assert m["eval_checker_accuracy"] >= m["eval_checker_accuracy_before"] + 0.15, m
     assert m["reward/checker"] > m["first_reward/checker"], m  # the rollouts' own accuracy rose
-    assert "eval_kl" not in m and "eval_kl_before" not in m  # beta 0 with full weights: no reference loaded
+    assert "eval_greedy_logratio" not in m and "eval_greedy_logratio_before" not in m  # beta 0 with full weights: no reference loaded
     for key in ("groups/zero_variance_share", "policy/clipfrac", "policy/entropy", "response/length", "samples/s"):
         assert key in m, key
     record = json.loads((result.out / "stage.json").read_text())
@@ -44,7 +44,7 @@ def test_every_advantage_kind_trains(sft_run, advantage):
                        f"run.name={advantage}", f"stage.init={sft_run / 'demo' / 'sft'}", "stage.beta=0.05")
     m = result.metrics
     assert m["eval_checker_accuracy"] > m["eval_checker_accuracy_before"], (advantage, m)
-    assert 0 < m["eval_kl"] < 5, m  # beta > 0 loads the reference
+    assert 0 < m["eval_greedy_logratio"] < 5, m  # beta > 0 loads the reference
 
 
 def test_python_reward_from_the_working_directory(sft_run, tmp_path, monkeypatch):
@@ -69,7 +69,7 @@ def test_lora_grpo_reference_is_the_policy_without_its_adapter(sft_run):
     result = run_stage("grpo", sft_run, *GRPO, "train.max_steps=3", "peft=lora", "stage.beta=0.1", "run.name=lora",
                        f"stage.init={sft_run / 'demo' / 'sft'}", "train.lr=1e-3")
     m = result.metrics
-    assert m["eval_kl_before"] == pytest.approx(0.0, abs=1e-6)  # adapter B = 0: policy == reference
+    assert m["eval_greedy_logratio_before"] == pytest.approx(0.0, abs=1e-6)  # adapter B = 0: policy == reference
     assert (result.out / "model" / "adapter_config.json").is_file()
 
 

@@ -42,13 +42,13 @@ def full_ppo(pipeline):
 def test_ppo_raises_the_reward_on_held_out_prompts(full_ppo):
     m = full_ppo.metrics
     assert m["first_objective/kl"] == pytest.approx(0.0, abs=1e-5)  # step 1 samples from the reference itself
-    assert m["eval_kl_before"] == pytest.approx(0.0, abs=1e-5)
+    assert m["eval_greedy_logratio_before"] == pytest.approx(0.0, abs=1e-5)
     # scores are normalised with the RM's reward statistics (an exact pin would pin one machine's numerics)
     assert abs(m["first_reward/score_mean"]) < 3.0
     assert m["eval_reward_mean"] > m["eval_reward_mean_before"] + 0.1, m
     assert 0.0 <= m["eval_checker_accuracy_before"] <= 1.0  # the demo's checker on the greedy answers
     assert 0.0 <= m["eval_checker_accuracy"] <= 1.0
-    assert 0 < m["eval_kl"] < 5.0, m
+    assert 0 < m["eval_greedy_logratio"] < 5.0, m
     for key in ("reward/score_mean", "objective/kl", "objective/kl_coef", "policy/entropy", "policy/clipfrac",
                 "policy/approx_kl", "loss/value", "value/explained_variance", "response/length",
                 "time/generation_share"):
@@ -79,7 +79,7 @@ def test_lora_ppo_uses_the_adapter_free_actor_as_reference(pipeline):
                        "train.lr=1e-3")
     m = result.metrics
     assert m["first_objective/kl"] == pytest.approx(0.0, abs=1e-5)
-    assert m["eval_kl"] > 0  # the adapter moved the policy away from the (adapter-off) reference
+    assert m["eval_greedy_logratio"] > 0  # the adapter moved the policy away from the (adapter-off) reference
     assert adapter_base(result.out / "model") == str(pipeline / "demo" / "sft" / "model")
     assert (result.out / "critic" / "adapter_config.json").is_file()  # critic_peft=auto: LoRA with the actor
 
@@ -201,3 +201,16 @@ def test_eval_stage_takes_paths_for_policies_baseline_judge_and_pairs(full_ppo, 
     rm_accuracy = read_stage_json(run / "rm")["metrics"]["eval_accuracy"]
     assert got["rm_accuracy"] == pytest.approx(1 - rm_accuracy, abs=1e-6)
     assert read_stage_json(pipeline / "by-path" / "eval")["policies"] == ["ppo"]
+
+
+def test_ppo_takes_its_reward_from_the_reward_group(pipeline):
+    """reward=checker: PPO's score is the task checker's (the critic still starts from the run's RM), logged as
+    reward/checker; reward=auto (the default) keeps the RM's normalised score."""
+    result = run_stage("ppo", pipeline, *PPO[1:], "reward=checker", "run.name=checker", "train.max_steps=3",
+                       f"stage.actor={pipeline / 'demo' / 'sft'}", f"stage.reward={pipeline / 'demo' / 'rm'}")
+    history = [json.loads(line) for line in (result.out / "history.jsonl").read_text().splitlines()]
+    for h in history:
+        assert h["reward/score_mean"] == pytest.approx(h["reward/checker"], abs=1e-6)
+        assert 0.0 <= h["reward/checker"] <= 1.0
+    record = json.loads((result.out / "stage.json").read_text())
+    assert record["warnings"] == []

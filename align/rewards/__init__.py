@@ -28,7 +28,8 @@ import torch
 from align import checkers
 
 log = logging.getLogger("align")
-KINDS = ("checker", "rm", "python", "weighted")
+KINDS = ("auto", "checker", "rm", "python", "weighted")
+AUTO = {"ppo": "rm", "grpo": "checker"}  # reward=auto per stage
 COMPONENTS = ("checker", "rm", "python")
 
 
@@ -44,18 +45,24 @@ class Scored:
     errors: int = 0
 
 
-def components_of(reward_cfg) -> dict[str, float]:
-    """{component: weight} of a reward config."""
-    if reward_cfg.kind == "weighted":
+def kind_of(reward_cfg, stage: str) -> str:
+    """reward.kind with auto resolved for `stage`."""
+    return AUTO.get(stage, "checker") if reward_cfg.kind == "auto" else reward_cfg.kind
+
+
+def components_of(reward_cfg, stage: str = "grpo") -> dict[str, float]:
+    """{component: weight} of a reward config, for `stage`."""
+    kind = kind_of(reward_cfg, stage)
+    if kind == "weighted":
         weights = dict(reward_cfg.weights or {})
         unknown = [k for k in weights if k not in COMPONENTS]
         if not weights or unknown:
             raise RewardError(f"reward=weighted needs reward.weights naming components among {', '.join(COMPONENTS)}"
                               f" (e.g. reward.weights={{checker:1.0,rm:0.5}}); got {weights or 'none'}")
         return {k: float(v) for k, v in weights.items()}
-    if reward_cfg.kind not in COMPONENTS:
+    if kind not in COMPONENTS:
         raise RewardError(f"reward.kind must be one of {', '.join(KINDS)}, got {reward_cfg.kind!r}")
-    return {reward_cfg.kind: 1.0}
+    return {kind: 1.0}
 
 
 def load_function(spec: str):
@@ -165,10 +172,10 @@ class Reward:
         return Scored(total, components, valid, errors)
 
 
-def build(reward_cfg, data_cfg, rm_score=None) -> Reward:
+def build(reward_cfg, data_cfg, rm_score=None, stage: str = "grpo") -> Reward:
     """The Reward of a config; `rm_score` scores a rollout batch with the loaded reward model (when rm is used).
     The data's checker, when it has one, is always evaluated (logged as reward/checker) even when not rewarded."""
-    weights = components_of(reward_cfg)
+    weights = components_of(reward_cfg, stage)
     checker = checkers.from_config(data_cfg)
     if "checker" in weights and checker is None:
         raise RewardError(f"reward=checker needs a task checker, and data.checker={data_cfg.checker} names none for "

@@ -153,9 +153,13 @@ class OnlineLoop:
         self.train_time = time.perf_counter() - start
         return history
 
+    @property
+    def watched(self) -> tuple[str, str]:
+        return self.watch_keys
+
     def watch(self, history: list[dict], step: int) -> None:
         """Warn once (console and stage.json) when the learned reward rises while the checker falls."""
-        learned, checker = (self.watch_keys[0], self.watch_keys[1])
+        learned, checker = self.watched
         if self.warnings or not all(learned in h and checker in h for h in history):
             return
         message = overoptimisation([h[learned] for h in history], [h[checker] for h in history],
@@ -210,7 +214,7 @@ class OnlineLoop:
     # --- held-out evaluation --------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, prompts: list[list[int]], items: list) -> dict:
-        """Greedy responses to held-out prompts: KL to the reference, length, the stage's own scores, and the
+        """Greedy responses to held-out prompts: their log-ratio to the reference, length, the stage's own scores, the
         task checker's accuracy when the data set has one. `items[i]` is (prompt_text, reference, ...)."""
         rows, responses, chunk = [], [], max(self.cfg.train.batch_size, 32)
         scores: dict[str, list] = {}
@@ -219,9 +223,11 @@ class OnlineLoop:
             text = rollout.decode_responses(self.tok, batch)
             for k, v in self.eval_scores(batch, text, items[i : i + chunk]).items():
                 scores.setdefault(k, []).append(v)
-            if self.has_reference:
+            if self.has_reference:  # log pi - log pi_ref summed over the greedy answer: not a KL estimate (answers
+                # are not sampled), so not named one; the sampled estimate is the eval stage's kl
                 logp, _ = rollout.response_logprobs(self.actor.module, batch)
-                scores.setdefault("kl", []).append(sequence_kl(logp, self.reference_logprobs(batch, 1.0), batch.mask))
+                scores.setdefault("greedy_logratio", []).append(
+                    sequence_kl(logp, self.reference_logprobs(batch, 1.0), batch.mask))
             rows.append((batch.mask.sum(1).float(), batch.ended.float()))
             responses += text
         length, ended = (torch.cat(x) for x in zip(*rows))

@@ -343,8 +343,9 @@ def log_history_metrics(log_history: list[dict]) -> dict:
     return out
 
 
-def finite(metrics: dict) -> dict:
-    """Round floats for stage.json; keep ints; drop non-numbers."""
+def numeric_metrics(metrics: dict) -> dict:
+    """The numbers of `metrics` for stage.json: finite floats rounded to 6 places, ints and non-finite floats
+    kept as they are (a NaN loss is worth recording), everything else dropped."""
     out = {}
     for k, v in metrics.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):

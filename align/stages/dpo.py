@@ -36,7 +36,7 @@ from align.stages.common import (
     max_length,
     StageResult,
     StageRun,
-    finite,
+    numeric_metrics,
     log_history_metrics,
     log_no_parent,
     save_and_commit,
@@ -136,7 +136,7 @@ def run(cfg: DictConfig) -> StageResult:
                         if f"eval_{theirs}" in ev})
     metrics.update(watch.metrics())
     metrics.update(report.metrics())
-    metrics = finite(metrics)
+    metrics = numeric_metrics(metrics)
 
     set_use_cache(trainer.model, True)
     return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics,

@@ -31,7 +31,7 @@ from align.rl.logprobs import causal_lm_parts, token_logprobs
 from align.rl.engine import device
 from align.stages import StageSpec
 from align.stages import policies as registry_policies
-from align.stages.common import StageResult, StageRun, finite, print_summary
+from align.stages.common import StageResult, StageRun, numeric_metrics, print_summary
 
 log = logging.getLogger("align")
 
@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> StageResult:
         if pairs:
             metrics["rm_accuracy"] = ev.pair_accuracy(judge_model, pairs)
     metrics.update({"eval/prompts": len(asked), "eval/rows": len(rows)})
-    metrics = finite(metrics)
+    metrics = numeric_metrics(metrics)
     parents = [p for _, p in policies] + [p for p in (baseline, judge) if p is not None]
     if tracking.is_main_process():
         table = results_table(results, baseline, judge, metrics.get("rm_accuracy"))

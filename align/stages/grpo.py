@@ -46,7 +46,7 @@ from align.rl.loop import OnlineLoop, mean_over_ranks, on_device_of, prompt_item
 from align.rl.losses import aggregate, clipped_surrogate
 from align.rl.masked import masked_mean
 from align.rl.rewards import shape_scores
-from align.stages.common import StageResult, StageRun, finite, log_no_parent, print_summary, resolve_lr
+from align.stages.common import StageResult, StageRun, numeric_metrics, log_no_parent, print_summary, resolve_lr
 
 log = logging.getLogger("align")
 
@@ -102,7 +102,7 @@ def run(cfg: DictConfig) -> StageResult:
     metrics.update({f"eval_{k}_before": v for k, v in loop.before.items()})
     metrics.update({f"eval_{k}": v for k, v in after.items()})
     metrics.update(report.metrics())
-    metrics = finite(metrics)
+    metrics = numeric_metrics(metrics)
     parents = [p for p in (parent, rm_parent) if p]
     curves = [{"step": i + 1, **h} for i, h in enumerate(history)]
     return _save_and_commit(stage, loop, tokenizer, parents, parent, metrics, curves)
@@ -296,4 +296,4 @@ SPEC = StageSpec(
     name="grpo", schema=GRPOStageConfig, run=run, parents=_parents,
     lr={"tiny": 3e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reward=True,
     headline=("first_reward/total_mean", "reward/total_mean", "eval_checker_accuracy_before",
-              "eval_checker_accuracy", "eval_kl"))
+              "eval_checker_accuracy", "eval_greedy_logratio"))

@@ -23,7 +23,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from align import checkers, distributed, handoff, tracking
+from align import checkers, distributed, handoff, rewards, tracking
 from align.data.loader import prompt_datasets
 from align.models.loading import (
     cast_trainable,
@@ -45,7 +45,7 @@ from align.rl.kl import ESTIMATORS, kl_controller
 from align.rl.losses import explained_variance, policy_loss, value_loss
 from align.rl.masked import masked_mean, whiten
 from align.rl.rewards import shape_scores, token_rewards
-from align.stages.common import StageResult, StageRun, finite, print_summary, resolve_lr
+from align.stages.common import StageResult, StageRun, numeric_metrics, print_summary, resolve_lr
 
 log = logging.getLogger("align")
 CRITIC_DIR = "critic"
@@ -56,7 +56,8 @@ def run(cfg: DictConfig) -> StageResult:
     _validate(cfg)
     stage = StageRun(cfg)
     actor_parent = handoff.find_parent(cfg, "sft", s.actor or s.init)
-    reward_parent = handoff.find_parent(cfg, "rm", s.reward)
+    rewards.build(cfg.reward, cfg.data, rm_score=lambda b: None, stage="ppo")  # refuse a bad reward group early
+    reward_parent = handoff.find_parent(cfg, "rm", s.reward or cfg.reward.model)
     if reward_parent is None:
         raise handoff.HandoffError(
             f"ppo needs a reward model: run `python -m align stage=rm run.name={cfg.run.name}` first, "
@@ -105,7 +106,7 @@ def run(cfg: DictConfig) -> StageResult:
     metrics.update({f"eval_{k}_before": v for k, v in before.items()})
     metrics.update({f"eval_{k}": v for k, v in after.items()})
     metrics.update(report.metrics())
-    metrics = finite(metrics)
+    metrics = numeric_metrics(metrics)
     parents = [p for p in (actor_parent, reward_parent, critic_parent if s.critic else None) if p]
     curves = [{"step": i + 1, **h} for i, h in enumerate(history)]
     return _save_and_commit(stage, models, tokenizer, parents, actor_parent, critic_parent, metrics, curves,
@@ -178,6 +179,10 @@ class PPOLoop(OnlineLoop):
     name = "ppo"
     progress_keys = ("reward/score_mean", "objective/kl")
     watch_keys = ("reward/score_mean", "reward/checker")  # the RM's raw score beside the checker's accuracy
+
+    @property
+    def watched(self) -> tuple[str, str]:
+        return self.watch_keys if self.group is None else ("reward/rm", "reward/checker")
     log_keys = ("reward/score_mean", "objective/kl", "objective/kl_coef", "policy/entropy", "policy/clipfrac",
                 "loss/value", "value/explained_variance", "response/length", "time/generation_share")
 
@@ -186,6 +191,14 @@ class PPOLoop(OnlineLoop):
         self.m = models
         self.norm_mean, self.norm_std = norm
         self.kl_ctl = kl_controller(self.s.kl_coef, self.s.kl_target, self.s.kl_horizon)
+        # reward=rm (ppo's auto): the RM's raw score, normalised below; any other reward group: its total, with an
+        # rm component normalised by the RM's statistics
+        self.group = None if rewards.kind_of(cfg.reward, "ppo") == "rm" else rewards.build(
+            cfg.reward, cfg.data, rm_score=self.normalised_rm_score, stage="ppo")
+
+    @torch.no_grad()
+    def normalised_rm_score(self, batch) -> torch.Tensor:
+        return shape_scores(self.score(batch), batch.ended, mean=self.norm_mean, std=self.norm_std)
 
     def trained(self) -> dict:
         return {"actor": self.m.actor, "critic": self.m.critic}
@@ -213,9 +226,15 @@ class PPOLoop(OnlineLoop):
             old_logp, _ = rollout.response_logprobs(self.m.actor.module, batch, s.temperature)
             ref_logp = self.reference_logprobs(batch, s.temperature)
             old_values = rollout.values(self.m.critic.module, batch)
-            raw = self.score(batch)
-            scores = shape_scores(raw, batch.ended, mean=self.norm_mean, std=self.norm_std, clip=s.reward_clip,
-                                  missing_eos_penalty=s.missing_eos_penalty)
+            group = None
+            if self.group is None:
+                raw = self.score(batch)
+                scores = shape_scores(raw, batch.ended, mean=self.norm_mean, std=self.norm_std, clip=s.reward_clip,
+                                      missing_eos_penalty=s.missing_eos_penalty)
+            else:  # a failed user function (data.on_error=skip) scores 0 and is counted
+                group = self.group(batch, rollout.decode_responses(self.tok, batch), [item for _, item in prompts])
+                raw = torch.where(group.valid, group.total, torch.zeros_like(group.total)).to(batch.mask.device)
+                scores = shape_scores(raw, batch.ended, clip=s.reward_clip, missing_eos_penalty=s.missing_eos_penalty)
             rewards, kl = token_rewards(scores, old_logp, ref_logp, batch.mask, self.kl_ctl.value, s.kl_estimator)
             if s.whiten_rewards:
                 rewards = whiten(rewards, batch.mask, shift_mean=False)
@@ -230,7 +249,10 @@ class PPOLoop(OnlineLoop):
             "objective/non_score_reward": (-self.kl_ctl.value * kl * mask).sum(1).mean(),
             "response/length": mask.sum(1).float().mean(), "response/ended": batch.ended.float().mean(),
         }
-        if self.checker is not None:  # the over-optimisation watch compares it with the RM's score
+        if group is not None:
+            rollout_stats.update({f"reward/{k}": v.mean() for k, v in group.components.items()})
+            rollout_stats["reward/errors"] = torch.tensor(float(group.errors))
+        elif self.checker is not None:  # the over-optimisation watch compares it with the RM's score
             rollout_stats["reward/checker"] = rollout_checker(
                 self.checker, rollout.decode_responses(self.tok, batch), [item for _, item in prompts]).mean()
 
@@ -299,11 +321,11 @@ def _save_and_commit(stage: StageRun, models: Models, tokenizer, parents, actor_
 
 def _parents(cfg) -> list[tuple[str, str | None]]:
     s = cfg.stage
-    return [("sft", s.actor or s.init), ("rm", s.reward)] + ([("rm", s.critic)] if s.critic else [])
+    return [("sft", s.actor or s.init), ("rm", s.reward or cfg.reward.model)] + ([("rm", s.critic)] if s.critic else [])
 
 
 SPEC = StageSpec(
     name="ppo", schema=PPOStageConfig, run=run, parents=_parents,
-    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True,
+    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reward=True,
     headline=("first_reward/score_mean", "reward/score_mean", "objective/kl", "eval_reward_mean_before",
               "eval_reward_mean", "eval_checker_accuracy_before", "eval_checker_accuracy"))

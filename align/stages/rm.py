@@ -32,7 +32,7 @@ from align.stages.common import (
     max_length,
     StageResult,
     StageRun,
-    finite,
+    numeric_metrics,
     log_history_metrics,
     log_no_parent,
     save_and_commit,
@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> StageResult:
     metrics.update(pair_metrics(trainer.model, eval_ds if eval_ds is not None else train_ds, tokenizer.pad_token_id,
                                 "eval" if eval_ds is not None else "train"))
     metrics.update(report.metrics())
-    metrics = finite(metrics)
+    metrics = numeric_metrics(metrics)
 
     return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics, task="seq_cls")
 

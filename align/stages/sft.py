@@ -30,7 +30,7 @@ from align.stages.common import (
     max_length,
     StageResult,
     StageRun,
-    finite,
+    numeric_metrics,
     log_history_metrics,
     save_and_commit,
     training_arguments,
@@ -98,7 +98,7 @@ def run(cfg: DictConfig) -> StageResult:
         if "eval_mean_token_accuracy" in ev:
             metrics["eval_token_accuracy"] = ev["eval_mean_token_accuracy"]
     metrics.update(report.metrics())
-    metrics = finite(metrics)
+    metrics = numeric_metrics(metrics)
 
     set_use_cache(trainer.model, True)
     return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics)
