@@ -24,7 +24,10 @@ def implicit_data_group(args: list[str]) -> list[str]:
         return args
     for a in args:
         key, _, value = a.lstrip("+~").partition("=")
-        if (key == "data.train" or key.endswith(".data.train")) and value not in ("", "demo"):
+        if key == "data.train" and value.startswith("task:"):  # a zoo task: its own group (sizes, checker)
+            return [f"data=task/{value[len('task:'):]}", *args]
+        if (key == "data.train" or key.endswith(".data.train")) and value not in ("", "demo") \
+                and not value.startswith("task:"):
             return ["data=custom", *args]
     return args
 
@@ -81,7 +84,7 @@ def print_help() -> None:
                       if d.is_dir() for p in d.glob("*.yaml")})
     groups = []
     for group in sorted(p for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_")):
-        options = sorted(p.stem for p in group.glob("*.yaml"))
+        options = sorted(str(p.relative_to(group).with_suffix("")) for p in group.rglob("*.yaml"))
         groups.append(f"  {group.name + ':':11s}{', '.join(options)}")
     from align.stages import names
 

@@ -1,6 +1,7 @@
 """Task checkers: programs that say whether a response answers its prompt, configured per data set.
 
-`data.checker` picks one (default `auto`: demo on the bundled data, none otherwise):
+`data.checker` picks one (default `auto`: demo on the bundled data, a zoo task's own for `data=task/<name>`,
+none otherwise):
   demo   the bundled letter-operation task (align/data/demo.py)
   exact  the stripped response equals the row's reference answer
   regex  the response matches `data.checker_pattern` (re.fullmatch, after stripping)
@@ -53,7 +54,15 @@ def from_config(data_cfg) -> Checker | None:
     """The checker `data.checker` names; `auto` is the demo checker on the bundled data, else none."""
     name = data_cfg.get("checker")
     if name == "auto":
-        name = "demo" if data_cfg.train == "demo" else None
+        train = str(data_cfg.train)
+        if train == "demo":
+            name = "demo"
+        elif train.startswith("task:"):
+            from align.data.tasks import CHECKERS
+
+            name = CHECKERS.get(train[len("task:"):])
+        else:
+            name = None
     return build(name, data_cfg.get("checker_pattern"))
 
 

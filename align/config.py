@@ -88,7 +88,8 @@ class RunConfig:
 class TrainConfig:
     max_steps: int = keyed(-1, Check(low=1, choices=(-1,)), "optimizer steps; -1: train.epochs decides")
     epochs: float = keyed(1.0, POSITIVE, "passes over the data (when max_steps is -1)")
-    lr: float | None = keyed(None, POSITIVE, "learning rate; null: the stage's recommended rate (align/stages/common.py)")
+    lr: float | None = keyed(None, POSITIVE, "learning rate; null: the stage's recommended rate for tiny, full or "
+                                             "adapter weights (its StageSpec.lr)")
     # defaults for real models: batch 4 x 4 and 2048 tokens fit a 7B with LoRA and activation checkpointing on
     # one 80 GB GPU (the demo data group sets its own for the tiny model)
     batch_size: int = keyed(4, AT_LEAST_ONE, "rows per device per micro-step")
@@ -120,7 +121,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = keyed("demo", help="file, save_to_disk folder, hub name, or `demo` for the bundled data")
+    train: str = keyed("demo", help="file, save_to_disk folder, hub name, `demo` for the bundled demo, or "
+                                    "`task:<name>` for a task of the zoo (data=task/<name>)")
     eval: str | None = keyed(None, help="same forms; null: data.eval_fraction, or the demo's eval split")
     eval_fraction: float = keyed(0.0, FRACTION, "share of data.train held out for evaluation when data.eval is null")
     format: str = keyed("auto", one_of(*DATA_FORMATS), "instruction format; auto: detected per row")

@@ -54,14 +54,15 @@ def of_path(spec: str | None) -> str | None:
 
 def inputs(cfg) -> dict:
     """What the stage reads besides its parents: data sources and a local base model, by content."""
-    from align.data import demo
-    from align.data.loader import DEMO
+    from pathlib import Path
+
+    from align.data.loader import bundled_split, is_bundled
 
     out = {}
     for key in ("train", "eval"):
         spec = cfg.data.get(key)
-        if spec == DEMO:
-            out[f"data.{key}"] = of_path(str(demo.path("sft").parent))
+        if is_bundled(spec):
+            out[f"data.{key}"] = of_path(str(Path(bundled_split(spec, "sft")).parent))
         elif spec:
             out[f"data.{key}"] = of_path(spec) or f"hub:{spec}"
     name = cfg.model.name_or_path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -82,3 +83,46 @@ def test_own_data_gets_the_defaults_for_real_models_not_the_demo_s():
     assert in_recipe[0] == "data=custom" and compose(*in_recipe).train.max_length == 2048
     assert implicit_data_group(["data=demo", "data.train=x.jsonl"]) == ["data=demo", "data.train=x.jsonl"]
     assert implicit_data_group(["data.train=demo"]) == ["data.train=demo"]
+
+
+def test_configuration_reference_is_generated_from_the_schema():
+    """docs/configuration.md is what `python -m align.configuration_doc` writes now (regenerate it when it fails)."""
+    from align.configuration_doc import DOC, render
+
+    assert DOC.read_text() == render(), "docs/configuration.md is stale: run `python -m align.configuration_doc`"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and not k.endswith("extra"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_no_group_file_repeats_a_schema_default():
+    """Every default lives once, in the schema: a conf/<group>/<option>.yaml sets only what the option changes
+    (a stage file its `name`, a global-package file the groups it changes)."""
+    from omegaconf import OmegaConf
+
+    from align import config
+    from align.stages import registry
+
+    shared = typing.get_type_hints(config.SharedConfig)
+    repeated = []
+    for path in sorted(config.config_dir().glob("*/*.yaml")):
+        group, raw = path.parent.name, OmegaConf.to_container(OmegaConf.load(path))
+        raw.pop("defaults", None)
+        if group == "stage":
+            raw.pop("name", None)
+            sections = {"stage": (registry()[path.stem].schema, raw)}
+        elif path.read_text().startswith("# @package _global_"):
+            sections = {k: (shared[k], v) for k, v in raw.items() if k in shared}
+        else:
+            sections = {group: (shared[group], raw)}
+        for name, (schema, values) in sections.items():
+            defaults = _flat(OmegaConf.to_container(OmegaConf.structured(schema)))
+            repeated += [f"{path.name}: {name}.{k}" for k, v in _flat(values).items() if k in defaults and defaults[k] == v]
+    assert not repeated, repeated

@@ -176,7 +176,7 @@ def test_displacement_warning_from_a_run_that_provokes_it(tmp_path, caplog):
     assert any("likelihood displacement" in r.getMessage() for r in caplog.records)
 
     default = dpo(runs, "train.max_steps=60", "train.lr=1e-3", "train.logging_steps=10", "run.force=true",
-                  *[f"stage.loss_type=[sigmoid,sft]"])
+                  "stage.loss_type=[sigmoid,sft]")
     record = json.loads((default.out / "stage.json").read_text())
     assert record["warnings"] == [], record["metrics"]
     assert default.metrics["train_chosen_logp_change"] > plain.metrics["train_chosen_logp_change"] + 2.0

@@ -39,15 +39,31 @@ class DataReport:
         }
 
 
+TASK = "task:"  # data.train=task:<name>: a built-in task of the zoo (align/data/tasks.py), split like the demo
+
+
+def bundled_split(spec: str, split: str) -> str:
+    """The file of `split` (sft, sft_eval, prefs, prefs_eval) of the demo or of a zoo task."""
+    if spec == DEMO:
+        return str(demo.path(split))
+    from align.data import tasks
+
+    return str(tasks.path(spec[len(TASK):], split))
+
+
+def is_bundled(spec) -> bool:
+    return spec == DEMO or (isinstance(spec, str) and spec.startswith(TASK))
+
+
 def resolve_sources(data_cfg, kind: str) -> tuple[str, str | None]:
-    """Paths for train and eval; `demo` means the bundled demo split for this kind of data."""
+    """Paths for train and eval; `demo` (or `task:<name>`) means the bundled split for this kind of data."""
     train, eval_ = data_cfg.train, data_cfg.eval
-    if train == DEMO:
-        train = str(demo.path(DEMO_SPLITS[kind][0]))
+    if is_bundled(train):
         if eval_ is None and not data_cfg.eval_fraction:
-            eval_ = DEMO
-    if eval_ == DEMO:
-        eval_ = str(demo.path(DEMO_SPLITS[kind][1]))
+            eval_ = train
+        train = bundled_split(train, DEMO_SPLITS[kind][0])
+    if is_bundled(eval_):
+        eval_ = bundled_split(eval_, DEMO_SPLITS[kind][1])
     return train, eval_
 
 

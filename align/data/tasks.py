@@ -1,0 +1,123 @@
+"""The task zoo: built-in verifiable tasks besides the demo, each different in kind, selected with
+`data=task/<name>` (conf/data/task/<name>.yaml). Like the demo, every SFT split carries a *systematic* error (as
+if some annotators cut corners on one kind of input), so the preference stages have something real to fix;
+the preference pairs put the right answer (chosen) against a plausible near miss (rejected); the eval splits
+are correct; a checker (`data.checker`) scores answers against the row's reference.
+
+  arith   two-number addition, "add: 347+86" -> "433"; error: the carry out of the ones digit dropped
+  sort    sort and deduplicate letters, "sort: d b a d c" -> "a b c d"; error: duplicates kept
+  json    fields of a sentence as JSON, -> {"name": "Ana", "age": 31, "city": "Lima"}; error: age quoted as a
+          string (the json checker gives such an answer 2/3)
+  recall  two turns: "remember: kqdm" / "ok" / "reverse it" -> "mdqk"; error: the word not reversed
+
+`python -m align.data.tasks` regenerates every task's files (align/data/task_files/<name>/) from fixed seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+TASK_DIR = Path(__file__).with_name("task_files")
+SIZES = {"sft": 3000, "sft_eval": 300, "prefs": 2000, "prefs_eval": 300}
+ERROR_SHARE = 0.6  # of the SFT answers for the inputs the error pattern applies to, the share that carry it
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+NAMES = ("Ana", "Ben", "Caro", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lea", "Milo", "Nia")
+CITIES = ("Lima", "Oslo", "Rome", "Kyiv", "Doha", "Baku", "Riga", "Bern", "Lome", "Suva", "Apia", "Male")
+
+
+class Example:
+    """One input: its prompt turns, the right answer, the erroneous one (or None when the error does not
+    apply), and a near miss for the rejected side of a pair."""
+
+    def __init__(self, turns: list[dict], right: str, wrong: str | None, near: str):
+        self.turns, self.right, self.wrong, self.near = turns, right, wrong, near
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def arith(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    right = str(a + b)
+    carry = (a % 10) + (b % 10) >= 10
+    wrong = str(a + b - 10) if carry else None  # the ones digit right, its carry into the tens lost
+    near = wrong or str(a + b + rng.choice((-1, 1, 10, -10)))
+    return Example(_user(f"add: {a}+{b}"), right, wrong, near)
+
+
+def sort(rng: random.Random) -> Example:
+    items = [rng.choice(LETTERS[:8]) for _ in range(rng.randint(4, 6))]
+    right = " ".join(sorted(set(items)))
+    wrong = " ".join(sorted(items)) if len(set(items)) < len(items) else None
+    if wrong:
+        near = wrong
+    else:
+        s = sorted(set(items))
+        i = rng.randrange(len(s) - 1)
+        s[i], s[i + 1] = s[i + 1], s[i]
+        near = " ".join(s)
+    return Example(_user(f"sort: {' '.join(items)}"), right, wrong, near)
+
+
+def json_fields(rng: random.Random) -> Example:
+    name, age, city = rng.choice(NAMES), rng.randint(18, 90), rng.choice(CITIES)
+    sentence = rng.choice(("{n} is {a} and lives in {c}.", "{n} lives in {c} and is {a}."))
+    record = {"name": name, "age": age, "city": city}
+    right = json.dumps(record)
+    wrong = json.dumps({**record, "age": str(age)}) if age < 50 else None  # the younger half: age quoted
+    near = wrong or json.dumps({**record, "city": rng.choice([c for c in CITIES if c != city])})
+    return Example(_user("extract: " + sentence.format(n=name, a=age, c=city)), right, wrong, near)
+
+
+def recall(rng: random.Random) -> Example:
+    word = "".join(rng.choice(LETTERS) for _ in range(4))
+    op = rng.choice(("reverse it", "repeat it", "capitalise it"))
+    right = {"reverse it": word[::-1], "repeat it": word, "capitalise it": word.upper()}[op]
+    wrong = word if op == "reverse it" and word != right else None  # the second turn's instruction ignored
+    near = wrong or next(c for c in (word[::-1], word.upper(), word + word) if c != right)
+    turns = [{"role": "user", "content": f"remember: {word}"}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": op}]
+    return Example(turns, right, wrong, near)
+
+
+TASKS: dict[str, Callable[[random.Random], Example]] = {"arith": arith, "sort": sort, "json": json_fields,
+                                                         "recall": recall}
+CHECKERS = {"arith": "exact", "sort": "exact", "json": "json", "recall": "exact"}
+SEEDS = {"arith": 101, "sort": 202, "json": 303, "recall": 404}
+
+
+def path(task: str, split: str) -> Path:
+    if task not in TASKS:
+        raise ValueError(f"no built-in task {task!r}; the tasks are {', '.join(TASKS)}")
+    return TASK_DIR / task / f"{split}.jsonl"
+
+
+def rows(task: str, split: str, n: int, rng: random.Random) -> list[dict]:
+    make, out = TASKS[task], []
+    for _ in range(n):
+        ex = make(rng)
+        if split.startswith("prefs"):
+            out.append({"prompt": ex.turns, "chosen": [{"role": "assistant", "content": ex.right}],
+                        "rejected": [{"role": "assistant", "content": ex.near}]})
+        else:
+            answer = ex.wrong if (split == "sft" and ex.wrong and rng.random() < ERROR_SHARE) else ex.right
+            out.append({"messages": [*ex.turns, {"role": "assistant", "content": answer}]})
+    return out
+
+
+def write(task: str) -> None:
+    rng = random.Random(SEEDS[task])
+    for split, n in SIZES.items():
+        target = path(task, split)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(json.dumps(r) + "\n" for r in rows(task, split, n, rng)))
+
+
+if __name__ == "__main__":
+    for name in TASKS:
+        write(name)
+        print(f"wrote {TASK_DIR / name}")

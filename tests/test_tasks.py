@@ -1,0 +1,108 @@
+"""The task zoo (align/data/tasks.py): files regenerate byte for byte from their seeds, every chosen answer
+passes the task's checker and every rejected one fails it, the SFT split carries its error pattern, and
+`data=task/<name>` reads each stage's split with the task's checker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose
+
+TASKS = ("arith", "sort", "json", "recall")
+
+
+def read(task: str, split: str) -> list[dict]:
+    from align.data.tasks import path
+
+    return [json.loads(line) for line in path(task, split).read_text().splitlines()]
+
+
+def test_files_regenerate_from_their_seeds(tmp_path, monkeypatch):
+    from align.data import tasks
+
+    shipped = {t: {s: tasks.path(t, s).read_bytes() for s in tasks.SIZES} for t in TASKS}
+    monkeypatch.setattr(tasks, "TASK_DIR", tmp_path)
+    for t in TASKS:
+        tasks.write(t)
+        for split, data in shipped[t].items():
+            assert (tmp_path / t / f"{split}.jsonl").read_bytes() == data, (t, split)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_pairs_are_right_against_near_miss_and_sft_carries_the_error(task):
+    from align import checkers
+    from align.data.tasks import CHECKERS, ERROR_SHARE
+
+    check = checkers.build(CHECKERS[task])
+    for row in read(task, "prefs")[:500]:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        prompt = row["prompt"][-1]["content"]
+        assert check(prompt, chosen, chosen) == 1.0
+        assert check(prompt, rejected, chosen) < 1.0, row
+    for row in read(task, "sft_eval"):
+        assert row["messages"][-1]["role"] == "assistant"
+    # the SFT split: answers the checker marks wrong against an independent solver's answer to the same prompt
+    wrong = 0
+    for row in read(task, "sft"):
+        prompt_turns, answer = row["messages"][:-1], row["messages"][-1]["content"]
+        right = _solve(task, prompt_turns)
+        wrong += check(prompt_turns[-1]["content"], answer, right) < 1.0
+    share = wrong / len(read(task, "sft"))
+    # the error applies to about half of the inputs (a carry, a duplicate, an age under 50, a reversal: one in
+    # 3), ERROR_SHARE of those carry it
+    assert 0.1 < share < ERROR_SHARE, (task, share)
+
+
+def _solve(task: str, turns: list[dict]) -> str:
+    """The right answer from the prompt alone (an independent solver, not the generator)."""
+    text = turns[-1]["content"]
+    if task == "arith":
+        a, b = text.removeprefix("add: ").split("+")
+        return str(int(a) + int(b))
+    if task == "sort":
+        return " ".join(sorted(set(text.removeprefix("sort: ").split())))
+    if task == "json":
+        words = text.removeprefix("extract: ").rstrip(".").split()
+        name, age, city = words[0], next(w for w in words if w.isdigit()), words[words.index("in") + 1]
+        return json.dumps({"name": name, "age": int(age), "city": city})
+    word = turns[0]["content"].removeprefix("remember: ")
+    return {"reverse it": word[::-1], "repeat it": word, "capitalise it": word.upper()}[text]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_data_task_group_reads_each_stage_split_with_the_task_checker(task, tiny_tokenizer):
+    from align import checkers
+    from align.data.loader import dpo_datasets, prompt_datasets, resolve_sources
+    from align.data.tasks import CHECKERS, path
+
+    cfg = compose(f"data=task/{task}")
+    assert cfg.data.train == f"task:{task}" and cfg.train.max_length == 128
+    assert resolve_sources(cfg.data, "sft") == (str(path(task, "sft")), str(path(task, "sft_eval")))
+    assert resolve_sources(cfg.data, "preference") == (str(path(task, "prefs")), str(path(task, "prefs_eval")))
+    assert checkers.from_config(cfg.data) is checkers.build(CHECKERS[task])
+    train, held_out, report = prompt_datasets(cfg.data, tiny_tokenizer, 128, 42)
+    assert report.train_rows == 3000 and report.eval_rows == 300 and not report.errors.skipped
+    assert held_out[0]["reference"] == _solve(task, [{"content": held_out[0]["prompt_text"]}]
+                                              if task != "recall" else _turns(held_out[0]))
+    pairs, _, pair_report = dpo_datasets(cfg.data, tiny_tokenizer, 128, 42)
+    assert pair_report.train_rows == 2000 and not pair_report.errors.skipped  # every pair fits 128 tokens
+
+
+def _turns(row) -> list[dict]:
+    """recall's prompt turns, rebuilt from its prompt ids' text (the first turn holds the word)."""
+    from align.data.tasks import path
+
+    for line in path("recall", "sft_eval").read_text().splitlines():
+        r = json.loads(line)
+        if r["messages"][-1]["content"] == row["reference"] and r["messages"][2]["content"] == row["prompt_text"]:
+            return r["messages"][:-1]
+    raise AssertionError(row)
+
+
+def test_data_train_task_selects_its_group():
+    from align.__main__ import implicit_data_group
+
+    assert implicit_data_group(["stage=sft", "data.train=task:sort"]) == ["data=task/sort", "stage=sft",
+                                                                         "data.train=task:sort"]
