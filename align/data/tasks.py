@@ -4,7 +4,7 @@ if some annotators cut corners on one kind of input), so the preference stages h
 the preference pairs put the right answer (chosen) against a plausible near miss (rejected); the eval splits
 are correct; a checker (`data.checker`) scores answers against the row's reference.
 
-  arith   two-number addition, "add: 347+86" -> "433"; error: the carry out of the ones digit dropped
+  arith   two-digit addition, "add: 47+86" -> "133"; error: the carry out of the ones digit dropped
   sort    sort and deduplicate letters, "sort: d b a d c" -> "a b c d"; error: duplicates kept
   json    fields of a sentence as JSON, -> {"name": "Ana", "age": 31, "city": "Lima"}; error: age quoted as a
           string (the json checker gives such an answer 2/3)
@@ -41,7 +41,7 @@ def _user(text: str) -> list[dict]:
 
 
 def arith(rng: random.Random) -> Example:
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)  # two digits: three-digit sums were beyond the tiny model's SFT
     right = str(a + b)
     carry = (a % 10) + (b % 10) >= 10
     wrong = str(a + b - 10) if carry else None  # the ones digit right, its carry into the tens lost
