@@ -38,7 +38,6 @@ class OnlineLoop:
     name = "online"
     progress_keys = ("reward/score_mean",)  # shown on the progress bar
     log_keys: tuple = ()  # shown in the console every train.logging_steps
-    watch_keys = ("reward/rm", "reward/checker")  # (learned reward, checker accuracy) of the rollouts, when both logged
 
     def __init__(self, cfg, actor: Trainable, reference, peft_actor: bool, tokenizer, checker=None):
         self.cfg, self.s, self.tok, self.checker = cfg, cfg.stage, tokenizer, checker
@@ -155,7 +154,8 @@ class OnlineLoop:
 
     @property
     def watched(self) -> tuple[str, str]:
-        return self.watch_keys
+        """(learned reward, checker accuracy) of the rollouts: the keys the watch compares, when both are logged."""
+        return "reward/rm", "reward/checker"
 
     def watch(self, history: list[dict], step: int) -> None:
         """Warn once (console and stage.json) when the learned reward rises while the checker falls."""
@@ -266,6 +266,32 @@ def _fits_gathered(module) -> bool:
 
         free = psutil.virtual_memory().available
     return full < free / 4
+
+
+def load_reward_model(cfg, ds_config, parent, pad_id: int):
+    """The reward model of a stage output (a sequence classifier), frozen: sharded under ZeRO-3, its weights in CPU
+    memory with stage.frozen_device=cpu."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForSequenceClassification
+
+    from align.models.loading import load_pretrained
+    from align.rl.engine import frozen
+
+    model = load_pretrained(AutoModelForSequenceClassification, str(parent.model), cfg.model,
+                            OmegaConf.create({"method": "none"}), num_labels=1)
+    model.config.pad_token_id = pad_id
+    return frozen(model, cfg, ds_config, cfg.stage.frozen_device == "cpu")
+
+
+def reward_statistics(parent) -> tuple[float | None, float | None]:
+    """(mean, std) of the reward model's scores that its stage recorded, for normalising them; (None, None), with
+    a warning, when it recorded none (its scores are then used raw)."""
+    stats = parent.info.get("metrics", {})
+    mean, std = stats.get("reward_mean"), stats.get("reward_std")
+    if mean is None or std is None:
+        log.warning("%s records no reward_mean/reward_std; its scores are used raw", parent.path)
+        return None, None
+    return mean, std
 
 
 def prompt_items(ds) -> list[tuple[list[int], dict]]:

@@ -15,8 +15,6 @@ online loop's (align/rl/loop.py).
 
 from __future__ import annotations
 
-from align.config import GRPOStageConfig
-from align.stages import StageSpec
 
 import logging
 import math
@@ -26,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from align import distributed, handoff, rewards, tracking
+from align.config import GRPOStageConfig
 from align.data.loader import prompt_datasets
 from align.models.loading import (
     cast_trainable,
@@ -42,10 +41,18 @@ from align.rl import rollout
 from align.rl.advantages import group_advantages, overlong_penalty, token_advantages, zero_variance
 from align.rl.engine import Trainable, checkpointing_active, enable_checkpointing, frozen
 from align.rl.kl import kl_per_token
-from align.rl.loop import OnlineLoop, mean_over_ranks, on_device_of, prompt_items
+from align.rl.loop import (
+    OnlineLoop,
+    load_reward_model,
+    mean_over_ranks,
+    on_device_of,
+    prompt_items,
+    reward_statistics,
+)
 from align.rl.losses import aggregate, clipped_surrogate
 from align.rl.masked import masked_mean
 from align.rl.rewards import shape_scores
+from align.stages import StageSpec
 from align.stages.common import StageResult, StageRun, numeric_metrics, log_no_parent, print_summary, resolve_lr
 
 log = logging.getLogger("align")
@@ -136,16 +143,9 @@ def _load_policy(cfg, stage: StageRun, source: str, total_updates: int):
 
 def _load_rm(cfg, stage: StageRun, rm_parent, tokenizer):
     """(model, mean, std) of the reward model, frozen, normalised with its stored statistics."""
-    from omegaconf import OmegaConf
-    from transformers import AutoModelForSequenceClassification
-
-    model = load_pretrained(AutoModelForSequenceClassification, str(rm_parent.model), cfg.model,
-                            OmegaConf.create({"method": "none"}), num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model = frozen(model, cfg, stage.ds_config, cfg.stage.frozen_device == "cpu")
-    stats = rm_parent.info.get("metrics", {})
     log.info("reward model %s", rm_parent.model)
-    return model, stats.get("reward_mean"), stats.get("reward_std")
+    return (load_reward_model(cfg, stage.ds_config, rm_parent, tokenizer.pad_token_id),
+            *reward_statistics(rm_parent))
 
 
 class GRPOLoop(OnlineLoop):

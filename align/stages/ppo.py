@@ -13,8 +13,6 @@ the reward model (its score head becomes the value head).
 
 from __future__ import annotations
 
-from align.config import PPOStageConfig
-from align.stages import StageSpec
 
 import logging
 import math
@@ -24,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from align import checkers, distributed, handoff, rewards, tracking
+from align.config import PPOStageConfig
 from align.data.loader import prompt_datasets
 from align.models.loading import (
     cast_trainable,
@@ -39,12 +38,21 @@ from align.models.loading import (
 )
 from align.rl import rollout
 from align.rl.engine import Trainable, checkpointing_active, enable_checkpointing, frozen
-from align.rl.loop import OnlineLoop, mean_over_ranks, on_device_of, prompt_items, rollout_checker
+from align.rl.loop import (
+    OnlineLoop,
+    load_reward_model,
+    mean_over_ranks,
+    on_device_of,
+    prompt_items,
+    reward_statistics,
+    rollout_checker,
+)
 from align.rl.gae import gae
 from align.rl.kl import ESTIMATORS, kl_controller
 from align.rl.losses import explained_variance, policy_loss, value_loss
 from align.rl.masked import masked_mean, whiten
 from align.rl.rewards import shape_scores, token_rewards
+from align.stages import StageSpec
 from align.stages.common import StageResult, StageRun, numeric_metrics, print_summary, resolve_lr
 
 log = logging.getLogger("align")
@@ -81,11 +89,7 @@ def run(cfg: DictConfig) -> StageResult:
     total_updates = steps * updates_per_step
 
     models = _load_models(cfg, stage, actor_source, reward_parent, critic_parent, tokenizer, total_updates)
-    rm_stats = reward_parent.info.get("metrics", {})
-    norm = (rm_stats.get("reward_mean"), rm_stats.get("reward_std")) if s.reward_norm else (None, None)
-    if s.reward_norm and None in norm:
-        log.warning("stage.reward_norm: %s records no reward_mean/reward_std; scores are used raw", reward_parent.path)
-        norm = (None, None)
+    norm = reward_statistics(reward_parent) if s.reward_norm else (None, None)
     loop = PPOLoop(cfg, models, tokenizer, norm, checkers.from_config(cfg.data))
 
     stage.prepare_checkpoints()
@@ -149,9 +153,7 @@ def _load_models(cfg, stage: StageRun, actor_source, reward_parent, critic_paren
     if not peft_actor:
         reference = frozen(load_pretrained(AutoModelForCausalLM, actor_source, cfg.model, none), cfg, ds, on_cpu)
 
-    reward = load_pretrained(AutoModelForSequenceClassification, str(reward_parent.model), cfg.model, none, num_labels=1)
-    reward.config.pad_token_id = pad
-    reward = frozen(reward, cfg, ds, on_cpu)
+    reward = load_reward_model(cfg, ds, reward_parent, pad)
 
     critic = load_pretrained(AutoModelForSequenceClassification, str(critic_parent.model), cfg.model, none,
                              num_labels=1)
@@ -178,11 +180,6 @@ def _load_models(cfg, stage: StageRun, actor_source, reward_parent, critic_paren
 class PPOLoop(OnlineLoop):
     name = "ppo"
     progress_keys = ("reward/score_mean", "objective/kl")
-    watch_keys = ("reward/score_mean", "reward/checker")  # the RM's raw score beside the checker's accuracy
-
-    @property
-    def watched(self) -> tuple[str, str]:
-        return self.watch_keys if self.group is None else ("reward/rm", "reward/checker")
     log_keys = ("reward/score_mean", "objective/kl", "objective/kl_coef", "policy/entropy", "policy/clipfrac",
                 "loss/value", "value/explained_variance", "response/length", "time/generation_share")
 
@@ -199,6 +196,11 @@ class PPOLoop(OnlineLoop):
     @torch.no_grad()
     def normalised_rm_score(self, batch) -> torch.Tensor:
         return shape_scores(self.score(batch), batch.ended, mean=self.norm_mean, std=self.norm_std)
+
+    @property
+    def watched(self) -> tuple[str, str]:
+        """With reward=rm the RM's raw score is reward/score_mean; a reward group logs it as reward/rm."""
+        return ("reward/score_mean", "reward/checker") if self.group is None else super().watched
 
     def trained(self) -> dict:
         return {"actor": self.m.actor, "critic": self.m.critic}

@@ -8,8 +8,6 @@ to normalise rewards.
 
 from __future__ import annotations
 
-from align.config import RMStageConfig
-from align.stages import StageSpec
 
 import logging
 
@@ -17,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from align import handoff
+from align.config import RMStageConfig
 from align.data.loader import preference_datasets
 from align.rl.rollout import last_token_scores
 from align.models.loading import (
@@ -28,6 +27,7 @@ from align.models.loading import (
     resolve_name,
     score,
 )
+from align.stages import StageSpec
 from align.stages.common import (
     max_length,
     StageResult,

@@ -6,8 +6,6 @@ model (+LoRA/QLoRA) -> trainer -> train -> evaluate -> save -> commit.
 
 from __future__ import annotations
 
-from align.config import SFTStageConfig
-from align.stages import StageSpec
 
 import logging
 import math
@@ -15,6 +13,7 @@ import math
 from omegaconf import DictConfig
 
 from align import handoff
+from align.config import SFTStageConfig
 from align.data.loader import sft_datasets
 from align.data.packing import FLAT, ROWS, RowPackedCollator, pack_rows, packed_layout, row_packed_trainer
 from align.models.loading import (
@@ -26,6 +25,7 @@ from align.models.loading import (
     resolve_name,
     set_use_cache,
 )
+from align.stages import StageSpec
 from align.stages.common import (
     max_length,
     StageResult,
