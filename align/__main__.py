@@ -50,8 +50,8 @@ def drop_local_rank(argv: list[str]) -> tuple[list[str], str | None]:
     return out, local_rank
 
 
-HELP = """align: post-training for causal language models. SFT -> reward model -> PPO (or DPO), with
-LoRA/QLoRA and DeepSpeed ZeRO; each stage hands its output to the next inside runs/<run.name>/.
+HELP = """align: post-training for causal language models. SFT -> reward model -> PPO (or DPO), and GRPO
+with verifiable rewards, with LoRA/QLoRA and DeepSpeed ZeRO; each stage hands its output to the next inside runs/<run.name>/.
 
 usage:
   python -m align stage=STAGE [key=value ...]      one stage (default: sft on the tiny demo model)

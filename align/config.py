@@ -244,7 +244,8 @@ class PPOStageConfig(OnlineStageConfig):
     reward: str | None = keyed(None, help="reward model; default: the run's rm")
     critic: str | None = keyed(None, help="critic init (a sequence classifier); default: the reward model")
     critic_peft: str = keyed("auto", one_of("auto", "none", "lora"), "auto: LoRA when peft is lora/qlora")
-    critic_lr: float | None = keyed(None, POSITIVE, "critic learning rate; null: train.lr")
+    critic_lr: float | None = keyed(None, POSITIVE, "critic learning rate (the critic has its own AdamW, so this, not a loss weight, sets how fast it learns); null: train.lr")
+    critic_max_grad_norm: float | None = keyed(10.0, NON_NEGATIVE, "gradient clipping norm of the critic (its value-loss gradients run larger than the policy's); null: train.max_grad_norm; 0: none")
     rollout_batch_size: int = keyed(64, AT_LEAST_ONE, "prompts per rank per PPO step")
     # score
     reward_norm: bool = keyed(True, help="(score - mean) / std with the reward model's stored statistics")
@@ -261,7 +262,6 @@ class PPOStageConfig(OnlineStageConfig):
     whiten_advantages: bool = keyed(True, help="whiten advantages per batch")
     clip_range: float = keyed(0.2, POSITIVE, "policy ratio clip")
     clip_range_value: float = keyed(0.2, POSITIVE, "value clip")
-    vf_coef: float = keyed(0.1, NON_NEGATIVE, "value loss weight")
     ppo_epochs: int = keyed(4, AT_LEAST_ONE, "passes over each rollout batch")
 
 

@@ -61,6 +61,25 @@ def _rows(schema: type, prefix: str) -> list[str]:
     return rows
 
 
+def _groups() -> str:
+    """Each config group's options (`group=option`) with the first comment line of its YAML file."""
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    rows = ["\n## Config groups\n\nPick one option per group (`peft=lora`); the file lists what it changes.\n",
+            "| group | option | what |", "|---|---|---|"]
+    for group in sorted(p for p in conf.iterdir() if p.is_dir() and p.name != "stage" and not p.name.startswith("_")):
+        for f in sorted(group.rglob("*.yaml")):
+            head = []  # the comment block at the top, up to its first sentence
+            for ln in f.read_text().splitlines():
+                if not ln.startswith("#"):
+                    break
+                if not ln.startswith("# @package"):
+                    head.append(ln.lstrip("# ").strip())
+            text = " ".join(head)
+            what = (text.split(". ")[0].rstrip(".") + "." if text else "").replace("|", "\\|")
+            rows.append(f"| `{group.name}` | `{f.relative_to(group).with_suffix('')}` | {what} |")
+    return "\n".join(rows)
+
+
 def render() -> str:
     from align import config
     from align.stages import registry
@@ -72,6 +91,7 @@ def render() -> str:
         schema = typing.get_type_hints(config.SharedConfig)[f.name]
         parts.append(f"\n## `{f.name}`\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|")
         parts += _rows(schema, f"{f.name}.")
+    parts.append(_groups())
     for name, spec in registry().items():
         parts.append(f"\n## `stage={name}`\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|")
         parts += _rows(spec.schema, "stage.")

@@ -92,6 +92,12 @@ def problems(cfg: DictConfig) -> list[str]:
     return out + relations(cfg)
 
 
+# keys that existed once, with what replaced them
+RETIRED = {"vf_coef": "removed: the critic has its own AdamW, so a weight on its loss changed only its gradient "
+                      "clipping; stage.critic_max_grad_norm sets that clipping (vf_coef 0.1 under "
+                      "train.max_grad_norm 1.0 was a norm of 10, the default) and stage.critic_lr its pace"}
+
+
 def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Keys that no schema declares (`+train.lrr=1e-4` adds one past Hydra's own check), with the
     nearest known key. Free-form dicts (deepspeed.extra) take any key."""
@@ -102,6 +108,9 @@ def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     out = []
     for key in cfg:
         if key not in known:
+            if str(key) in RETIRED:
+                out.append(f"{prefix}{key}: {RETIRED[str(key)]}")
+                continue
             near = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; {prefix.rstrip('.') or 'the top level'} has " \
                                                                        f"{', '.join(sorted(known))}"

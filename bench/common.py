@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,28 +25,36 @@ def env() -> dict:
 
 def run_align(stage: str, *overrides: str, run_root: Path | None = None) -> dict:
     """`python -m align stage=<stage> <overrides>` in `run_root` (stages of one run find each other there) or
-    a fresh run directory; its stage.json metrics."""
+    a fresh run directory; its stage.json metrics and `process_s`, the process's wall time from its start
+    to its exit (imports, data, model, training, saving: what a user waits for)."""
     if run_root is None:
         with tempfile.TemporaryDirectory() as tmp:
             return run_align(stage, *overrides, run_root=Path(tmp) / "runs")
     cmd = [sys.executable, "-m", "align", f"stage={stage}", f"run.root={run_root}", "train.save_steps=1000000",
            *overrides]
+    t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=run_root.parent, env=env(), capture_output=True, text=True)
+    process_s = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"align failed: stage={stage} {' '.join(overrides)}\n{done.stderr[-3000:]}")
-    return json.loads((run_root / "demo" / stage / "stage.json").read_text())["metrics"]
+    metrics = json.loads((run_root / "demo" / stage / "stage.json").read_text())["metrics"]
+    return {**metrics, "process_s": process_s}
 
 
 def run_peer(script: str, *args: str, python: str = sys.executable) -> dict:
-    """A peer script under bench/ that prints one JSON object as its last line."""
+    """A peer script under bench/ that prints one JSON object as its last line; with `process_s`, its
+    process's wall time from start to exit."""
+    t0 = time.perf_counter()
     done = subprocess.run([python, str(REPO / "bench" / script), *args], cwd=REPO, env=env(), capture_output=True,
                           text=True)
+    process_s = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"{script} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "process_s": process_s}
 
 
 def report(title: str, unit: str, ours: float, peer: float, peer_name: str, target: float) -> str:
+    """One line: align against one peer, the ratio, and whether it meets the target."""
     ratio = ours / peer
     line = (f"{title}: align {ours:.1f} {unit}, {peer_name} {peer:.1f} {unit}; ratio {ratio:.2f}x "
             f"(target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
@@ -54,24 +63,67 @@ def report(title: str, unit: str, ours: float, peer: float, peer_name: str, targ
 
 
 def cli(description: str) -> argparse.Namespace:
-    """--steps and --batch-size, the same for align and its peer."""
+    """--steps and --batch-size, the same for align and its peer; --set KEY=VALUE (repeatable) for a peer's
+    config (`--set packing=true`), VALUE read as JSON when it parses."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    return ap.parse_args()
+
+
+def steps_and_batch(doc: str, steps: int) -> argparse.Namespace:
+    """The comparison scripts' options: --steps (default `steps`) and --batch-size, for every run alike."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--batch-size", type=int, default=16)
     return ap.parse_args()
 
 
-def compare(stage: str, args: argparse.Namespace, align_overrides: list[str], peer_script: str) -> tuple[dict, dict]:
-    """align's stage and the peer, the same steps and batch size: (align's stage.json metrics, the peer's JSON)."""
-    ours = run_align(stage, f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
-                     f"train.logging_steps={args.steps}", *align_overrides)
-    peer = run_peer(peer_script, "--steps", str(args.steps), "--batch-size", str(args.batch_size))
-    return ours, peer
+def tiny_setup(*overrides: str):
+    """For the bare loops: align's config for `overrides`, the tiny model's tokenizer, and its directory."""
+    sys.path.insert(0, str(REPO))
+    from hydra import compose, initialize_config_dir
+
+    from align.config import config_dir, register
+    from align.models.loading import load_tokenizer
+    from align.models.tiny import tiny_model_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return cfg, load_tokenizer(str(tiny_model_dir()), cfg.model), tiny_model_dir()
+
+
+def peer_settings(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def table(title: str, unit: str, rows: list[tuple[str, float, float]], ours: str) -> str:
+    """A markdown table: each row's rate in the training loop and end to end, and the row named `ours`
+    against each."""
+    base = next(r for r in rows if r[0] == ours)
+    lines = [f"{title}", "", f"| run | {unit}, training loop | {unit}, end to end (process start to exit) "
+             f"| {ours} / run (loop) | {ours} / run (end to end) |", "|---|---|---|---|---|"]
+    for name, loop, e2e in rows:
+        lines.append(f"| {name} | {loop:.1f} | {e2e:.1f} | {base[1] / loop:.2f}x | {base[2] / e2e:.2f}x |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
 
 
 def train_trl_peer(trainer_cls, config_cls, rows: list[dict], lr: float):
     """A TRL trainer with its defaults (bf16 only on a GPU: TRL's default fails on CPU) on align's tiny
-    model; steps and batch size from the command line. Returns (trainer, train runtime in s)."""
+    model; steps, batch size and --set settings from the command line. Returns (trainer, the time inside
+    train() in s); the bench scripts time the whole process too (construction, where TRL tokenizes, packs
+    and precomputes, included)."""
     sys.path.insert(0, str(REPO))
     import torch
     from datasets import Dataset
@@ -85,7 +137,7 @@ def train_trl_peer(trainer_cls, config_cls, rows: list[dict], lr: float):
     with tempfile.TemporaryDirectory() as tmp:
         config = config_cls(output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                             learning_rate=lr, report_to=[], save_strategy="no", logging_steps=args.steps,
-                            disable_tqdm=True, bf16=torch.cuda.is_available())
+                            disable_tqdm=True, bf16=torch.cuda.is_available(), **peer_settings(args.set))
         trainer = trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(rows),
                               processing_class=tokenizer)
         result = trainer.train()

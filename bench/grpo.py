@@ -43,6 +43,8 @@ def main() -> None:
            f"TRL {peer['trl']} GRPOTrainer", 1.5)
     report("GRPO samples/s (TRL clock from train())", "samples/s", mine, peer["samples_per_s_train_only"],
            f"TRL {peer['trl']} GRPOTrainer", 1.5)
+    report("GRPO samples/s (end to end: process start to exit)", "samples/s", args.steps * samples / ours["process_s"],
+           args.steps * samples / peer["process_s"], f"TRL {peer['trl']} GRPOTrainer", 1.5)
     print(f"mean response length: align {ours['response/length']:.1f} tokens (last step), TRL "
           f"{peer['mean_length']:.1f} tokens (mean over its steps); align's generation share of a step "
           f"{ours['time/generation_share']:.2f}")

@@ -14,6 +14,7 @@ per second of each (generation, scoring, reference, values and the PPO updates a
 from __future__ import annotations
 
 import argparse
+import site
 import subprocess
 import sys
 import tempfile
@@ -26,13 +27,25 @@ VENV = Path.home() / ".cache" / "align" / f"trl-{PEER_TRL}-venv"
 
 
 def peer_python() -> str:
-    """The venv's python, with trl==1.12.0 over this environment's packages (made on first use)."""
+    """The venv's python: trl==1.12.0 in its own site-packages, in front of this interpreter's packages
+    (made on first use). `venv --system-site-packages` alone would see the *base* interpreter's packages,
+    which lack torch when align lives in a virtual environment, so a .pth file adds this one's."""
     python = VENV / "bin" / "python"
-    check = [str(python), "-c", "import trl; print(trl.__version__)"]
+    check = [str(python), "-c", "import torch, trl; print(trl.__version__)"]
     if python.exists() and subprocess.run(check, capture_output=True, text=True).stdout.strip() == PEER_TRL:
         return str(python)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    # an import line in a .pth runs at start-up; addsitedir appends (after the venv's own trl) and
+    # processes the .pth files there too (align's editable install)
+    (Path(own) / "align_parent_env.pth").write_text(
+        "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in ours) + "\n")
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", f"trl=={PEER_TRL}"], check=True)
+    version = subprocess.run(check, capture_output=True, text=True)
+    if version.stdout.strip() != PEER_TRL:
+        raise SystemExit(f"the peer venv {VENV} does not import torch and trl {PEER_TRL}: {version.stderr[-500:]}")
     return str(python)
 
 
@@ -57,8 +70,10 @@ def main() -> None:
                         "--steps", str(args.steps), "--rollout", str(args.rollout), "--mini", str(args.mini),
                         "--epochs", str(args.epochs), "--tokens", str(args.tokens), python=python)
     samples = args.steps * args.rollout
-    report("PPO samples/s", "samples/s", samples / ours["train_runtime_s"], peer["samples_per_s"],
+    report("PPO samples/s (training loop)", "samples/s", samples / ours["train_runtime_s"], peer["samples_per_s"],
            f"TRL {peer['trl']} PPOTrainer", 2.0)
+    report("PPO samples/s (end to end: process start to exit)", "samples/s", samples / ours["process_s"],
+           samples / peer["process_s"], f"TRL {peer['trl']} PPOTrainer", 2.0)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The peer for bench/dpo.py: TRL's DPOTrainer with its defaults (a frozen reference copy, sigmoid
 loss) on align's tiny model and the demo's preference pairs, as conversations like align feeds them.
-Prints {"steps_per_s", "steps", "runtime_s"}."""
+Prints {"steps_per_s", "steps", "runtime_s"}: steps over the time inside train(); `--set key=value`
+changes a DPOConfig setting (bench/dpo.py: precompute_ref_log_probs=true)."""
 
 import json
 

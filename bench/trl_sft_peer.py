@@ -1,5 +1,6 @@
-"""The peer for bench/sft.py: TRL's SFTTrainer with its defaults on align's tiny model and the demo's
-SFT split (conversational `messages` rows). Prints {"tokens_per_s", "tokens", "runtime_s"}."""
+"""The peer for bench/sft.py: TRL's SFTTrainer with its defaults (or `--set key=value` settings) on align's
+tiny model and the demo's SFT split (conversational `messages` rows). Prints {"tokens_per_s", "tokens",
+"runtime_s"}: real tokens over the time inside train()."""
 
 import json
 

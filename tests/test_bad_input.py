@@ -70,6 +70,7 @@ CASES = {  # id: (arguments, exit code, what the message must say)
     "dtype_name": (["model.dtype=bf17"], 2, ["model.dtype=bf17: must be one of auto, bf16, fp16, fp32"]),
     "misspelt_plus_key": (["+train.lrr=1e-4"], 2, ["train.lrr: no such key; did you mean train.lr?"]),
     "misspelt_stage_key": (["stage=dpo", "+stage.betta=0.2"], 2, ["stage.betta: no such key; did you mean stage.beta?"]),
+    "retired_key": (["stage=ppo", "+stage.vf_coef=0.5"], 2, ["stage.vf_coef: removed", "stage.critic_max_grad_norm"]),
     "schema_as_stage": (["stage=sft_schema"], 2, ["stage=sft_schema is not a stage"]),
     "non_utf8_row": (["data.train=latin1.jsonl"], 2, ["latin1.jsonl, row 2: not valid UTF-8 (byte 0xe9", "save the file as UTF-8"]),
     "empty_file": (["data.train=empty.jsonl"], 2, ["empty.jsonl: no usable training rows", "the file is empty"]),

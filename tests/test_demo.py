@@ -1,8 +1,11 @@
-"""The demo, shortened: `recipe=demo` with fewer DPO, RM and PPO steps still shows both ways to align
-beating the SFT model on the task checker (held-out prompts, greedy answers).
+"""The demo recipe as shipped (`recipe=demo`: SFT, DPO, RM + PPO, GRPO, eval) shows every way to align beating
+the SFT model on the task checker (256 held-out prompts, greedy answers); only the stages' own before/after
+evals are left out (the eval stage measures every policy).
 
-Opt-in (`python -m pytest -m demo`, about 5 minutes): it trains the demo's SFT, DPO, RM and PPO on one
-core, and the default suite is at its 20-minute CI budget."""
+In the default suite (about 5 minutes on 2 cores; `-m demo` selects it alone). The SFT model's checker
+accuracy depends on the machine's float kernels and the seed (0.578 with AVX-512 kernels, 0.426 with AVX2
+at the default seed; 0.2-0.6 over seeds: README), so the bounds are gains over the run's own SFT; the
+README's seed-42 row is this run on an AVX-512 machine."""
 
 from __future__ import annotations
 
@@ -10,12 +13,9 @@ import pytest
 
 from conftest import compose
 
-pytestmark = pytest.mark.demo
+pytestmark = pytest.mark.demo  # a label to select it; not excluded by default
 
-# the demo recipe's own settings, fewer steps: SFT as in the demo (it is the baseline), then
-# DPO 150 of 500 steps, the RM 250 of 500, PPO 30 of 100, GRPO 250 of 800; checker on 128 held-out prompts
-SHORT = ["dpo.train.max_steps=150", "rm.train.max_steps=250", "ppo.train.max_steps=30", "ppo.eval_prompts=128",
-         "grpo.train.max_steps=250", "grpo.eval_prompts=128", "eval.prompts=128"]
+FAST = ["ppo.eval_prompts=0", "grpo.eval_prompts=0"]
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,14 @@ def demo(tmp_path_factory):
     from align import handoff, pipeline
 
     runs = tmp_path_factory.mktemp("demo") / "runs"
-    overrides = ["recipe=demo", f"run.root={runs}", *SHORT]
+    overrides = ["recipe=demo", f"run.root={runs}", *FAST]
     pipeline.run(compose(*overrides), overrides)
     return handoff.read_stage_json(runs / "demo" / "eval")["metrics"]
 
 
 def test_dpo_and_ppo_beat_sft_on_the_checker(demo):
     sft, dpo, ppo = (demo[f"{p}/checker_accuracy"] for p in ("sft", "dpo", "ppo"))
-    assert 0.5 < sft < 0.8, demo  # the SFT model copies many lazy words: room to improve, not broken
+    assert 0.3 < sft < 0.8, demo  # the SFT model copies many lazy words: room to improve, not broken
     assert dpo >= sft + 0.15, demo
     assert ppo >= sft + 0.05, demo
     # the run's RM agrees: both preference stages' answers win against SFT's more often than not

@@ -138,15 +138,23 @@ RECIPES = {
                  "rm.train.max_steps=2", "ppo.train.max_steps=1", "ppo.rollout_batch_size=8", "ppo.train.batch_size=4",
                  "ppo.max_new_tokens=8", "ppo.eval_prompts=4", "ppo.max_prompt_length=64"],
     "rlhf_dpo": ["sft.data.train=sft.jsonl", "dpo.data.train=prefs.jsonl", "dpo.train.max_steps=2"],
+    # GRPO from a LoRA SFT parent, the demo's checker as the reward (the user's rows are demo prompts)
+    "rlvr": ["sft.data.train=sft.jsonl", "grpo.data.train=sft.jsonl", "grpo.data.checker=demo",
+             "grpo.train.max_steps=1", "grpo.rollout_batch_size=2", "grpo.group_size=4", "grpo.train.batch_size=4",
+             "grpo.train.grad_accum=1", "grpo.max_new_tokens=8", "grpo.eval_prompts=4", "grpo.max_prompt_length=64",
+             "eval.data.train=sft.jsonl", "eval.data.checker=demo", "eval.prompts=4", "eval.max_new_tokens=8"],
 }
+POLICY = {"rlhf_ppo": "ppo", "rlhf_dpo": "dpo", "rlvr": "grpo"}
+LORA = {"rlvr": ["peft=lora"]}  # the rlhf recipes choose LoRA themselves; rlvr (the demo's) does not
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_real_recipes_run_end_to_end_on_each_family(family, recipe, family_dirs, tmp_path, monkeypatch):
-    """recipe=rlhf_ppo / rlhf_dpo with their own settings (the Qwen model group, LoRA at every stage), pointed at
-    the fixture with model.name_or_path and at the user's files, then the eval stage and export: every LoRA ->
-    LoRA handoff (sft -> rm, sft -> dpo, sft + rm -> ppo) on the family's template and special tokens."""
+    """recipe=rlhf_ppo / rlhf_dpo with their own settings (the Qwen model group, LoRA at every stage) and rlvr
+    with LoRA, pointed at the fixture with model.name_or_path and at the user's files, then the eval stage and
+    export: every LoRA -> LoRA handoff (sft -> rm, sft -> dpo, sft + rm -> ppo, sft -> grpo) on the family's
+    template and special tokens."""
     from transformers import AutoModelForCausalLM
 
     from align.models.loading import load_merged
@@ -155,13 +163,13 @@ def test_the_real_recipes_run_end_to_end_on_each_family(family, recipe, family_d
     user_files(tmp_path)
     monkeypatch.chdir(tmp_path)
     common = [f"model.name_or_path={family_dirs[family]}", "run.root=runs", f"run.name={family}"]
-    assert run_cli([f"recipe={recipe}", *common, *TINY_RUN, *RECIPES[recipe]], monkeypatch) == 0
+    assert run_cli([f"recipe={recipe}", *common, *LORA.get(recipe, []), *TINY_RUN, *RECIPES[recipe]], monkeypatch) == 0
     run = tmp_path / "runs" / family
-    policy = "ppo" if recipe == "rlhf_ppo" else "dpo"
+    policy = POLICY[recipe]
     info = {s: json.loads((run / s / "stage.json").read_text()) for s in ("sft", policy)}
     assert all(i["weights"] == "lora" and i["adapter"] for i in info.values())
     assert info[policy]["parents"][0]["output_id"] == info["sft"]["output_id"]
-    assert "eval_accuracy" in info[policy]["metrics"] or "eval_reward_mean" in info[policy]["metrics"]
+    assert {"eval_accuracy", "eval_reward_mean", "eval_checker_accuracy"} & set(info[policy]["metrics"])
 
     evaluate = ["stage=eval", *common, "data.train=sft.jsonl", "data.eval_fraction=0.15", "stage.prompts=4",
                 "stage.max_new_tokens=8", "train.max_length=128"]
@@ -188,7 +196,7 @@ def test_qlora_at_every_stage_hands_off_through_merged_parents(recipe, family_di
     args = [f"recipe={recipe}", f"model.name_or_path={family_dirs['llama3']}", "run.root=runs", "run.name=q",
             "peft=qlora", *TINY_RUN, *RECIPES[recipe]]
     assert run_cli(args, monkeypatch) == 0
-    stages = ("sft", "rm", "ppo") if recipe == "rlhf_ppo" else ("sft", "dpo")
+    stages = ("sft", "rm", "ppo") if recipe == "rlhf_ppo" else ("sft", POLICY[recipe])
     for stage in stages:
         info = json.loads((tmp_path / "runs" / "q" / stage / "stage.json").read_text())
         assert info["weights"] == "qlora", stage

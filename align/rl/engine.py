@@ -34,11 +34,13 @@ class Trainable:
     """A model with its optimizer and schedule. backward() then step() per micro-batch; the optimizer
     steps every `grad_accum` micro-batches."""
 
-    def __init__(self, model, *, lr: float, cfg, total_steps: int, ds_config: dict | None):
+    def __init__(self, model, *, lr: float, cfg, total_steps: int, ds_config: dict | None,
+                 max_grad_norm: float | None = None):
         from transformers import get_scheduler
 
         t = cfg.train
-        self.grad_accum, self.max_grad_norm, self.micro = t.grad_accum, t.max_grad_norm, 0
+        clip = t.max_grad_norm if max_grad_norm is None else max_grad_norm
+        self.grad_accum, self.max_grad_norm, self.micro = t.grad_accum, clip, 0
         params = [p for p in model.parameters() if p.requires_grad]
 
         def schedule(optimizer):
@@ -49,7 +51,7 @@ class Trainable:
             import deepspeed
 
             config = distributed.fill_auto(ds_config, micro_batch=t.batch_size, grad_accum=t.grad_accum,
-                                           max_grad_norm=t.max_grad_norm, dtype=next(model.parameters()).dtype,
+                                           max_grad_norm=clip, dtype=next(model.parameters()).dtype,
                                            lr=lr, weight_decay=t.weight_decay,
                                            hidden_size=getattr(model.config, "hidden_size", None))
             optimizer = None if "optimizer" in config else torch.optim.AdamW(params, lr=lr,
@@ -80,7 +82,8 @@ class Trainable:
             return
         self.micro += 1
         if self.micro % self.grad_accum == 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            if self.max_grad_norm:  # 0: no clipping, as train.max_grad_norm documents
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -173,7 +173,8 @@ def _load_models(cfg, stage: StageRun, actor_source, reward_parent, critic_paren
 
     lr = resolve_lr(cfg)
     actor_t = Trainable(actor, lr=lr, cfg=cfg, total_steps=total_updates, ds_config=ds)
-    critic_t = Trainable(critic, lr=s.critic_lr or lr, cfg=cfg, total_steps=total_updates, ds_config=ds)
+    critic_t = Trainable(critic, lr=s.critic_lr or lr, cfg=cfg, total_steps=total_updates, ds_config=ds,
+                         max_grad_norm=s.critic_max_grad_norm)
     return Models(actor_t, critic_t, reference, reward, peft_actor)
 
 
@@ -275,7 +276,7 @@ class PPOLoop(OnlineLoop):
                     continue  # this mini-batch's update is dropped on every rank
                 self.m.actor.backward(pg_loss)
                 self.m.actor.step()
-                self.m.critic.backward(s.vf_coef * vf_loss)
+                self.m.critic.backward(vf_loss)
                 self.m.critic.step()
                 for k, v in {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(),
                              "policy/entropy": masked_mean(entropy.detach(), mb.mask), **pg_stats,

@@ -1,0 +1,158 @@
+"""Quality across tasks and seeds: SFT, then each preference method at its defaults, judged by the task's
+checker on held-out prompts (the eval stage), over several seeds; one markdown table of checker accuracy
+(mean ± half the range over seeds) and the KL to SFT, and a plot.
+
+    python bench/quality.py                                   # every zoo task and the demo, 3 seeds
+    python bench/quality.py --tasks sort,json --seeds 42 --methods dpo,grpo
+    python bench/quality.py --out docs/quality_table.md --plot docs/quality.png
+
+Each (task, seed, method) is one `python -m align` pipeline, `sft -> <method's stages> -> eval`, under one
+`--root`; runs of the same task and seed share their SFT through the stage cache, so SFT trains once per
+task and seed. `train.seed` is the seed of every stage (data order, new heads, sampling). A method is its
+stages at their defaults plus the budget below, nothing tuned per task. Results are appended to
+`<root>/results.jsonl` as they come, and a re-run skips what is there (stages are cached too)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import env  # noqa: E402
+
+TASKS = ["demo", "sort", "json", "recall", "arith"]
+# method: (stages after sft, overrides). The budget: DPO its data group's 3 epochs over the pairs; PPO 100
+# steps of 64 prompts (6,400 answers); GRPO/RLOO 800 steps of 8 prompts x 8 answers (51,200 answers).
+METHODS = {
+    "dpo": (["dpo"], []),
+    "dpo_sigmoid": (["dpo"], ["dpo.loss_type=[sigmoid]"]),
+    "ppo": (["rm", "ppo"], ["ppo.train.max_steps=100"]),
+    "grpo": (["grpo"], ["grpo.train.max_steps=800"]),
+    "rloo": (["grpo"], ["grpo.train.max_steps=800", "grpo.advantage=rloo"]),
+}
+RECIPE = "pipeline: {name: quality, stages: [sft, eval]}\neval: {reward: none}\n"
+
+
+def run(root: Path, task: str, seed: int, method: str) -> dict | None:
+    stages, overrides = METHODS[method]
+    name = f"{task}-s{seed}-{method}"
+    data = [] if task == "demo" else [f"data=task/{task}"]
+    cmd = [sys.executable, "-m", "align", "recipe=quality", *data, f"train.seed={seed}", f"run.root={root}",
+           f"run.name={name}", f"pipeline.stages=[sft,{','.join(stages)},eval]", "pipeline.summary=false",
+           *overrides]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=root.parent, env=env(), capture_output=True, text=True)
+    if done.returncode != 0:  # reported and left out of the table; the other cells still run
+        print(f"FAILED: {' '.join(cmd)}\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return None
+    metrics = json.loads((root / name / "eval" / "stage.json").read_text())["metrics"]
+    policy = stages[-1]
+    return {"task": task, "seed": seed, "method": method, "wall_s": round(time.perf_counter() - t0, 1),
+            "sft": metrics["sft/checker_accuracy"], "policy": metrics[f"{policy}/checker_accuracy"],
+            "kl": metrics.get(f"{policy}/kl")}
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    half = (max(values) - min(values)) / 2
+    return f"{mean:.3f} ± {half:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def table(rows: list[dict], tasks: list[str], methods: list[str]) -> str:
+    seeds = sorted({r["seed"] for r in rows})
+    head = "| task | SFT | " + " | ".join(methods) + " |"
+    lines = [head, "|" + "---|" * (2 + len(methods))]
+    for task in tasks:
+        sft = [r["sft"] for r in rows if r["task"] == task and r["method"] == methods[0]] or \
+              [r["sft"] for r in rows if r["task"] == task]
+        if not sft:
+            continue
+        cells = [spread(sft)]
+        for m in methods:
+            got = [r for r in rows if r["task"] == task and r["method"] == m]
+            if not got:
+                cells.append("")
+                continue
+            gain = statistics.fmean(r["policy"] - r["sft"] for r in got) * 100
+            kl = [r["kl"] for r in got if r["kl"] is not None]
+            cells.append(f"{spread([r['policy'] for r in got])} ({gain:+.1f}; KL {statistics.fmean(kl):.2f})"
+                         if kl else f"{spread([r['policy'] for r in got])} ({gain:+.1f})")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nSeeds: {', '.join(map(str, seeds))}. Cells: checker accuracy, mean ± half the " \
+                              "range over seeds (gain over SFT in points; KL to SFT in nats per sampled answer).\n"
+
+
+def plot(rows: list[dict], tasks: list[str], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["sft", *methods]
+    fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.5))
+    width = 0.8 / len(names)
+    for i, m in enumerate(names):
+        for j, task in enumerate(tasks):
+            got = [r for r in rows if r["task"] == task and (m == "sft" or r["method"] == m)]
+            vals = [r["sft"] for r in got] if m == "sft" else [r["policy"] for r in got]
+            if not vals:
+                continue
+            x = j + (i - (len(names) - 1) / 2) * width
+            ax.bar(x, statistics.fmean(vals), width, color=f"C{i}", label=m if j == 0 else None)
+            ax.errorbar(x, statistics.fmean(vals), yerr=[[statistics.fmean(vals) - min(vals)],
+                                                         [max(vals) - statistics.fmean(vals)]], color="k", lw=1)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("checker accuracy (held-out)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(ncol=len(names), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.15))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--seeds", default="42,1,2")
+    ap.add_argument("--methods", default="dpo,grpo")
+    ap.add_argument("--root", type=Path, default=Path("quality_runs/runs"))
+    ap.add_argument("--out", type=Path, help="write the table here too")
+    ap.add_argument("--plot", type=Path, help="a bar chart of the table (PNG)")
+    args = ap.parse_args()
+    tasks, methods = args.tasks.split(","), args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"unknown: {unknown}; methods: {list(METHODS)}; tasks: {TASKS}")
+    root = args.root.resolve()
+    (root.parent / "recipes").mkdir(parents=True, exist_ok=True)
+    (root.parent / "recipes" / "quality.yaml").write_text(RECIPE)
+    log = root / "results.jsonl"
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    for task in tasks:
+        for seed in map(int, args.seeds.split(",")):
+            for method in methods:
+                if any(r["task"] == task and r["seed"] == seed and r["method"] == method for r in rows):
+                    continue
+                row = run(root, task, seed, method)
+                if row is None:
+                    continue
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                with log.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    rows = [r for r in rows if r["task"] in tasks and r["method"] in methods]
+    text = table(rows, tasks, methods)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    if args.plot:
+        plot(rows, tasks, methods, args.plot)
+
+
+if __name__ == "__main__":
+    main()
