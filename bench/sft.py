@@ -38,7 +38,8 @@ def main():
     # packed like align's rows: into 64-token sequences (TRL's default max_length, 1024, makes each step 16x the work)
     peer("TRL SFTTrainer, packing=True, max_length=64", "trl_sft_peer.py", "--set", "packing=true",
          "--set", "max_length=64")
-    peer("TRL SFTTrainer, padding_free=True", "trl_sft_peer.py", "--set", "padding_free=true")
+    peer("TRL SFTTrainer, padding_free=True", "trl_sft_peer.py", "--set", "padding_free=true",
+         "--set", "max_length=null")  # TRL refuses padding_free with a max_length it cannot enforce unpacked
     peer("bare PyTorch loop on align's packed rows", "bare_sft.py")
     table(f"SFT tokens/s, {steps} optimizer steps, batch {batch} (TRL's best: batch {3 * args.batch_size})",
           "tokens/s", rows, "align, packed rows (stage.packing=true)")
