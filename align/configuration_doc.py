@@ -63,7 +63,9 @@ def _rows(schema: type, prefix: str) -> list[str]:
 
 def _groups() -> str:
     """Each config group's options (`group=option`) with the first comment line of its YAML file."""
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    from align.config import config_dir
+
+    conf = config_dir()
     rows = ["\n## Config groups\n\nPick one option per group (`peft=lora`); the file lists what it changes.\n",
             "| group | option | what |", "|---|---|---|"]
     for group in sorted(p for p in conf.iterdir() if p.is_dir() and p.name != "stage" and not p.name.startswith("_")):

@@ -4,27 +4,23 @@ computed once up front (no reference model in the loop), then policy forward on 
 batch, loss, AdamW. No Trainer, no logging. Prints {"steps_per_s", "steps", "runtime_s", "precompute_s"}:
 steps over the loop's own time; the precompute is timed apart (and counted in the process's wall time)."""
 
-import argparse
 import json
 import time
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch-size", type=int, default=16)
-    args = ap.parse_args()
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from common import tiny_setup
+    from common import cli, tiny_setup
 
+    args = cli(__doc__)
     cfg, tokenizer, tiny_model_dir = tiny_setup("stage=dpo")
     from align.data.loader import dpo_datasets
 
     torch.manual_seed(0)
-    train_ds, _, _ = dpo_datasets(cfg.data, tokenizer, 64, 42)
+    train_ds, _, _ = dpo_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
     pad = tokenizer.pad_token_id
 
     def batch_of(rows):

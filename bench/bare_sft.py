@@ -3,29 +3,25 @@
 no Trainer, no callbacks, no logging. Prints {"tokens_per_s", "tokens", "runtime_s", "steps"}: real
 (non-pad) tokens over the loop's own time."""
 
-import argparse
 import json
 import time
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=64)
-    args = ap.parse_args()
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common import tiny_setup
+    from common import cli, tiny_setup
 
-    cfg, tokenizer, tiny_model_dir = tiny_setup(f"train.max_length={args.max_length}")
+    args = cli(__doc__)
+    cfg, tokenizer, tiny_model_dir = tiny_setup()  # the demo data group: max_length 64, as align's run
+    length = cfg.train.max_length
     from align.data.loader import sft_datasets
     from align.data.packing import REAL_TOKENS, RowPackedCollator, pack_rows
 
     torch.manual_seed(0)
-    train_ds, _, _ = sft_datasets(cfg.data, tokenizer, args.max_length, 42)
-    rows = pack_rows(train_ds, args.max_length)
+    train_ds, _, _ = sft_datasets(cfg.data, tokenizer, length, cfg.train.seed)
+    rows = pack_rows(train_ds, length)
     collate = RowPackedCollator(tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
     model.train()

@@ -62,21 +62,13 @@ def report(title: str, unit: str, ours: float, peer: float, peer_name: str, targ
     return line
 
 
-def cli(description: str) -> argparse.Namespace:
-    """--steps and --batch-size, the same for align and its peer; --set KEY=VALUE (repeatable) for a peer's
-    config (`--set packing=true`), VALUE read as JSON when it parses."""
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    return ap.parse_args()
-
-
-def steps_and_batch(doc: str, steps: int) -> argparse.Namespace:
-    """The comparison scripts' options: --steps (default `steps`) and --batch-size, for every run alike."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cli(description: str, steps: int = 150) -> argparse.Namespace:
+    """--steps and --batch-size, the same for align, its peers and the bare loops; --set KEY=VALUE
+    (repeatable) for a peer's config (`--set packing=true`), VALUE read as JSON when it parses."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return ap.parse_args()
 
 

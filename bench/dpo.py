@@ -12,11 +12,11 @@ of the reference's log-probs (align's `stage.precompute_ref_logps=true`, TRL's
 clock counts it; TRL runs it inside its trainer's constructor. align also evaluates its eval split and saves
 at the end, which the end-to-end clock counts against it."""
 
-from common import run_align, run_peer, steps_and_batch, table
+from common import cli, run_align, run_peer, table
 
 
 def main():
-    args = steps_and_batch(__doc__, 150)
+    args = cli(__doc__, 150)
     steps, batch = str(args.steps), str(args.batch_size)
     rows = []
 

@@ -12,11 +12,11 @@ save). align's packed rows carry about 3x the tokens of TRL's padded rows of the
 padding-free modes are shown too. Both sides count tokens the same way (TRL's `num_tokens`; align's
 collator count of non-padding tokens)."""
 
-from common import run_align, run_peer, steps_and_batch, table
+from common import cli, run_align, run_peer, table
 
 
 def main():
-    args = steps_and_batch(__doc__, 300)
+    args = cli(__doc__, 300)
     steps, batch = str(args.steps), str(args.batch_size)
     rows = []
 
