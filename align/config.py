@@ -251,7 +251,8 @@ class PPOStageConfig(OnlineStageConfig):
     reward_norm: bool = keyed(True, help="(score - mean) / std with the reward model's stored statistics")
     reward_clip: float | None = keyed(10.0, POSITIVE, "clip normalised scores to +-this; null: no clip")
     # KL penalty
-    kl_coef: float = keyed(0.05, NON_NEGATIVE, "per-token KL penalty coefficient (initial one when kl_target is set)")
+    kl_coef: float = keyed(0.2, NON_NEGATIVE, "per-token KL penalty coefficient (initial one when kl_target is set); "
+                                                "docs/quality.md: 0.05 let the policy game the reward model")
     kl_estimator: str = keyed("k1", one_of("k1", "k3"), "per-token KL estimator")
     kl_target: float | None = keyed(None, POSITIVE, "set: adaptive coefficient tracking this KL per sequence")
     kl_horizon: int = keyed(10000, AT_LEAST_ONE, "adaptive KL controller horizon")

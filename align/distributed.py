@@ -110,6 +110,23 @@ def init(cfg) -> None:
 
     deepspeed.init_distributed()
     _unlink_shm_allreduce_buffer()
+    share_cpu_threads()
+
+
+def share_cpu_threads() -> int | None:
+    """On CPU, give each of the ranks on this machine its share of the cores, as torchrun does, unless the user
+    chose (OMP_NUM_THREADS). Left alone, every rank starts one compute thread per core: two ranks on two cores
+    run four busy threads, and the collectives of ZeRO-3 (which gathers each layer's weights on every forward
+    and backward) wait behind them. Returns the threads set, or None where it leaves torch alone."""
+    import torch
+
+    local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ or not local or int(local) < 2:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // int(local))
+    torch.set_num_threads(threads)
+    return threads
 
 
 SHM_DIR = "/dev/shm"

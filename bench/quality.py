@@ -27,12 +27,16 @@ from common import env  # noqa: E402
 
 TASKS = ["demo", "sort", "json", "recall", "arith"]
 # method: (stages after sft, overrides). The budget: DPO its data group's 3 epochs over the pairs; PPO 100
-# steps of 64 prompts (6,400 answers); GRPO/RLOO 800 steps of 8 prompts x 8 answers (51,200 answers).
+# steps of 64 prompts (6,400 answers); GRPO/RLOO 800 steps of 8 prompts x 8 answers (51,200 answers). The
+# variants beside the defaults: DPO's plain sigmoid loss, GRPO sampling at temperature 0.7 (the demo recipe's),
+# PPO with kl_coef 0.05 (its default before docs/quality.md's table).
 METHODS = {
     "dpo": (["dpo"], []),
     "dpo_sigmoid": (["dpo"], ["dpo.loss_type=[sigmoid]"]),
     "ppo": (["rm", "ppo"], ["ppo.train.max_steps=100"]),
+    "ppo_kl005": (["rm", "ppo"], ["ppo.train.max_steps=100", "ppo.kl_coef=0.05"]),
     "grpo": (["grpo"], ["grpo.train.max_steps=800"]),
+    "grpo_t07": (["grpo"], ["grpo.train.max_steps=800", "grpo.temperature=0.7"]),
     "rloo": (["grpo"], ["grpo.train.max_steps=800", "grpo.advantage=rloo"]),
 }
 RECIPE = "pipeline: {name: quality, stages: [sft, eval]}\neval: {reward: none}\n"

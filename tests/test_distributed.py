@@ -70,3 +70,29 @@ def test_frozen_models_under_zero3_keep_the_sharding_without_an_optimizer(on_cpu
     zero = frozen_engine_config(cfg, distributed.deepspeed_config(cfg), torch.float32, 64, on_cpu)["zero_optimization"]
     assert ("offload_param" in zero) == on_cpu
     assert config["train_micro_batch_size_per_gpu"] == cfg.train.batch_size
+
+
+def test_ranks_on_one_cpu_machine_share_its_cores(monkeypatch):
+    """Two ranks on a 2-core machine each starting 2 compute threads made ZeRO-3's collectives wait behind
+    four busy threads (bench/zero3.py: a PPO step 7.7 s, then 1.7 s with the cores shared)."""
+    import os
+
+    import torch
+
+    from align.distributed import share_cpu_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_SIZE", "2")
+        assert share_cpu_threads() == max(1, cores // 2)
+        assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+        torch.set_num_threads(before)
+        assert share_cpu_threads() is None and torch.get_num_threads() == before
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv("LOCAL_SIZE", "1")  # one rank keeps every core
+        assert share_cpu_threads() is None and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

@@ -50,6 +50,7 @@ class OnlineLoop:
         self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)  # mini-batch order
         self.before: dict = {}
         self.warnings: list[dict] = []  # what the watch found (stage.json)
+        self._window: bool | None = None  # inside rollout_window: whether ranks generate in lock-step
 
     # --- what a stage provides ------------------------------------------------------------------
     def trained(self) -> dict[str, Trainable]:
@@ -74,13 +75,28 @@ class OnlineLoop:
         return self.peft_actor or self.reference is not None
 
     # --- rollouts -------------------------------------------------------------------------------
+    @contextmanager
+    def rollout_window(self):
+        """Generation and the no-grad passes of the policy that follow it (its own and the reference's log-probs)
+        under one gather of the weights (ZeRO-3, when the policy fits: generation_weights); nested use joins the
+        open window. Outside ZeRO-3 it changes nothing."""
+        if self._window is not None:
+            yield
+            return
+        with generation_weights(self.actor, self.s.gather_for_rollout) as synced:
+            self._window = synced
+            try:
+                yield
+            finally:
+                self._window = None
+
     def sample(self, prompts: list[list[int]], greedy: bool = False) -> rollout.Batch:
         actor = self.actor.module
         set_use_cache(actor, True)
-        with generation_weights(self.actor, self.s.gather_for_rollout) as synced:
+        with self.rollout_window():
             batch = rollout.generate(actor, prompts, pad_id=self.pad, stop_ids=self.stop_ids,
                                      max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
-                                     top_p=self.s.top_p, greedy=greedy, synced_gpus=synced and self.synced,
+                                     top_p=self.s.top_p, greedy=greedy, synced_gpus=self._window and self.synced,
                                      device=device())
         set_use_cache(actor, False)
         return batch
@@ -219,15 +235,16 @@ class OnlineLoop:
         rows, responses, chunk = [], [], max(self.cfg.train.batch_size, 32)
         scores: dict[str, list] = {}
         for i in range(0, len(prompts), chunk):
-            batch = self.sample(prompts[i : i + chunk], greedy=True)
+            with self.rollout_window():
+                batch = self.sample(prompts[i : i + chunk], greedy=True)
+                if self.has_reference:  # log pi - log pi_ref summed over the greedy answer: not a KL estimate
+                    # (answers are not sampled), so not named one; the sampled estimate is the eval stage's kl
+                    logp, _ = rollout.response_logprobs(self.actor.module, batch)
+                    scores.setdefault("greedy_logratio", []).append(
+                        sequence_kl(logp, self.reference_logprobs(batch, 1.0), batch.mask))
             text = rollout.decode_responses(self.tok, batch)
             for k, v in self.eval_scores(batch, text, items[i : i + chunk]).items():
                 scores.setdefault(k, []).append(v)
-            if self.has_reference:  # log pi - log pi_ref summed over the greedy answer: not a KL estimate (answers
-                # are not sampled), so not named one; the sampled estimate is the eval stage's kl
-                logp, _ = rollout.response_logprobs(self.actor.module, batch)
-                scores.setdefault("greedy_logratio", []).append(
-                    sequence_kl(logp, self.reference_logprobs(batch, 1.0), batch.mask))
             rows.append((batch.mask.sum(1).float(), batch.ended.float()))
             responses += text
         length, ended = (torch.cat(x) for x in zip(*rows))

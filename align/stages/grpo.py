@@ -177,12 +177,18 @@ class GRPOLoop(OnlineLoop):
 
     def step(self, prompts: list[tuple[list[int], dict]]) -> dict:
         s, G = self.s, self.s.group_size
+        items, n = [item for _, item in prompts for _ in range(G)], len(prompts) * G
+        single_update = s.ppo_epochs == 1 and n == self.cfg.train.batch_size * self.cfg.train.grad_accum
+        kl_reward = s.beta > 0 and self.kl_in == "reward"
         t0 = time.perf_counter()
-        batch = self.sample([ids for ids, _ in prompts for _ in range(G)])
-        t_gen = time.perf_counter() - t0
-        items = [item for _, item in prompts for _ in range(G)]
+        with self.rollout_window(), torch.no_grad():  # ZeRO-3: one gather for generation and these passes
+            batch = self.sample([ids for ids, _ in prompts for _ in range(G)])
+            t_gen = time.perf_counter() - t0
+            old_logp = None if single_update and not kl_reward else \
+                rollout.response_logprobs(self.actor.module, batch, s.temperature)[0]
+            ref_logp = self.reference_logprobs(batch, s.temperature) if s.beta > 0 else None
         scored = self.reward(batch, rollout.decode_responses(self.tok, batch), items)
-        mask, n = batch.mask, len(items)
+        mask = batch.mask
         total = scored.total.clone()
         lengths = mask.sum(1).cpu()
         total += overlong_penalty(lengths, s.max_new_tokens, s.overlong_buffer, s.overlong_penalty)
@@ -191,18 +197,12 @@ class GRPOLoop(OnlineLoop):
         total = _fill_invalid(total, scored.valid, G)
         flat = zero_variance(total, G)
         keep = scored.valid & (~flat if s.drop_zero_variance else torch.ones_like(flat))
-        single_update = s.ppo_epochs == 1 and n == self.cfg.train.batch_size * self.cfg.train.grad_accum
-
         with torch.no_grad():
-            old_logp = None if single_update else rollout.response_logprobs(self.actor.module, batch, s.temperature)[0]
-            ref_logp = self.reference_logprobs(batch, s.temperature) if s.beta > 0 else None
-            kl_reward = None
-            if ref_logp is not None and self.kl_in == "reward":
-                behaviour = old_logp if old_logp is not None else \
-                    rollout.response_logprobs(self.actor.module, batch, s.temperature)[0]
-                kl_reward = kl_per_token(behaviour, ref_logp, "k1")
+            kl_tokens = kl_per_token(old_logp, ref_logp, "k1") if kl_reward else None
             seq_adv = group_advantages(total, G, s.advantage).to(mask.device)
-            advantages = token_advantages(seq_adv, mask, s.advantage, kl_reward, s.beta if kl_reward is not None else 0)
+            advantages = token_advantages(seq_adv, mask, s.advantage, kl_tokens, s.beta if kl_reward else 0)
+        if single_update:
+            old_logp = None  # the live log-probs of the one update are the behaviour policy's
         loss_mask = mask * keep.to(mask.device)[:, None].to(mask.dtype)
 
         update: dict[str, list] = {}

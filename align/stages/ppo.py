@@ -223,11 +223,12 @@ class PPOLoop(OnlineLoop):
     def step(self, prompts) -> dict:
         s = self.s
         t0 = time.perf_counter()
-        batch = self.sample([ids for ids, _ in prompts])
-        t_gen = time.perf_counter() - t0
-        with torch.no_grad():
+        with self.rollout_window(), torch.no_grad():
+            batch = self.sample([ids for ids, _ in prompts])
+            t_gen = time.perf_counter() - t0
             old_logp, _ = rollout.response_logprobs(self.m.actor.module, batch, s.temperature)
             ref_logp = self.reference_logprobs(batch, s.temperature)
+        with torch.no_grad():
             old_values = rollout.values(self.m.critic.module, batch)
             group = None
             if self.group is None:
