@@ -179,12 +179,12 @@ class GRPOLoop(OnlineLoop):
         s, G = self.s, self.s.group_size
         items, n = [item for _, item in prompts for _ in range(G)], len(prompts) * G
         single_update = s.ppo_epochs == 1 and n == self.cfg.train.batch_size * self.cfg.train.grad_accum
-        kl_reward = s.beta > 0 and self.kl_in == "reward"
+        kl_in_reward = s.beta > 0 and self.kl_in == "reward"
         t0 = time.perf_counter()
         with self.rollout_window(), torch.no_grad():  # ZeRO-3: one gather for generation and these passes
             batch = self.sample([ids for ids, _ in prompts for _ in range(G)])
             t_gen = time.perf_counter() - t0
-            old_logp = None if single_update and not kl_reward else \
+            behaviour = None if single_update and not kl_in_reward else \
                 rollout.response_logprobs(self.actor.module, batch, s.temperature)[0]
             ref_logp = self.reference_logprobs(batch, s.temperature) if s.beta > 0 else None
         scored = self.reward(batch, rollout.decode_responses(self.tok, batch), items)
@@ -198,11 +198,10 @@ class GRPOLoop(OnlineLoop):
         flat = zero_variance(total, G)
         keep = scored.valid & (~flat if s.drop_zero_variance else torch.ones_like(flat))
         with torch.no_grad():
-            kl_tokens = kl_per_token(old_logp, ref_logp, "k1") if kl_reward else None
+            kl_tokens = kl_per_token(behaviour, ref_logp, "k1") if kl_in_reward else None
             seq_adv = group_advantages(total, G, s.advantage).to(mask.device)
-            advantages = token_advantages(seq_adv, mask, s.advantage, kl_tokens, s.beta if kl_reward else 0)
-        if single_update:
-            old_logp = None  # the live log-probs of the one update are the behaviour policy's
+            advantages = token_advantages(seq_adv, mask, s.advantage, kl_tokens, s.beta if kl_in_reward else 0)
+        old_logp = None if single_update else behaviour  # one update: its live log-probs are the behaviour's
         loss_mask = mask * keep.to(mask.device)[:, None].to(mask.dtype)
 
         update: dict[str, list] = {}
