@@ -91,12 +91,29 @@ def find_reusable(cfg: DictConfig, cfg_hash: str, parents: list[handoff.Parent])
     root, here = Path(cfg.run.root), handoff.stage_dir(cfg)
     candidates = []
     for depth in range(1, SEARCH_DEPTH + 1):
-        for path in root.glob("/".join(["*"] * depth + [cfg.stage.name])):
+        for path in _stage_dirs(root, cfg.stage.name, depth):
             if path.is_symlink() or not handoff.is_complete(path) or path.resolve() == here.resolve():
                 continue
             if matches(handoff.read_stage_json(path), cfg_hash, parents) is None:
                 candidates.append(path)
     return max(candidates, key=lambda p: (p / handoff.STAGE_JSON).stat().st_mtime, default=None)
+
+
+def _stage_dirs(root: Path, name: str, depth: int) -> list[Path]:
+    """The paths `root/*/.../name`, `depth` folders deep, that exist. Hidden folders (another rank's write probe,
+    files being written) are not searched, and a folder that another process removes while it is listed is passed
+    over: under `deepspeed --num_gpus N` one rank's preflight probe came and went while another rank searched."""
+    level = [root]
+    for _ in range(depth):
+        below = []
+        for folder in level:
+            try:
+                with os.scandir(folder) as entries:
+                    below += [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        level = sorted(below)
+    return [folder / name for folder in level if (folder / name).exists() or (folder / name).is_symlink()]
 
 
 def link(cfg: DictConfig, source: Path) -> Path:

@@ -235,6 +235,11 @@ class OnlineStageConfig(StageConfig):
     gather_for_rollout: str = keyed("auto", one_of("auto", "on", "off"),
                                     "ZeRO-3: gather the policy once per rollout instead of per token (auto: when its "
                                     "full weights take under a quarter of the free memory)")
+    gather_for_step: str = keyed("auto", one_of("auto", "on", "off"),
+                                 "ZeRO-3: gather a step's models once (rollout, scoring, update) instead of layer by "
+                                 "layer in every forward and backward (auto: when their full weights take under a "
+                                 "quarter of the free memory; otherwise gather_for_rollout still applies). Models "
+                                 "offloaded to CPU memory stay sharded")
 
 
 @dataclass

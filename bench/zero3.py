@@ -1,6 +1,8 @@
-"""Rollouts under ZeRO-3: the step time of PPO and GRPO with LoRA on 2 ranks (gloo on CPU, or 2 GPUs) under
-ZeRO-2 and ZeRO-3, with the policy gathered once per rollout (stage.gather_for_rollout=auto, the default) and
-gathered layer by layer for every generated token (off), in the same run, one after the other.
+"""Steps under ZeRO-3: the step time of PPO and GRPO with LoRA on 2 ranks (gloo on CPU, or 2 GPUs) under ZeRO-2
+and ZeRO-3, in the same run, one after the other. ZeRO-3 three ways: the step's models gathered once for the
+whole step (stage.gather_for_step=auto, the default); gathered once per rollout only, every update pass gathering
+layer by layer (gather_for_step=off); and layer by layer everywhere, for every generated token too
+(gather_for_step=off gather_for_rollout=off: DeepSpeed's own way).
 
     python bench/zero3.py [--steps 3] [--rollout 16] [--tokens 32]
 
@@ -57,11 +59,14 @@ def main() -> None:
             common = [f"train.max_steps={args.steps}", f"stage.max_new_tokens={args.tokens}", *shape]
             z2 = two_ranks(stage, runs / "demo", tmp / f"{stage}-z2", "deepspeed=zero2", *common)
             z3 = two_ranks(stage, runs / "demo", tmp / f"{stage}-z3", "deepspeed=zero3", *common)
-            z3_per_token = two_ranks(stage, runs / "demo", tmp / f"{stage}-z3off", "deepspeed=zero3",
-                                     "stage.gather_for_rollout=off", *common)
-            print(f"{stage} step, LoRA, 2 ranks: ZeRO-2 {z2:.2f} s; ZeRO-3 gathered once per rollout {z3:.2f} s "
-                  f"({z3 / z2:.2f}x, target <= 2x: {'met' if z3 <= 2 * z2 else 'NOT met'}); ZeRO-3 gathered per "
-                  f"token {z3_per_token:.2f} s ({z3_per_token / z2:.2f}x)", flush=True)
+            z3_rollout = two_ranks(stage, runs / "demo", tmp / f"{stage}-z3roll", "deepspeed=zero3",
+                                   "stage.gather_for_step=off", *common)
+            z3_layers = two_ranks(stage, runs / "demo", tmp / f"{stage}-z3off", "deepspeed=zero3",
+                                  "stage.gather_for_step=off", "stage.gather_for_rollout=off", *common)
+            print(f"{stage} step, LoRA, 2 ranks: ZeRO-2 {z2:.2f} s; ZeRO-3 gathered once per step {z3:.2f} s "
+                  f"({z3 / z2:.2f}x, target <= 2x: {'met' if z3 <= 2 * z2 else 'NOT met'}); once per rollout "
+                  f"{z3_rollout:.2f} s ({z3_rollout / z2:.2f}x); layer by layer {z3_layers:.2f} s "
+                  f"({z3_layers / z2:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

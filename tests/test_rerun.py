@@ -139,3 +139,45 @@ def test_the_resume_warning_about_tied_weights_is_dropped_and_others_are_kept():
     assert not quiet.filter(record("There were missing keys in the checkpoint model loaded: ['lm_head.weight']."))
     assert quiet.filter(record("There were missing keys in the checkpoint model loaded: ['model.norm.weight']."))
     assert quiet.filter(record("Saving model checkpoint"))
+
+
+def test_the_cache_search_passes_over_a_folder_another_rank_removes_while_it_looks(tmp_path, monkeypatch):
+    """Under `deepspeed --num_gpus 2` rank 1 searched run.root for a reusable output while rank 0's preflight
+    made and removed its write probe there; the search crashed with FileNotFoundError on the vanished folder."""
+    from pathlib import Path
+
+    from align import cache
+
+    for stage_dir in ("demo/sft", "sweep/job0/sft", ".align-write-test-x/sft"):
+        (tmp_path / stage_dir).mkdir(parents=True)
+    probe = tmp_path / "probe"
+    (probe / "sft").mkdir(parents=True)
+    real = os.scandir
+
+    class Listed:  # the entries as they were when listed; the probe is removed right after
+        def __init__(self, entries):
+            self.entries = entries
+
+        def __enter__(self):
+            return iter(self.entries)
+
+        def __exit__(self, *exc):
+            return False
+
+        def __iter__(self):
+            return iter(self.entries)
+
+        def close(self):
+            pass
+
+    def scandir(path="."):
+        with real(path) as it:
+            entries = list(it)
+        if Path(path) == tmp_path and probe.exists():
+            (probe / "sft").rmdir()
+            probe.rmdir()
+        return Listed(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = [cache._stage_dirs(tmp_path, "sft", depth) for depth in (1, 2, 3)]
+    assert found == [[tmp_path / "demo/sft"], [tmp_path / "sweep/job0/sft"], []]

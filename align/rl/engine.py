@@ -4,6 +4,7 @@ are sharded inference engines under ZeRO-3 and plain replicas otherwise."""
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class Trainable:
             self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
             self.scheduler = schedule(self.optimizer)
         self.params = params
+        self.after_step: list = []  # called after every DeepSpeed step (loop.gathered_unhooked)
 
     @property
     def module(self):
@@ -79,6 +81,8 @@ class Trainable:
     def step(self) -> None:
         if self.engine is not None:
             self.engine.step()  # DeepSpeed applies the update at accumulation boundaries
+            for fn in self.after_step:
+                fn()
             return
         self.micro += 1
         if self.micro % self.grad_accum == 0:
@@ -149,6 +153,14 @@ def frozen_engine_config(cfg, ds_config: dict, dtype, hidden_size, on_cpu: bool)
         hidden_size=hidden_size)
 
 
+_FROZEN_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # frozen() module -> its ZeRO-3 engine
+
+
+def frozen_engine(module):
+    """The ZeRO-3 inference engine frozen() made for `module`; None when it made none."""
+    return _FROZEN_ENGINES.get(module)
+
+
 def frozen(model, cfg, ds_config: dict | None, on_cpu: bool = False):
     """A model that is only run: eval mode, no grads; sharded by DeepSpeed under ZeRO-3. `on_cpu`: its
     weights stay in CPU memory (offloaded shards under ZeRO-3; otherwise the model runs on the CPU)."""
@@ -161,6 +173,7 @@ def frozen(model, cfg, ds_config: dict | None, on_cpu: bool = False):
                                       getattr(model.config, "hidden_size", None), on_cpu)
         engine, *_ = deepspeed.initialize(model=model, config=config)
         engine.eval()
+        _FROZEN_ENGINES[engine.module] = engine
         return engine.module
     return model.to("cpu" if on_cpu else device())
 

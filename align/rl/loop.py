@@ -19,7 +19,7 @@ from align.eval_metrics import sequence_kl
 from align.models.loading import set_use_cache
 from align.preemption import Preempted, SignalFlag, TrainingDiverged
 from align.rl import rollout
-from align.rl.engine import Trainable, device
+from align.rl.engine import Trainable, device, frozen_engine
 from align.rl.watch import overoptimisation
 
 log = logging.getLogger("align")
@@ -90,6 +90,22 @@ class OnlineLoop:
             finally:
                 self._window = None
 
+    def frozen_models(self) -> tuple:
+        """The models a step runs but does not train (a full-weights reference; a stage adds its reward model)."""
+        return tuple(m for m in (self.reference,) if m is not None)
+
+    @contextmanager
+    def step_window(self):
+        """One step (rollout, scoring, update) with every model it runs gathered once under ZeRO-3, when they fit
+        (step_weights, stage.gather_for_step); rollout_window then joins it. Outside ZeRO-3 it changes nothing."""
+        with step_weights(tuple(self.trained().values()), self.frozen_models(), self.s.gather_for_step) as gathered:
+            if self.actor.engine is not None and self.actor.engine in gathered:
+                self._window = False  # rollout_window joins: the policy is whole, the ranks generate independently
+            try:
+                yield
+            finally:
+                self._window = None
+
     def sample(self, prompts: list[list[int]], greedy: bool = False) -> rollout.Batch:
         actor = self.actor.module
         set_use_cache(actor, True)
@@ -150,7 +166,8 @@ class OnlineLoop:
                     order, cursor = torch.randperm(len(prompts), generator=g).tolist(), 0
                 mine = order[cursor + rank * per_rank : cursor + (rank + 1) * per_rank]
                 cursor += per_step
-                stats = self.step([prompts[i] for i in mine])
+                with self.step_window():
+                    stats = self.step([prompts[i] for i in mine])
                 history.append(stats)
                 self.watch(history, step + 1)
                 bar.set_postfix({k.split("/")[-1]: f"{stats[k]:.3f}" for k in self.progress_keys if k in stats})
@@ -260,22 +277,93 @@ class OnlineLoop:
 def generation_weights(trainable: Trainable, mode: str = "auto"):
     """Under ZeRO-3 every generated token would gather the sharded weights layer by layer from every rank. When
     the whole policy fits (mode auto: its full weights take under a quarter of the free memory; on: always),
-    gather it once for the rollout with DeepSpeed's own generation context (weights gathered, ZeRO's module hooks
-    off, re-partitioned after) — the idea of DeepSpeed-Chat's hybrid engine. Yields whether the ranks must still
-    generate in lock-step (synced_gpus): only when the weights stay sharded."""
+    gather it once for the rollout (gathered_unhooked: the idea of DeepSpeed-Chat's hybrid engine). Yields
+    whether the ranks must still generate in lock-step (synced_gpus): only when the weights stay sharded."""
     engine = trainable.engine
     if engine is None or engine.zero_optimization_stage() != 3 or mode == "off" or (
             mode == "auto" and not _fits_gathered(engine.module)):
         yield True
         return
-    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-
-    with unwrap_model_for_generation(engine):
+    with gathered_unhooked([engine]):
         yield False
 
 
+@contextmanager
+def step_weights(trainables, frozen=(), mode: str = "auto"):
+    """Under ZeRO-3 every forward and backward of a step gathers each layer's weights from every rank and frees
+    them again, through DeepSpeed's hooks on every module: on a small model or a slow interconnect that costs
+    more than the arithmetic (2 CPU ranks: a PPO step 4x its ZeRO-2 time). When the models of a step fit
+    (mode auto: their full weights take under a quarter of the free memory; on: always), hold them gathered for
+    the whole step (gathered_unhooked); gradients are still reduce-scattered and the optimizer state stays
+    sharded. Models whose shards are offloaded to CPU memory (deepspeed=zero3_offload, stage.frozen_device=cpu)
+    are left as they are: their memory is what the user asked to save. `frozen`: models only run (frozen(): a
+    reward model, a reference). Yields the engines it gathered (none outside ZeRO-3)."""
+    engines = [t.engine for t in trainables] + [frozen_engine(m) for m in frozen]
+    engines = [e for e in engines if e is not None and e.zero_optimization_stage() == 3 and not _offloaded(e)]
+    if not engines or mode == "off" or (mode == "auto" and not _fits_bytes(
+            sum(p.ds_numel * p.element_size() for e in engines for p in e.module.parameters()))):
+        yield []
+        return
+    with gathered_unhooked(engines, [t for t in trainables if t.engine in engines]):
+        yield engines
+
+
+def _offloaded(engine) -> bool:
+    offload = engine.zero_offload_param()
+    return offload is not None and offload.device != "none"
+
+
+@contextmanager
+def gathered_unhooked(engines, trainables=()):
+    """The weights of ZeRO-3 `engines` gathered in one collective (per dtype) and ZeRO-3's module hooks taken off,
+    as DeepSpeed's own generation context does, so forwards and backwards run on whole weights with no per-layer
+    gathers. DeepSpeed's optimizer step re-shards its model's weights: after each step of `trainables` they are
+    gathered again, with the new values. On exit the hooks come back and the weights are sharded again."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    seen: dict[int, torch.nn.Parameter] = {}
+    for engine in engines:
+        for p in engine.module.parameters():
+            seen.setdefault(p.ds_id, p)
+    params = [seen[k] for k in sorted(seen)]  # the same order on every rank
+
+    def gather() -> None:
+        missing = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if missing:
+            missing[0].all_gather_coalesced(missing).wait()
+
+    offloads = [_parameter_offload(e) for e in engines]
+    for offload in offloads:
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+    gather()
+    for t in trainables:
+        t.after_step.append(gather)
+    try:
+        yield
+    finally:
+        for t in trainables:
+            t.after_step.remove(gather)
+        for offload in offloads:
+            offload._register_deepspeed_module(offload.module)
+        held = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist]
+        if held:
+            held[0].partition(param_list=held)
+
+
+def _parameter_offload(engine):
+    """Where a ZeRO-3 engine keeps its module hooks (as deepspeed.runtime.zero.stage3's generation context finds
+    them: the optimizer's parameter offload, or a frozen engine's DeepSpeedZeRoOffload itself)."""
+    optimizer = engine.optimizer
+    return optimizer.parameter_offload if hasattr(optimizer, "parameter_offload") else optimizer
+
+
 def _fits_gathered(module) -> bool:
-    full = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
+    return _fits_bytes(sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters()))
+
+
+def _fits_bytes(full: int) -> bool:
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
     else:

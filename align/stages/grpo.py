@@ -164,6 +164,9 @@ class GRPOLoop(OnlineLoop):
         self.agg = s.loss_agg if s.loss_agg != "auto" else ("seq_sum" if s.advantage == "dr_grpo" else "token_mean")
         self.kl_in = s.kl_in if s.kl_in != "auto" else ("reward" if s.advantage == "reinforce_pp" else "loss")
 
+    def frozen_models(self) -> tuple:
+        return (*super().frozen_models(), *([self.rm[0]] if self.rm is not None else []))
+
     @torch.no_grad()
     def rm_score(self, batch) -> torch.Tensor:
         model, mean, std = self.rm

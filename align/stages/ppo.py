@@ -206,6 +206,9 @@ class PPOLoop(OnlineLoop):
     def trained(self) -> dict:
         return {"actor": self.m.actor, "critic": self.m.critic}
 
+    def frozen_models(self) -> tuple:
+        return (*super().frozen_models(), self.m.reward)
+
     def extra_state(self) -> dict:
         return {"kl_coef": self.kl_ctl.value}
 
