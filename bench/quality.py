@@ -42,13 +42,13 @@ METHODS = {
 RECIPE = "pipeline: {name: quality, stages: [sft, eval]}\neval: {reward: none}\n"
 
 
-def run(root: Path, task: str, seed: int, method: str) -> dict | None:
+def run(root: Path, task: str, seed: int, method: str, extra: tuple = ()) -> dict | None:
     stages, overrides = METHODS[method]
     name = f"{task}-s{seed}-{method}"
     data = [] if task == "demo" else [f"data=task/{task}"]
     cmd = [sys.executable, "-m", "align", "recipe=quality", *data, f"train.seed={seed}", f"run.root={root}",
            f"run.name={name}", f"pipeline.stages=[sft,{','.join(stages)},eval]", "pipeline.summary=false",
-           *overrides]
+           *overrides, *extra]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=root.parent, env=env(), capture_output=True, text=True)
     if done.returncode != 0:  # reported and left out of the table; the other cells still run
@@ -56,7 +56,8 @@ def run(root: Path, task: str, seed: int, method: str) -> dict | None:
         return None
     metrics = json.loads((root / name / "eval" / "stage.json").read_text())["metrics"]
     policy = stages[-1]
-    return {"task": task, "seed": seed, "method": method, "wall_s": round(time.perf_counter() - t0, 1),
+    return {"task": task, "seed": seed, "method": method, "overrides": list(extra),
+            "wall_s": round(time.perf_counter() - t0, 1),
             "sft": metrics["sft/checker_accuracy"], "policy": metrics[f"{policy}/checker_accuracy"],
             "kl": metrics.get(f"{policy}/kl")}
 
@@ -126,6 +127,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("quality_runs/runs"))
     ap.add_argument("--out", type=Path, help="write the table here too")
     ap.add_argument("--plot", type=Path, help="a bar chart of the table (PNG)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="appended to every cell's command (sft.train.lr=3e-3); part of a cell's identity")
     args = ap.parse_args()
     tasks, methods = args.tasks.split(","), args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASKS]
@@ -140,16 +143,18 @@ def main() -> None:
     for task in tasks:
         for seed in map(int, args.seeds.split(",")):
             for method in methods:
-                if any(r["task"] == task and r["seed"] == seed and r["method"] == method for r in rows):
+                if any(r["task"] == task and r["seed"] == seed and r["method"] == method and
+                       r.get("overrides", []) == args.override for r in rows):
                     continue
-                row = run(root, task, seed, method)
+                row = run(root, task, seed, method, tuple(args.override))
                 if row is None:
                     continue
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-    rows = [r for r in rows if r["task"] in tasks and r["method"] in methods]
+    rows = [r for r in rows if r["task"] in tasks and r["method"] in methods and
+            r.get("overrides", []) == args.override]
     text = table(rows, tasks, methods)
     print(text)
     if args.out:

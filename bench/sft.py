@@ -22,7 +22,7 @@ def main():
 
     def align(name, *overrides):
         m = run_align("sft", f"train.max_steps={steps}", f"train.batch_size={batch}", f"train.logging_steps={steps}",
-                      *overrides)
+                      "train.lr=3e-3", *overrides)  # the peers' lr: the same work
         tokens = m["train_tokens_per_s"] * m["train_runtime_s"]
         rows.append((name, m["train_tokens_per_s"], tokens / m["process_s"]))
 

@@ -2,10 +2,10 @@
 the SFT model on the task checker (256 held-out prompts, greedy answers); only the stages' own before/after
 evals are left out (the eval stage measures every policy).
 
-In the default suite (about 5 minutes on 2 cores; `-m demo` selects it alone). The SFT model's checker
-accuracy depends on the machine's float kernels and the seed (0.578 with AVX-512 kernels, 0.426 with AVX2
-at the default seed; 0.2-0.6 over seeds: README), so the bounds are gains over the run's own SFT; the
-README's seed-42 row is this run on an AVX-512 machine."""
+In the default suite (about 5 minutes on 2 cores; `-m demo` selects it alone). The README's seed-42 row is this
+run on an AVX-512 machine. Measured over seeds 42, 1, 2 (and 3, 4 for SFT) and with AVX2 kernels: SFT
+0.61-0.66, DPO and GRPO +37 to +39 points, PPO +15 to +22 (README); the bounds sit below every one of them.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +30,13 @@ def demo(tmp_path_factory):
 
 def test_dpo_and_ppo_beat_sft_on_the_checker(demo):
     sft, dpo, ppo = (demo[f"{p}/checker_accuracy"] for p in ("sft", "dpo", "ppo"))
-    assert 0.3 < sft < 0.8, demo  # the SFT model copies many lazy words: room to improve, not broken
-    assert dpo >= sft + 0.15, demo
-    assert ppo >= sft + 0.05, demo
+    assert 0.5 < sft < 0.8, demo  # converged: the non-lazy words right, the lazy ones copied (about 0.62)
+    assert dpo >= sft + 0.25, demo
+    assert ppo >= sft + 0.10, demo
     # the run's RM agrees: both preference stages' answers win against SFT's more often than not
     assert demo["dpo/win_rate"] > 0.5 and demo["ppo/win_rate"] > 0.5, demo
     assert 0 < demo["ppo/kl"] < 2.0, demo  # the KL penalty kept PPO near its reference
 
 
 def test_grpo_with_the_checker_beats_sft(demo):
-    assert demo["grpo/checker_accuracy"] >= demo["sft/checker_accuracy"] + 0.15, demo
+    assert demo["grpo/checker_accuracy"] >= demo["sft/checker_accuracy"] + 0.25, demo  # issue 23's bar

@@ -21,7 +21,8 @@ def sft(runs, *overrides):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("full") / "runs"
-    return sft(runs, "train.max_steps=60", "train.batch_size=16", "data.max_rows=2000")
+    # lr 3e-3 (the tiny model's default is 1e-3, set for whole runs): 60 steps move the loss by a clear margin
+    return sft(runs, "train.max_steps=60", "train.batch_size=16", "data.max_rows=2000", "train.lr=3e-3")
 
 
 # Measured on torch 2.13.0+cpu / transformers 5.23.0 / trl 1.16.0 (x86_64); the seeded model and
@@ -128,7 +129,7 @@ def test_packed_examples_do_not_attend_to_each_other():
 
 
 def test_packing_trains_on_fewer_fuller_rows(tmp_path):
-    common = ["data.max_rows=320", "train.epochs=1", "train.batch_size=16"]
+    common = ["data.max_rows=320", "train.epochs=1", "train.batch_size=16", "train.lr=3e-3"]  # few steps: a big one
     _, plain = sft(tmp_path / "a", *common)
     cfg, packed = sft(tmp_path / "b", *common, "stage.packing=true")
     assert plain.metrics["global_step"] == 20
