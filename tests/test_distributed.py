@@ -96,3 +96,30 @@ def test_ranks_on_one_cpu_machine_share_its_cores(monkeypatch):
         assert share_cpu_threads() is None and torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
+
+
+def _decide(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from align.rl import loop
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    loop._fits_here = lambda full: rank == 0  # rank 1 is short of memory
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(str(loop._fits_bytes(1)))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_whether_the_weights_fit_to_be_gathered(tmp_path):
+    """Whether ZeRO-3 weights are gathered for a step (stage.gather_for_step / gather_for_rollout auto) is decided by
+    every rank together: one rank gathering while another kept ZeRO-3's per-layer hooks would leave their
+    collectives unmatched (a hang). Two gloo ranks, only rank 0 with room: both decide not to gather."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_decide, args=(port, str(tmp_path / "fits")), nprocs=2)
+    assert [(tmp_path / f"fits.{r}").read_text() for r in (0, 1)] == ["False", "False"]

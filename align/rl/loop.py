@@ -364,6 +364,13 @@ def _fits_gathered(module) -> bool:
 
 
 def _fits_bytes(full: int) -> bool:
+    """Whether `full` bytes take under a quarter of the free memory on every rank: the ranks decide together (a
+    collective), since one rank gathering while another keeps ZeRO-3's hooks would leave their collectives
+    unmatched."""
+    return distributed.all_reduce_scalar(float(_fits_here(full)), "min") == 1.0
+
+
+def _fits_here(full: int) -> bool:
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
     else:
