@@ -281,7 +281,7 @@ def generation_weights(trainable: Trainable, mode: str = "auto"):
     whether the ranks must still generate in lock-step (synced_gpus): only when the weights stay sharded."""
     engine = trainable.engine
     if engine is None or engine.zero_optimization_stage() != 3 or mode == "off" or (
-            mode == "auto" and not _fits_gathered(engine.module)):
+            mode == "auto" and not _fits_gathered([engine.module])):
         yield True
         return
     with gathered_unhooked([engine]):
@@ -300,8 +300,7 @@ def step_weights(trainables, frozen=(), mode: str = "auto"):
     reward model, a reference). Yields the engines it gathered (none outside ZeRO-3)."""
     engines = [t.engine for t in trainables] + [frozen_engine(m) for m in frozen]
     engines = [e for e in engines if e is not None and e.zero_optimization_stage() == 3 and not _offloaded(e)]
-    if not engines or mode == "off" or (mode == "auto" and not _fits_bytes(
-            sum(p.ds_numel * p.element_size() for e in engines for p in e.module.parameters()))):
+    if not engines or mode == "off" or (mode == "auto" and not _fits_gathered([e.module for e in engines])):
         yield []
         return
     with gathered_unhooked(engines, [t for t in trainables if t.engine in engines]):
@@ -359,8 +358,10 @@ def _parameter_offload(engine):
     return optimizer.parameter_offload if hasattr(optimizer, "parameter_offload") else optimizer
 
 
-def _fits_gathered(module) -> bool:
-    return _fits_bytes(sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters()))
+def _fits_gathered(modules) -> bool:
+    """Whether the full weights of `modules` fit to be gathered (_fits_bytes)."""
+    return _fits_bytes(sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for m in modules
+                           for p in m.parameters()))
 
 
 def _fits_bytes(full: int) -> bool:
