@@ -31,6 +31,17 @@ def test_files_regenerate_from_their_seeds(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("task", TASKS)
+def test_held_out_prompts_are_in_no_training_split(task):
+    def prompts(split):
+        return [json.dumps(r["prompt"] if "prompt" in r else r["messages"][:-1], sort_keys=True)
+                for r in read(task, split)]
+
+    seen = set(prompts("sft")) | set(prompts("prefs"))
+    held_out = prompts("sft_eval") + prompts("prefs_eval")
+    assert len(held_out) == 600 and not [p for p in held_out if p in seen]
+
+
+@pytest.mark.parametrize("task", TASKS)
 def test_pairs_are_right_against_near_miss_and_sft_carries_the_error(task):
     from align import checkers
     from align.data.tasks import CHECKERS, ERROR_SHARE
@@ -75,29 +86,34 @@ def _solve(task: str, turns: list[dict]) -> str:
 def test_data_task_group_reads_each_stage_split_with_the_task_checker(task, tiny_tokenizer):
     from align import checkers
     from align.data.loader import dpo_datasets, prompt_datasets, resolve_sources
-    from align.data.tasks import CHECKERS, path
+    from align.data.tasks import CHECKERS, SIZES, path
 
     cfg = compose(f"data=task/{task}")
     assert cfg.data.train == f"task:{task}" and cfg.train.max_length == 128
     assert resolve_sources(cfg.data, "sft") == (str(path(task, "sft")), str(path(task, "sft_eval")))
     assert resolve_sources(cfg.data, "preference") == (str(path(task, "prefs")), str(path(task, "prefs_eval")))
     assert checkers.from_config(cfg.data) is checkers.build(CHECKERS[task])
+    # the online stages (PPO, GRPO) take the preference split's prompts: their reference, which the checker
+    # rewards, is the right answer; the SFT split's carries the task's error in a share of its rows
     train, held_out, report = prompt_datasets(cfg.data, tiny_tokenizer, 128, 42)
-    assert report.train_rows == 3000 and report.eval_rows == 300 and not report.errors.skipped
-    assert held_out[0]["reference"] == _solve(task, [{"content": held_out[0]["prompt_text"]}]
-                                              if task != "recall" else _turns(held_out[0]))
+    assert report.train_rows == SIZES["prefs"] and report.eval_rows == 300 and not report.errors.skipped
+    pref_rows = [json.loads(line) for line in path(task, "prefs").read_text().splitlines()]
+    assert sorted(train["reference"]) == sorted(_solve(task, r["prompt"]) for r in pref_rows)
+    assert held_out[0]["reference"] == _solve(task, _turns(task, held_out[0]))
     pairs, _, pair_report = dpo_datasets(cfg.data, tiny_tokenizer, 128, 42)
     assert pair_report.train_rows == 2000 and not pair_report.errors.skipped  # every pair fits 128 tokens
 
 
-def _turns(row) -> list[dict]:
-    """recall's prompt turns, rebuilt from its prompt ids' text (the first turn holds the word)."""
+def _turns(task: str, row) -> list[dict]:
+    """A held-out prompt's turns, found in the task's prefs_eval file by its text (recall's prompt text is its
+    last turn, so there the answer picks the row too)."""
     from align.data.tasks import path
 
-    for line in path("recall", "sft_eval").read_text().splitlines():
+    for line in path(task, "prefs_eval").read_text().splitlines():
         r = json.loads(line)
-        if r["messages"][-1]["content"] == row["reference"] and r["messages"][2]["content"] == row["prompt_text"]:
-            return r["messages"][:-1]
+        if r["prompt"][-1]["content"] == row["prompt_text"] and (task != "recall" or
+                                                                r["chosen"][-1]["content"] == row["reference"]):
+            return r["prompt"]
     raise AssertionError(row)
 
 

@@ -147,8 +147,11 @@ def dpo_datasets(data_cfg, tokenizer, max_length: int, seed: int):
 
 def prompt_datasets(data_cfg, tokenizer, max_length: int, seed: int):
     """Tokenized train/eval prompts (prompt_ids, ending with the assistant header) for PPO, and the report.
-    The demo default uses the prompts of the bundled SFT splits."""
-    return _tokenized(data_cfg, "sft", lambda raw: to_prompt(raw, data_cfg.format),
+    The demo uses the prompts of its SFT splits (its checker needs no reference); a zoo task those of its
+    preference splits, whose reference (the chosen answer) is right, where its SFT split carries the task's
+    systematic error by design and would reward that error."""
+    kind = "preference" if str(data_cfg.train).startswith(TASK) else "sft"
+    return _tokenized(data_cfg, kind, lambda raw: to_prompt(raw, data_cfg.format),
                       lambda row: _encode_prompt_row(tokenizer, row, max_length), seed)
 
 
