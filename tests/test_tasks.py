@@ -32,9 +32,10 @@ def test_files_regenerate_from_their_seeds(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_held_out_prompts_are_in_no_training_split(task):
+    from align.data.tasks import prompt_turns
+
     def prompts(split):
-        return [json.dumps(r["prompt"] if "prompt" in r else r["messages"][:-1], sort_keys=True)
-                for r in read(task, split)]
+        return [json.dumps(prompt_turns(r), sort_keys=True) for r in read(task, split)]
 
     seen = set(prompts("sft")) | set(prompts("prefs"))
     held_out = prompts("sft_eval") + prompts("prefs_eval")

@@ -125,8 +125,9 @@ def write(task: str) -> None:
     seen: set[str] = set()
     for i, (split, n) in enumerate(SIZES.items()):  # the training splits come first: the eval splits avoid them
         rng = random.Random(SEEDS[task] * 10 + i)  # one stream per split: resizing one leaves the others as they are
-        out = rows(task, split, n, rng, unseen=seen if split.endswith("_eval") else None)
-        if not split.endswith("_eval"):
+        held_out = split.endswith("_eval")
+        out = rows(task, split, n, rng, unseen=seen if held_out else None)
+        if not held_out:
             seen |= {_key(prompt_turns(r)) for r in out}
         target = path(task, split)
         target.parent.mkdir(parents=True, exist_ok=True)
