@@ -28,7 +28,7 @@ def sft_run(tmp_path_factory):
 def test_grpo_with_the_checker_as_reward_raises_held_out_accuracy(sft_run):
     result = run_stage("grpo", sft_run, *GRPO, "train.max_steps=250")
     m = result.metrics
-    # measured here: 0.52 -> 0.83 on the 64 held-out prompts (the demo recipe: 0.58 -> 0.87-0.93 over seeds)
+    # measured here at the default lr (1e-4 for the tiny model): 0.59 -> 1.00 on the 64 held-out prompts
     assert m["eval_checker_accuracy"] >= m["eval_checker_accuracy_before"] + 0.15, m
     assert m["reward/checker"] > m["first_reward/checker"], m  # the rollouts' own accuracy rose
     assert "eval_greedy_logratio" not in m and "eval_greedy_logratio_before" not in m  # beta 0 with full weights: no reference loaded

@@ -294,8 +294,10 @@ def _parents(cfg) -> list[tuple[str, str | None]]:
     return [("sft", cfg.stage.init)] + rm
 
 
+# tiny: 1e-4, not 3e-4 — at 3e-4 the policy drifted into new copy slips on json (Eli -> Fay) and its
+# entropy collapsed on them, so no group could fix them (docs/quality.md, "GRPO's learning rate")
 SPEC = StageSpec(
     name="grpo", schema=GRPOStageConfig, run=run, parents=_parents,
-    lr={"tiny": 3e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reward=True,
+    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reward=True,
     headline=("first_reward/total_mean", "reward/total_mean", "eval_checker_accuracy_before",
               "eval_checker_accuracy", "eval_greedy_logratio"))
