@@ -74,24 +74,81 @@ examples:
 Hydra's own help: --hydra-help. Docs: README.md and docs/ in the repository."""
 
 
-def print_help() -> None:
-    """--help without importing torch or Hydra's app (under a second)."""
+def group_options() -> dict[str, list[str]]:
+    """Every config group a user selects with `group=option`, with its options: the conf/ groups, the recipes
+    (shipped and ./recipes/) and the stages. Read from the files, without importing torch or Hydra."""
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
     conf = next(d for d in (here.parent / "conf", here / "conf") if (d / "config.yaml").is_file())
-    recipes = sorted({p.stem for d in (here.parent / "recipes", here / "recipes", Path.cwd() / "recipes")
-                      if d.is_dir() for p in d.glob("*.yaml")})
-    groups = []
+    out = {}
     for group in sorted(p for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_")):
-        options = sorted(str(p.relative_to(group).with_suffix("")) for p in group.rglob("*.yaml"))
-        groups.append(f"  {group.name + ':':11s}{', '.join(options)}")
+        if group.name == "stage":
+            continue
+        out[group.name] = sorted(str(p.relative_to(group).with_suffix("")) for p in group.rglob("*.yaml"))
+    out["recipe"] = sorted({p.stem for d in (here.parent / "recipes", here / "recipe_files", Path.cwd() / "recipes")
+                            if d.is_dir() for p in d.glob("*.yaml")})
     from align.stages import names
 
-    print(HELP.format(stages=", ".join(names()), recipes=", ".join(recipes), groups="\n".join(groups)))
+    out["stage"] = list(names())
+    return out
+
+
+def print_help() -> None:
+    """--help without importing torch or Hydra's app (under a second)."""
+    options = group_options()
+    groups = [f"  {g + ':':11s}{', '.join(o)}" for g, o in options.items() if g not in ("stage", "recipe")]
+    print(HELP.format(stages=", ".join(options["stage"]), recipes=", ".join(options["recipe"]),
+                      groups="\n".join(groups)))
+
+
+def unknown_choices(args: list[str]) -> list[str]:
+    """`group=option` arguments whose option does not exist, each with the valid names: Hydra ignores an unknown
+    option of an optional group (`recipe=rlhf_pop` ran the default stage=sft) and lists internal `*_schema`
+    options for the others. Sweep lists (`recipe=a,b` with -m) are checked value by value; sweep functions
+    (`choice(...)`, `glob(...)`) are left to Hydra."""
+    options, out = None, []
+    sweep = "-m" in args or "--multirun" in args
+    for a in args:
+        if a.startswith("-") or a.startswith("~") or "=" not in a:
+            continue
+        key, _, value = a.lstrip("+").partition("=")
+        if "." in key or "/" in key or "(" in value or value in ("", "null"):
+            continue
+        if options is None:
+            options = group_options()
+        if key not in options:
+            continue
+        for v in (value.split(",") if sweep else [value]):
+            if v not in options[key]:
+                out.append(f"{key}={v}: there is no {key} named {v!r}; choose one of {', '.join(options[key])}")
+    return out
+
+
+# Third-party log lines a user would read as an error, dropped by their exact format string (logger -> messages).
+# bitsandbytes 0.50 on a CPU with AVX512-BF16 tries to fetch a kernel from the hub at import and logs its failure
+# (the exception names trust_remote_code, or offline "Download the kernel while online first"); align keeps
+# bitsandbytes on its exact fp32 path there anyway (models.loading.exact_cpu_4bit_kernels), and 4-bit works.
+NOISE = {
+    "bitsandbytes.backends.cpu.ops": (
+        "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip install "
+        "kernels` and the kernels >= 0.11.1",),
+}
+
+
+class DropMessages(logging.Filter):
+    def __init__(self, messages):
+        super().__init__()
+        self.messages = set(messages)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.messages
 
 
 def _quiet_third_party() -> None:
+    for logger, messages in NOISE.items():
+        if not any(isinstance(f, DropMessages) for f in logging.getLogger(logger).filters):
+            logging.getLogger(logger).addFilter(DropMessages(messages))
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")
@@ -116,6 +173,9 @@ def dispatch(cfg, command: str = "train", task_overrides: list[str] | None = Non
     complete output already is what this config would train (then nothing changes; run.force=true re-trains)."""
     from align import pipeline, recipes, supported, validate
 
+    bad_name = validate.run_name_problem(cfg.run.name)
+    if bad_name:
+        raise supported.Unsupported(bad_name + " (nothing was run)")
     unknown = validate.unknown_keys(cfg)
     if unknown:
         raise supported.Unsupported("unknown config keys (nothing was run):\n" + "\n".join(f"  - {u}" for u in unknown))
@@ -160,6 +220,13 @@ def up_to_date(cfg):
     return None
 
 
+def say_once(error: Exception) -> None:
+    """align's message for an error every rank meets alike (bad config, data or folder): printed by rank 0 only, so
+    a run on 8 ranks shows it once; every rank still exits with its code."""
+    if os.environ.get("RANK", "0") == "0":
+        logging.getLogger("align").error("%s", error)
+
+
 def main() -> None:
     args, local_rank = drop_local_rank(sys.argv[1:])
     if "--help" in args or "-h" in args:
@@ -169,6 +236,10 @@ def main() -> None:
     if args and args[0] in COMMANDS:
         command = args.pop(0)
     args = implicit_data_group(args)
+    unknown = unknown_choices(args)
+    if unknown:  # before Hydra, torch or any model: the names that do not exist, and the ones that do
+        print("[align] " + "\n[align] ".join(unknown) + "\n[align] nothing was run", file=sys.stderr)
+        sys.exit(2)
     sys.argv = [sys.argv[0], *args]
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", local_rank)
@@ -182,6 +253,7 @@ def main() -> None:
     from align.config import config_dir, register
     from align.data.errors import DataError
     from align.handoff import HandoffError
+    from align.models.loading import ModelLoadError
     from align.preemption import Preempted, TrainingDiverged
     from align.recipes import RecipeError
     from align.rewards import RewardError
@@ -207,14 +279,14 @@ def main() -> None:
             sys.exit(2)
         try:
             return dispatch(cfg, command, task, sweep_name)
-        except (DataError, HandoffError, RecipeError, RewardError, UnknownStage, Unsupported) as e:
-            logging.getLogger("align").error("%s", e)
+        except (DataError, HandoffError, ModelLoadError, RecipeError, RewardError, UnknownStage, Unsupported) as e:
+            say_once(e)
             sys.exit(2)
         except Preempted as e:  # checkpoint saved: 143 (SIGTERM) / 130 (SIGINT) tells the scheduler to requeue
-            logging.getLogger("align").error("%s", e)
+            logging.getLogger("align").error("%s", e)  # every rank says where it stopped and saved
             sys.exit(e.code)
         except TrainingDiverged as e:
-            logging.getLogger("align").error("%s", e)
+            say_once(e)
             sys.exit(3)
 
     _run()

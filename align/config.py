@@ -258,7 +258,7 @@ class PPOStageConfig(OnlineStageConfig):
     # KL penalty
     kl_coef: float = keyed(0.2, NON_NEGATIVE, "per-token KL penalty coefficient (initial one when kl_target is set); "
                                                 "docs/quality.md: 0.05 let the policy game the reward model")
-    kl_estimator: str = keyed("k1", one_of("k1", "k3"), "per-token KL estimator")
+    kl_estimator: str = keyed("k1", one_of("k1", "k2", "k3"), "per-token KL estimator (in the reward: any)")
     kl_target: float | None = keyed(None, POSITIVE, "set: adaptive coefficient tracking this KL per sequence")
     kl_horizon: int = keyed(10000, AT_LEAST_ONE, "adaptive KL controller horizon")
     # advantages and losses
@@ -292,8 +292,10 @@ class GRPOStageConfig(OnlineStageConfig):
     drop_zero_variance: bool = keyed(True, help="leave out groups whose rewards are all equal (DAPO); counted")
     beta: float = keyed(0.0, NON_NEGATIVE, "KL(policy || reference) coefficient; 0: no reference pass at all")
     kl_in: str = keyed("auto", one_of("auto", "loss", "reward"),
-                       "auto: in the reward for reinforce_pp, in the loss otherwise")
-    kl_estimator: str = keyed("k3", one_of("k1", "k3"), "per-token KL estimator")
+                       "auto: in the reward for reinforce_pp, in the loss otherwise; reward needs reinforce_pp (the "
+                       "other kinds give one advantage per answer, with no per-token reward to shape)")
+    kl_estimator: str = keyed("k3", one_of("k1", "k2", "k3"), "per-token KL estimator; in the loss k2 or k3 (k1's "
+                              "expected gradient there is zero)")
     ppo_epochs: int = keyed(1, AT_LEAST_ONE, "passes over each rollout batch")
 
 

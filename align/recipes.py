@@ -29,9 +29,10 @@ class RecipeError(ValueError):
 
 
 def recipe_dirs() -> list[Path]:
-    """The shipped recipes (recipes/ in a checkout, align/recipes in a wheel), then ./recipes/."""
+    """The shipped recipes (recipes/ in a checkout, align/recipe_files in a wheel: align/recipes is this module),
+    then ./recipes/."""
     here = Path(__file__).resolve().parent
-    dirs = [d for d in (here.parent / "recipes", here / "recipes") if d.is_dir()][:1]
+    dirs = [d for d in (here.parent / "recipes", here / "recipe_files") if d.is_dir()][:1]
     local = Path.cwd() / "recipes"
     if local.is_dir() and all(local.resolve() != d.resolve() for d in dirs):
         dirs.append(local)

@@ -67,6 +67,16 @@ def relations(cfg: DictConfig) -> list[str]:
             out.append(f"stage.rollout_batch_size x stage.group_size = {samples} responses per step must be a multiple "
                        f"of train.batch_size x train.grad_accum = {mini} (one optimizer step); e.g. train.batch_size="
                        f"{math.gcd(samples, t.batch_size)}")
+    if s.name == "grpo":
+        kl_in = s.kl_in if s.kl_in != "auto" else ("reward" if s.advantage == "reinforce_pp" else "loss")
+        if kl_in == "reward" and s.advantage != "reinforce_pp":
+            out.append(f"stage.kl_in=reward with stage.advantage={s.advantage}: the KL would enter neither the "
+                       "advantages (one per answer, from its group) nor the loss, so stage.beta would do nothing. "
+                       "Fix: stage.kl_in=loss (or auto), or stage.advantage=reinforce_pp")
+        if kl_in == "loss" and s.beta > 0 and s.kl_estimator == "k1":
+            out.append("stage.kl_estimator=k1 with the KL in the loss: on the policy's own samples k1's expected "
+                       "gradient is zero, so stage.beta would only add noise. Fix: stage.kl_estimator=k3 (the "
+                       "default) or k2")
     if s.name == "dpo" and s.loss_weights is not None:
         losses = list(s.loss_type) if isinstance(s.loss_type, ListConfig) else [s.loss_type]
         if len(s.loss_weights) != len(losses):
@@ -75,6 +85,15 @@ def relations(cfg: DictConfig) -> list[str]:
     if cfg.data.checker == "regex" and not cfg.data.checker_pattern:
         out.append("data.checker=regex needs data.checker_pattern (a Python regular expression)")
     return out
+
+
+def run_name_problem(name) -> str | None:
+    """run.name is one folder inside run.root: no path separator, no `..`, not empty."""
+    text = str(name) if name is not None else ""
+    if not text or "/" in text or "\\" in text or ".." in text or text in (".",):
+        return (f"run.name={text!r}: a run name is one folder inside run.root, without '/', '\\' or '..'. "
+                "Fix: run.name=my_run (to write elsewhere, set run.root)")
+    return None
 
 
 def problems(cfg: DictConfig) -> list[str]:

@@ -71,7 +71,20 @@ CASES = {  # id: (arguments, exit code, what the message must say)
     "misspelt_plus_key": (["+train.lrr=1e-4"], 2, ["train.lrr: no such key; did you mean train.lr?"]),
     "misspelt_stage_key": (["stage=dpo", "+stage.betta=0.2"], 2, ["stage.betta: no such key; did you mean stage.beta?"]),
     "retired_key": (["stage=ppo", "+stage.vf_coef=0.5"], 2, ["stage.vf_coef: removed", "stage.critic_max_grad_norm"]),
-    "schema_as_stage": (["stage=sft_schema"], 2, ["stage=sft_schema is not a stage"]),
+    "schema_as_stage": (["stage=sft_schema"], 2, ["stage=sft_schema: there is no stage named 'sft_schema'"]),
+    # issue 32: an unknown option of the optional recipe group was ignored, and the default stage=sft trained
+    "unknown_recipe": (["recipe=rlhf_pop"], 2, ["recipe=rlhf_pop: there is no recipe named 'rlhf_pop'; choose one of "
+                                                "demo, hpo_dpo, rlhf_dpo, rlhf_ppo, rlvr", "nothing was run"]),
+    "unknown_stage": (["stage=sfft"], 2, ["stage=sfft: there is no stage named 'sfft'; choose one of sft, rm, dpo, "
+                                          "ppo, grpo, eval\n"]),
+    "unknown_group_option": (["peft=lorra"], 2, ["peft=lorra: there is no peft named 'lorra'; choose one of lora, "
+                                                 "none, qlora"]),
+    "unknown_sweep_value": (["-m", "recipe=demo,rlhf_dpx"], 2, ["recipe=rlhf_dpx: there is no recipe named"]),
+    "run_name_climbs_out": (["run.name=../../x"], 2, ["run.name='../../x': a run name is one folder inside run.root",
+                                                      "Fix: run.name=my_run"]),
+    "run_name_with_separator": (["run.name=a/b"], 2, ["run.name='a/b': a run name is one folder"]),
+    "kl_in_reward_without_reinforce_pp": (["stage=grpo", "stage.beta=0.1", "stage.kl_in=reward"], 2,
+                                          ["stage.kl_in=reward with stage.advantage=grpo", "Fix: stage.kl_in=loss"]),
     "non_utf8_row": (["data.train=latin1.jsonl"], 2, ["latin1.jsonl, row 2: not valid UTF-8 (byte 0xe9", "save the file as UTF-8"]),
     "empty_file": (["data.train=empty.jsonl"], 2, ["empty.jsonl: no usable training rows", "the file is empty"]),
     "malformed_csv": (["data.train=broken.csv"], 2, ["broken.csv: cannot be read as CSV", "line 3", "header row"]),
@@ -113,8 +126,28 @@ def test_bad_input_is_refused_before_loading_and_changes_nothing(case, trained, 
     for part in says:
         assert part in text, (case, part, text[-2000:])
     assert "Traceback" not in text
+    assert "_schema" not in text.replace("stage=sft_schema", "").replace("'sft_schema'", "")  # no internal names
     assert snapshot(tmp_path / "runs") == before, case
     assert not (tmp_path / "runs" / "fresh").exists()  # a stage stopped before it began leaves no folder
+
+
+def test_a_model_folder_whose_weights_do_not_load_is_named_with_the_file_and_the_reason(trained, tmp_path, monkeypatch,
+                                                                                         caplog, capsys):
+    """A truncated model.safetensors (an interrupted copy): align's message names the folder, the file and the
+    reason, exit 2, no traceback, and the stage leaves no folder behind."""
+    from align.models.tiny import tiny_model_dir
+
+    shutil.copytree(tiny_model_dir(), tmp_path / "my_model")
+    weights = tmp_path / "my_model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO", logger="align"):
+        rc = run_cli(["run.root=runs", "run.name=fresh", "model.name_or_path=my_model", *FAST], monkeypatch)
+    text = caplog.text + capsys.readouterr().err
+    assert rc == 2, text[-2000:]
+    assert "my_model: the model's weights do not load: model.safetensors is unreadable (SafetensorError" in text
+    assert "Fix: copy or download that file again" in text and "Traceback" not in text
+    assert not (tmp_path / "runs" / "fresh").exists()
 
 
 def test_help_is_align_s_own_and_imports_no_torch():

@@ -41,3 +41,33 @@ def test_package_runs_outside_the_repo(tmp_path):
     assert str(REPO) not in out.stdout
     own = align("stage=sft", "model=qwen2_5_0_5b", "data.train=mine.jsonl", "--cfg", "job", cwd=tmp_path, timeout=120)
     assert own.returncode == 0 and "max_length: 2048" in own.stdout and "max_length: 64" not in own.stdout
+
+
+def test_third_party_noise_is_dropped_by_its_exact_message_and_nothing_else():
+    """bitsandbytes 0.50 on a CPU with AVX512-BF16 logs at import that it failed to fetch a kernel from the hub (a
+    user reads it as an error). align drops that record by its exact format string — the installed bitsandbytes'
+    own text, word for word — and lets every other message of the same logger through."""
+    import importlib.util
+    import io
+    import logging
+    from pathlib import Path
+
+    from align.__main__ import NOISE, _quiet_third_party
+
+    _quiet_third_party()
+    _quiet_third_party()  # idempotent: one filter
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger().addHandler(handler)
+    try:
+        for name, messages in NOISE.items():
+            source = Path(importlib.util.find_spec(name).origin).read_text()
+            logger = logging.getLogger(name)
+            assert len(logger.filters) == 1
+            for message in messages:
+                assert message in source, (name, message)  # the filter follows bitsandbytes' wording
+                logger.warning(message, "Download the kernel while online first")
+            logger.warning("Failed to load something else: %s", "kept")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert stream.getvalue() == "Failed to load something else: kept\n"

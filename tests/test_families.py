@@ -73,29 +73,45 @@ def test_pad_equal_to_eos_keeps_the_final_eos_in_the_batch_labels(family_dirs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rm_accuracy_in_stage_json_is_measured_at_the_end_of_turn(family, family_dirs, runs):
-    """Trained by align, then re-scored independently: each held-out sequence alone (no padding), the plain
-    transformers classifier reading its last token, which is the end-of-turn token."""
+    """Trained by align, then re-scored as another tool reads the folder: plain transformers, the saved config and
+    tokenizer untouched, each held-out sequence alone (no padding) and then right-padded in one batch with the saved
+    tokenizer's pad. Every score equals align's (1e-4), and so do the recorded means and accuracy. Before, with pad
+    = EOS (llama3, mistral, base), transformers pooled at the token before the end of turn: rejected answers scored
+    -2.72 there and -4.03 in align."""
     from transformers import AutoModelForSequenceClassification
 
+    from align.data.chat import end_of_turn_ids
     from align.data.loader import preference_datasets
+    from align.models.loading import score
+    from align.rl.rollout import right_pad
     from align.stages.rm import run
 
     cfg = compose("stage=rm", f"run.root={runs}", f"model.name_or_path={family_dirs[family]}", "stage.init=base",
                   "train.max_steps=30", "data.max_rows=256", "train.lr=3e-3", "train.max_length=128")
-    out = run(cfg).out
+    result = run(cfg)
+    out = result.out
     info = json.loads((out / "stage.json").read_text())
     tok = tokenizer_of(out / "model")
+    assert tok.pad_token_id not in end_of_turn_ids(tok)
     _, eval_ds, _ = preference_datasets(cfg.data, tok, cfg.train.max_length, cfg.train.seed)
     model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
-    model.config.pad_token_id = None  # one unpadded sequence at a time: the last token is scored
-    right = 0
+    assert model.config.pad_token_id == tok.pad_token_id
+    seqs = list(eval_ds["chosen_ids"]) + list(eval_ds["rejected_ids"])
     with torch.no_grad():
-        for chosen, rejected in zip(eval_ds["chosen_ids"], eval_ds["rejected_ids"]):
-            assert tok.convert_ids_to_tokens(chosen[-1]) == tok.eos_token
-            r = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in (chosen, rejected)]
-            right += r[0] > r[1]
-    assert info["metrics"]["eval_accuracy"] == pytest.approx(right / len(eval_ds), abs=1e-6)
-    assert info["metrics"]["eval_accuracy"] > 0.55  # it learned something, at the position it is read
+        alone = torch.tensor([model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in seqs])
+        ids, mask = right_pad(seqs, tok.pad_token_id)
+        batched = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+    for ids_ in seqs:
+        assert ids_[-1] in end_of_turn_ids(tok)
+    ours = score(result.model, seqs, tok.pad_token_id)
+    torch.testing.assert_close(alone, ours, rtol=0, atol=1e-4)
+    torch.testing.assert_close(batched, ours, rtol=0, atol=1e-4)
+    n = len(eval_ds)
+    m = info["metrics"]
+    assert m["reward_chosen_mean"] == pytest.approx(alone[:n].mean().item(), abs=1e-4)
+    assert m["reward_rejected_mean"] == pytest.approx(alone[n:].mean().item(), abs=1e-4)
+    assert m["eval_accuracy"] == pytest.approx((alone[:n] > alone[n:]).float().mean().item(), abs=1e-6)
+    assert m["eval_accuracy"] > 0.55  # it learned something, at the position it is read
 
 
 def test_lora_sft_then_lora_rm_builds_the_rm_on_the_merged_sft(family_dirs, runs):
@@ -202,7 +218,7 @@ def test_qlora_at_every_stage_hands_off_through_merged_parents(recipe, family_di
         assert info["weights"] == "qlora", stage
         if stage != "sft":
             assert info["parents"][0]["stage"] == "sft"
-    assert not list((tmp_path / "cache" / "merged-for-qlora").iterdir())  # the merged copies are gone
+    assert not list((tmp_path / "cache" / "merged-parents").iterdir())  # the merged copies are gone
 
 
 QWEN_VOCAB = 151_936

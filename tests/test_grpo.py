@@ -52,7 +52,7 @@ def test_python_reward_from_the_working_directory(sft_run, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_rewards.py").write_text(
         "def score(prompts, completions, reference, bonus):\n"
-        "    if any(c == '' for c in completions):\n        raise ValueError('empty')\n"
+        "    if any('cat' in p for p in prompts):\n        raise ValueError('no cats')\n"
         "    return [float(c.strip() == r.strip()) + b for c, r, b in zip(completions, reference, bonus)]\n")
     rows = [{"messages": [{"role": "user", "content": f"Repeat: {w}"}, {"role": "assistant", "content": w}],
              "bonus": 0.0} for w in ("cat", "dog", "sun", "map", "pen", "cup", "hat", "box")] * 4
@@ -62,7 +62,36 @@ def test_python_reward_from_the_working_directory(sft_run, tmp_path, monkeypatch
                        f"stage.init={sft_run / 'demo' / 'sft'}", "data.on_error=skip")
     m = result.metrics
     assert "reward/python" in m and "reward/checker" in m
-    assert m["reward_errors"] >= 0
+    # every answer to a "cat" prompt fails (one by one, after the batch failed): whole groups of 8, left out
+    assert m["reward_errors"] > 0 and m["reward_errors"] % 8 == 0, m
+
+
+def test_a_non_finite_micro_batch_still_counts_as_a_micro_step(sft_run, monkeypatch):
+    """grad_accum 2 over 4 micro-batches a step: the first micro-batch of each step has a non-finite loss. It is
+    skipped and counted, and still takes its place in the accumulation window (as a left-out zero-variance one
+    does), so every optimizer step stays within one rollout: 2 steps x 4 micro-steps, 2 skipped."""
+    from align.rl.engine import Trainable
+    from align.stages import grpo
+
+    calls, steps, real = {"n": 0}, {"n": 0}, grpo.clipped_surrogate
+
+    def nan_first_of_each_step(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] % 4 == 1 else loss), stats
+
+    real_step = Trainable.step
+
+    def counted(self):
+        steps["n"] += 1
+        return real_step(self)
+
+    monkeypatch.setattr(grpo, "clipped_surrogate", nan_first_of_each_step)
+    monkeypatch.setattr(Trainable, "step", counted)
+    result = run_stage("grpo", sft_run, *GRPO, "train.max_steps=2", "train.grad_accum=2", "stage.eval_prompts=0",
+                       "stage.drop_zero_variance=false", "run.name=nan", f"stage.init={sft_run / 'demo' / 'sft'}")
+    assert result.metrics["nonfinite_updates_skipped"] == 2
+    assert steps["n"] == 8  # was 6: each skipped one shifted every later window by a micro-batch
 
 
 def test_lora_grpo_reference_is_the_policy_without_its_adapter(sft_run):
@@ -70,6 +99,8 @@ def test_lora_grpo_reference_is_the_policy_without_its_adapter(sft_run):
                        f"stage.init={sft_run / 'demo' / 'sft'}", "train.lr=1e-3")
     m = result.metrics
     assert m["eval_greedy_logratio_before"] == pytest.approx(0.0, abs=1e-6)  # adapter B = 0: policy == reference
+    # after training the adapter-off reference differs from the policy (true of any reference before training)
+    assert m["eval_greedy_logratio"] > 1e-3, m
     assert (result.out / "model" / "adapter_config.json").is_file()
 
 

@@ -150,3 +150,77 @@ def test_reward_config_errors_name_the_fix():
         rewards.build(OmegaConf.create({"kind": "python", "fn": "nocolon", "model": None, "weights": {}}), data)
     with pytest.raises(rewards.RewardError, match="reward=weighted needs reward.weights"):
         rewards.build(OmegaConf.create({"kind": "weighted", "fn": None, "model": None, "weights": {"judge": 1}}), data)
+
+
+# --- issue 32: the RL options do what they say (each test fails on the code before the fix) -------------------
+
+def test_failed_rewards_are_left_out_of_their_groups_statistics():
+    """Two valid answers [1, 0] and two failed ones: the group is [1, 0], not [1, 0, 0.5, 0.5] (the old fill with
+    the group mean shrank grpo's std to 0.408 and gave +-1.22; rloo's baseline moved to 0.667)."""
+    scores = torch.tensor([1.0, 0.0, 123.0, -5.0])  # a failed answer's number means nothing
+    valid = torch.tensor([True, True, False, False])
+    a = 0.5 / math.sqrt(0.5)  # mean 0.5, unbiased std sqrt(0.5) = 0.7071 -> +-0.7071
+    close(group_advantages(scores, 4, "grpo", valid=valid), [a, -a, 0, 0], 1e-4)
+    close(group_advantages(scores, 4, "rloo", valid=valid), [1.0, -1.0, 0, 0])  # 1 - 0, 0 - 1
+    close(group_advantages(scores, 4, "dr_grpo", valid=valid), [0.5, -0.5, 0, 0])
+    # one valid answer carries no signal; equal valid answers neither, whatever the failed ones hold
+    assert zero_variance(scores, 4, valid).tolist() == [False] * 4
+    assert zero_variance(torch.tensor([1.0, 7.0, 1.0, 0.0]), 4, torch.tensor([True, False, True, False])).all()
+    assert zero_variance(torch.tensor([1.0, 0.0]), 2, torch.tensor([True, False])).all()
+    close(group_advantages(torch.tensor([1.0, 0.0]), 2, "grpo", valid=torch.tensor([True, False])), [0, 0])
+
+
+def test_reinforce_pp_whitens_over_the_kept_groups_only():
+    """One informative group among three flat ones, one token per answer: whitened over the kept answers only the
+    advantages are +-0.8660 (zero mean, unit unbiased variance over the 4 kept tokens); whitening over all 16 rows,
+    the flat ones included, gave +2.92/-0.32 here (+4.12/-1.01 in the issue's case)."""
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0] + [1.0] * 4 + [0.0] * 4 + [1.0] * 4)
+    seq = group_advantages(scores, 4, "reinforce_pp")  # [0.75, -0.25, -0.25, -0.25, 0 ...]
+    keep = ~zero_variance(scores, 4)
+    mask = torch.ones(16, 1, dtype=torch.long)
+    kept = token_advantages(seq, mask * keep[:, None].long(), "reinforce_pp")
+    sd = math.sqrt(0.75 / 3)  # kept values 0.75, -0.25 x3: mean 0, unbiased var 0.75 / 3
+    close(kept[:4, 0], [0.75 / sd, -0.25 / sd, -0.25 / sd, -0.25 / sd], 1e-4)
+    close(kept[4:, 0], [0.0] * 12)
+    kept_tokens = kept[:4, 0]
+    close(kept_tokens.mean(), 0.0)
+    close(kept_tokens.var(), 1.0, 1e-4)
+
+
+def test_k2_estimator_and_the_kl_options_that_would_do_nothing_are_refused():
+    from align.rl.kl import kl_per_token
+    from align.supported import Unsupported, check
+    from conftest import compose
+
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    close(kl_per_token(logp, ref, "k2"), [[0.5 * 0.25, 0.5 * 1.0]])
+    # KL in the reward of a kind with one advantage per answer: beta would do nothing
+    with pytest.raises(Unsupported, match="stage.kl_in=reward with stage.advantage=grpo"):
+        check(compose("stage=grpo", "stage.beta=0.05", "stage.kl_in=reward"))
+    # k1 in the loss: zero expected gradient on the policy's own samples
+    with pytest.raises(Unsupported, match="stage.kl_estimator=k1 with the KL in the loss"):
+        check(compose("stage=grpo", "stage.beta=0.05", "stage.kl_estimator=k1"))
+    for ok in (["stage.kl_estimator=k2"], ["stage.kl_estimator=k3"],
+               ["stage.advantage=reinforce_pp", "stage.kl_estimator=k1"], ["stage.beta=0", "stage.kl_estimator=k1"]):
+        check(compose("stage=grpo", "stage.beta=0.05", *ok))
+
+
+def test_token_mean_is_normalised_by_the_kept_tokens_of_the_whole_optimizer_step():
+    """Two micro-batches of one optimizer step (grad_accum 2): one holds one kept answer of 2 tokens, the other two
+    of 3 tokens, and dropped rows. Accumulated as the Trainable does (each loss / grad_accum), the step's loss is
+    the mean over its 8 kept tokens; per micro-batch means weighed the lone answer as much as the other two."""
+    from align.stages.grpo import window_denominators
+
+    x = torch.tensor([[1.0, 1.0, 0.0], [9.0, 9.0, 9.0], [4.0, 4.0, 4.0], [2.0, 2.0, 2.0]])
+    loss_mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1]])  # row 1 left out
+    order = torch.tensor([0, 1, 2, 3])
+    for how, want in (("token_mean", (2 + 12 + 6) / 8), ("seq_mean", (1 + 4 + 2) / 3),
+                      ("seq_sum", (2 / 3 + 12 / 3 + 6 / 3) / 3)):
+        (den,) = window_denominators(loss_mask, order, micro=2, accum=2, how=how)
+        got = sum(aggregate(x[i : i + 2], loss_mask[i : i + 2], how, 3, den) / 2 for i in (0, 2))
+        close(got, want)
+    # seq_mean / seq_sum alone do not count a dropped row either: mean over the 1 kept answer
+    close(aggregate(x[:2], loss_mask[:2], "seq_mean"), 1.0)
+    close(aggregate(x[:2], loss_mask[:2], "seq_sum", 3), 2 / 3)
+    # one window per optimizer step: two steps of one micro-batch each
+    assert window_denominators(loss_mask, order, micro=2, accum=1, how="token_mean") == [2.0, 6.0]

@@ -222,3 +222,14 @@ def test_two_ranks_zero2_resume_equals_the_uninterrupted_run(tmp_path):
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(whole[step], rel=1e-5), step
 
+
+
+def test_a_refusal_on_two_ranks_is_printed_once(tmp_path):
+    """Every rank meets a bad value alike; align's message comes once (rank 0), not once per rank, and no
+    traceback."""
+    out = launch([deepspeed_bin(), "--num_gpus", "2", str(REPO / "launch/sft.sh"), "train.batch_size=0",
+                  f"run.root={tmp_path / 'runs'}"], cwd=tmp_path, returncode=2)
+    text = out.stdout + out.stderr
+    assert text.count("train.batch_size=0: must be >= 1") == 1, text[-3000:]
+    assert "Traceback" not in text and "Error executing job" not in text
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("stage.json"))

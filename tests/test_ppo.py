@@ -46,8 +46,8 @@ def test_ppo_raises_the_reward_on_held_out_prompts(full_ppo):
     # scores are normalised with the RM's reward statistics (an exact pin would pin one machine's numerics)
     assert abs(m["first_reward/score_mean"]) < 3.0
     assert m["eval_reward_mean"] > m["eval_reward_mean_before"] + 0.1, m
-    assert 0.0 <= m["eval_checker_accuracy_before"] <= 1.0  # the demo's checker on the greedy answers
-    assert 0.0 <= m["eval_checker_accuracy"] <= 1.0
+    # the demo's checker on the greedy answers of 256 prompts: the RM's reward rises without costing the task
+    assert m["eval_checker_accuracy"] >= m["eval_checker_accuracy_before"] - 0.05, m
     assert 0 < m["eval_greedy_logratio"] < 5.0, m
     for key in ("reward/score_mean", "objective/kl", "objective/kl_coef", "policy/entropy", "policy/clipfrac",
                 "policy/approx_kl", "loss/value", "value/explained_variance", "response/length",
@@ -209,8 +209,9 @@ def test_ppo_takes_its_reward_from_the_reward_group(pipeline):
     result = run_stage("ppo", pipeline, *PPO[1:], "reward=checker", "run.name=checker", "train.max_steps=3",
                        f"stage.actor={pipeline / 'demo' / 'sft'}", f"stage.reward={pipeline / 'demo' / 'rm'}")
     history = [json.loads(line) for line in (result.out / "history.jsonl").read_text().splitlines()]
+    rollouts = int(next(o.split("=")[1] for o in PPO if o.startswith("stage.rollout_batch_size")))
     for h in history:
         assert h["reward/score_mean"] == pytest.approx(h["reward/checker"], abs=1e-6)
-        assert 0.0 <= h["reward/checker"] <= 1.0
-    record = json.loads((result.out / "stage.json").read_text())
-    assert record["warnings"] == []
+        right = h["reward/checker"] * rollouts  # the share of right answers: a whole number of them, not an RM score
+        assert right == pytest.approx(round(right), abs=1e-4), h
+    assert "reward/rm" not in history[0]  # no reward model was run

@@ -42,8 +42,9 @@ def test_kl_estimators():
     close(kl_per_token(logp, ref, "k3"), [-0.5 + math.log(2)])  # (q/p - 1) - log(q/p) = -0.5 + ln 2
     assert kl_per_token(T([-3.0, 0.0]), T([0.0, -3.0]), "k3").min() >= 0  # k3 is never negative
     close(kl_per_token(T([-1.0]), T([-1.0]), "k3"), [0.0])
-    with pytest.raises(ValueError, match="kl_estimator must be one of k1, k3"):
-        kl_per_token(logp, ref, "k2")
+    close(kl_per_token(logp, ref, "k2"), [0.5 * math.log(2) ** 2])  # (log p - log q)^2 / 2
+    with pytest.raises(ValueError, match="kl_estimator must be one of k1, k2, k3"):
+        kl_per_token(logp, ref, "k4")
 
 
 def test_adaptive_kl_controller():

@@ -63,21 +63,21 @@ def run_two_ranks(tmp_path: Path, stage: str, zero: str, peft: str, *extra: str,
 
 
 def reload(model_dir: Path, stage: str, peft: str):
-    """The stage output as a user loads it: a full model, or the adapter on the base it names (a QLoRA
-    adapter on the base quantized the same way)."""
+    """The stage output as a user loads it: a full model, or the adapter on the base it names (a QLoRA adapter on
+    the base quantized the same way). A base that is itself an adapter (a LoRA parent) is merged first, as align
+    merges it (models.loading.load_pretrained)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from align.models.loading import quantization_config
+    from align.models.loading import load_pretrained
 
     auto = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
     kwargs = {"num_labels": 1} if stage == "rm" else {}
     if peft == "none":
         return auto.from_pretrained(model_dir, **kwargs)
     base = json.loads((model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    if peft == "qlora":
-        kwargs["quantization_config"] = quantization_config(compose("peft=qlora").peft, torch.float32)
-    return PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32, **kwargs), model_dir)
+    cfg = compose(f"peft={peft}", "model.dtype=fp32")
+    return PeftModel.from_pretrained(load_pretrained(auto, base, cfg.model, cfg.peft, **kwargs), model_dir)
 
 
 def check_output(out: Path, stage: str, zero: str, peft: str, live: torch.Tensor) -> None:
@@ -168,6 +168,22 @@ def test_a_zero3_ppo_step_with_its_models_gathered_once_trains_as_layer_by_layer
         torch.testing.assert_close(adapters["on"][name], weight, rtol=0, atol=1e-4)
 
 
+def test_a_lora_sft_then_a_lora_dpo_under_zero3_on_two_ranks(tmp_path):
+    """The README's multi-GPU line after a LoRA SFT: `launch/sft.sh deepspeed=zero3 peft=lora`, then `launch/dpo.sh`
+    with the same overrides. DPO's arguments register ZeRO-3 before its model loads, so the base is built
+    partitioned, and merging the parent's adapter into it failed ("The size of tensor a (0) must match the size of
+    tensor b (128)"); the parent is now merged in whole weights on one process, written, and loaded partitioned.
+    The DPO output reloads (on the SFT adapter on the base) with the in-memory logits."""
+    run_two_ranks(tmp_path, "sft", "zero3", "lora")
+    out, live = run_two_ranks(tmp_path, "dpo", "zero3", "lora")
+    check_output(out, "dpo", "zero3", "lora", live)
+    record = stage_record(out.parent.parent, stage="dpo")
+    assert [p["stage"] for p in record["parents"]] == ["sft"]
+    from align.models.tiny import cache_root
+
+    assert not any((cache_root() / "merged-parents").glob("*"))  # the merged copy is gone
+
+
 def test_dpo_precomputed_reference_on_two_ranks_trains_as_without(tmp_path):
     """TRL writes the precomputed reference log-probs on rank 0 into a cache file that every rank then opens;
     under a launcher align gives all ranks the same on-disk datasets (checkpoints/shared_data) — before, rank 1
@@ -191,6 +207,46 @@ def test_dpo_precomputed_reference_on_two_ranks_trains_as_without(tmp_path):
 def test_matrix(tmp_path, ppo_parents, stage, zero, peft):
     out, live = run_two_ranks(tmp_path, stage, zero, peft, parents=ppo_parents if stage in ("ppo", "grpo") else None)
     check_output(out, stage, zero, peft, live)
+
+
+@pytest.fixture(scope="module")
+def adapter_parents(tmp_path_factory) -> dict[str, Path]:
+    """Runs whose sft (and rm) are LoRA or QLoRA adapters (one process), for the matrix's parent axis."""
+    from test_ppo import run_stage
+
+    out = {}
+    for peft in ("lora", "qlora"):
+        runs = tmp_path_factory.mktemp(f"parents-{peft}") / "runs"
+        run_stage("sft", runs, "train.max_steps=10", "train.batch_size=16", "data.max_rows=200", f"peft={peft}",
+                  "train.lr=5e-3")
+        run_stage("rm", runs, "train.max_steps=5", "train.batch_size=16", "data.max_rows=200", f"peft={peft}",
+                  "train.lr=5e-3")
+        out[peft] = runs
+    return out
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("peft", PEFT)
+@pytest.mark.parametrize("zero", ("zero2", "zero3", "zero3_offload"))
+@pytest.mark.parametrize("parent", ("lora", "qlora"))
+@pytest.mark.parametrize("stage", ("rm", "dpo", "ppo", "grpo", "eval"))
+def test_matrix_over_adapter_parents(tmp_path, adapter_parents, stage, parent, zero, peft):
+    """The parent axis: every stage that starts from a run's sft (and rm) when those are LoRA or QLoRA adapters,
+    under ZeRO-2, ZeRO-3 and ZeRO-3 with offload, with full, LoRA or QLoRA weights of its own. The base-model
+    parent is test_matrix."""
+    if stage == "eval":
+        runs = tmp_path / "runs"
+        shutil.copytree(adapter_parents[parent] / "demo", runs / "demo")
+        launch([deepspeed_bin(), "--num_gpus", "2", str(REPO / "launch/stage.sh"), "stage=eval", f"deepspeed={zero}",
+                f"peft={peft}", f"run.root={runs}", "stage.prompts=16", "stage.max_new_tokens=8"], cwd=tmp_path,
+               timeout=600)
+        record = stage_record(runs, stage="eval")
+        assert {p["stage"] for p in record["parents"]} >= {"sft"}
+        return
+    out, live = run_two_ranks(tmp_path, stage, zero, peft, parents=adapter_parents[parent])
+    check_output(out, stage, zero, peft, live)
+    record = stage_record(out.parent.parent, stage=stage)
+    assert record["parents"][0]["stage"] == "sft"
 
 
 @pytest.mark.matrix

@@ -132,6 +132,25 @@ def _end_of_turn_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def scoring_pad_id(tokenizer) -> int | None:
+    """A pad id for a reward model that no scored sequence ends with. transformers' sequence classifiers (and so
+    TRL, OpenRLHF or a reward server loading the folder) score the last token that is not `config.pad_token_id`:
+    with pad = EOS (Llama 3, Mistral) that is the token before the end of turn, not the one align trains and reads.
+    The tokenizer's own pad when it is no end-of-turn token; else, in this order, its unknown token, a special
+    token named as padding, BOS, another special token; None when every special token ends turns."""
+    stops = set(end_of_turn_ids(tokenizer))
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in stops:
+        return tokenizer.pad_token_id
+    added = {t: i for t, i in tokenizer.get_added_vocab().items()}
+    special = sorted(set(tokenizer.all_special_ids) | {i for t, i in added.items()
+                                                      if str(t).startswith("<") and str(t).endswith(">")})
+    named_pad = [i for t, i in sorted(added.items(), key=lambda x: x[1]) if "pad" in str(t).lower()]
+    for candidate in (tokenizer.unk_token_id, *named_pad, tokenizer.bos_token_id, *special):
+        if candidate is not None and candidate not in stops:
+            return candidate
+    return None
+
+
 def cut_after_turn_end(ids: list[int], turn_end: list[int]) -> list[int]:
     """`ids` up to and including its last end-of-turn token: template text after it (ChatML's newline, the
     fallback template's blank line) is not part of what a reward model scores."""

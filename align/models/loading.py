@@ -8,6 +8,7 @@ no-op stacked on a frozen copy).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +40,46 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"model.dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]
+
+
+class ModelLoadError(ValueError):
+    """A local model folder whose weights do not load: the folder, the file and the reason (exit code 2)."""
+
+
+def broken_weight_file(folder: Path) -> tuple[Path, str] | None:
+    """The first weight file of `folder` that does not open, with the reason; None when all open (or none is there)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as e:  # noqa: BLE001 - any failure to read the file is the answer
+            return path, f"{type(e).__name__}: {e}"
+    return None
+
+
+def from_pretrained(auto_cls, source: str, **kwargs):
+    """`auto_cls.from_pretrained(source)`; a local folder whose weights fail to load raises ModelLoadError naming the
+    folder, the file and the reason instead of a loader's traceback."""
+    try:
+        return auto_cls.from_pretrained(source, **kwargs)
+    except Exception as e:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise
+        broken = broken_weight_file(folder)
+        if broken is not None:
+            path, reason = broken
+            raise ModelLoadError(f"{folder}: the model's weights do not load: {path.name} is unreadable ({reason}). "
+                                 "Fix: copy or download that file again, or point model.name_or_path (or the stage's "
+                                 "init) at a complete model folder") from e
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")) and not (
+                folder / "adapter_config.json").is_file():
+            raise ModelLoadError(f"{folder}: holds no model weights (no *.safetensors or *.bin file): "
+                                 f"{type(e).__name__}: {e}") from e
+        raise
 
 
 def adapter_base(path: str | Path) -> str | None:
@@ -122,7 +163,7 @@ def load_merged(auto_cls, source: str, **kwargs):
     that base may itself be an adapter (a LoRA stage trained on a LoRA stage), merged the same way."""
     base = adapter_base(source)
     if base is None:
-        return auto_cls.from_pretrained(resolve_name(source), **kwargs)
+        return from_pretrained(auto_cls, resolve_name(source), **kwargs)
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -150,34 +191,83 @@ def load_pretrained(auto_cls, source: str, model_cfg, peft_cfg, **kwargs):
         common["attn_implementation"] = model_cfg.attn_implementation
     quantized = peft_cfg.method == "qlora"
     if adapter_base(source) is not None:
-        if quantized:
-            return _quantized_from_adapter(auto_cls, source, peft_cfg, dtype, common)
+        if quantized or zero3_loading():
+            quant = quantization_config(peft_cfg, dtype) if quantized else None
+            return _from_merged_folder(auto_cls, source, common, quant)
         return load_merged(auto_cls, source, **common)
     if quantized:
         common["quantization_config"] = quantization_config(peft_cfg, dtype)
-    return auto_cls.from_pretrained(resolve_name(source), **common)
+    return from_pretrained(auto_cls, resolve_name(source), **common)
 
 
-def _quantized_from_adapter(auto_cls, source: str, peft_cfg, dtype, common: dict):
-    """A QLoRA stage on a LoRA/QLoRA parent: the parent's adapter chain is merged into its base in full
-    precision, written to a temporary folder (bitsandbytes quantizes while loading from disk), loaded 4/8-bit
-    from there, and the folder removed. Needs the merged model's size in free disk under ALIGN_CACHE for the
-    time of the load."""
+def zero3_loading() -> bool:
+    """Whether transformers builds models partitioned now (a ZeRO-3 config is registered, as TRL's trainers'
+    arguments do): merging an adapter into such a model meets empty local shards."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+@contextmanager
+def whole_weights():
+    """Models built inside are whole, not ZeRO-3 partitioned (transformers' ZeRO-3 config unregistered meanwhile)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+def _from_merged_folder(auto_cls, source: str, common: dict, quant=None):
+    """A stage on a LoRA/QLoRA parent when the merge cannot happen in the model being built: the parent's adapter
+    chain is merged into its base in full weights, written to a folder, and the model loaded from there, quantized
+    4/8-bit by bitsandbytes (`quant`, QLoRA: it quantizes while loading from disk) or partitioned by ZeRO-3 as it
+    loads (merging into partitioned weights fails). On several ranks one process per machine (local rank 0)
+    merges and writes; the others wait and read the same folder, so the whole model is held once per machine, not
+    once per rank. Needs the merged model's size in free disk under ALIGN_CACHE for the time of the load; the
+    folder is removed after it."""
+    import hashlib
+    import os
     import shutil
+    import socket
     import tempfile
 
+    from align import distributed
     from align.models.tiny import cache_root
 
-    root = cache_root() / "merged-for-qlora"
+    root = cache_root() / "merged-parents"
     root.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=root))
+    shared = distributed.is_initialized() and distributed.world_size() > 1
+    if shared:  # the same name on every rank of this job on this machine
+        key = "|".join([str(Path(source).resolve()), auto_cls.__name__, socket.gethostname(),
+                        os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")])
+        folder = root / hashlib.sha1(key.encode()).hexdigest()[:16]
+        writer = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    else:
+        folder, writer = Path(tempfile.mkdtemp(dir=root)), True
     try:
-        merged = load_merged(auto_cls, source, **{k: v for k, v in common.items() if k != "quantization_config"})
-        merged.save_pretrained(folder)
-        del merged
-        return auto_cls.from_pretrained(folder, **{**common, "quantization_config": quantization_config(peft_cfg, dtype)})
+        if writer:
+            staged = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(staged, ignore_errors=True)
+            with whole_weights():
+                merged = load_merged(auto_cls, source, **common)
+            merged.save_pretrained(staged)
+            del merged
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(staged, folder)
+        if shared:
+            distributed.barrier()
+        kwargs = dict(common, **({"quantization_config": quant} if quant is not None else {}))
+        model = from_pretrained(auto_cls, str(folder), **kwargs)
+        if shared:
+            distributed.barrier()  # every rank has read it before it goes
+        return model
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if writer:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def point_adapter_at(model, base: str) -> None:
@@ -217,15 +307,16 @@ def wrap_peft(model, peft_cfg, model_cfg, task_type: str = "CAUSAL_LM", modules_
     return get_peft_model(model, lora_config(peft_cfg, task_type, modules_to_save))
 
 
-def cast_trainable(model, dtype: torch.dtype) -> None:
-    """Keep trainable (adapter) weights in the compute dtype.
-
-    TRL casts QLoRA adapters to bf16 even when compute is fp32 (CPU), and PEFT cannot keep bf16
-    adapters on a quantized base when reloading (peft#2889), so the reloaded model would differ.
-    """
+def cast_trainable(model) -> None:
+    """QLoRA: keep the trainable weights (adapters, a reward model's score head) in float32, whatever the compute
+    dtype. PEFT's k-bit preparation upcasts the base's norms (and heads) to float32, so in bf16 the activations
+    reaching a trained score head are float32: TRL casts trainable weights to bf16, and the head's matmul failed
+    ("expected m1 and m2 to have the same dtype"). float32 adapters are also what PEFT reloads onto a quantized
+    base (it cannot keep bf16 ones there, peft#2889), so the reloaded model is the trained one. LoRA layers cast
+    their input to the adapter's dtype and the result back."""
     for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype and param.is_floating_point():
-            param.data = param.data.to(dtype)
+        if param.requires_grad and param.dtype != torch.float32 and param.is_floating_point():
+            param.data = param.data.to(torch.float32)
 
 
 def set_use_cache(model, enabled: bool) -> None:

@@ -23,27 +23,42 @@ def groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return scores.view(-1, group_size)
 
 
-def group_advantages(scores: torch.Tensor, group_size: int, kind: str, eps: float = 1e-6) -> torch.Tensor:
-    """One advantage per response, [N]. The std is the unbiased one (torch's default)."""
+def group_advantages(scores: torch.Tensor, group_size: int, kind: str, eps: float = 1e-6,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One advantage per response, [N]. The std is the unbiased one (torch's default). `valid` [N] bool: responses
+    whose reward failed (False) are left out of their group's mean, std and leave-one-out baseline and get
+    advantage 0; a group needs two valid answers to carry any signal."""
     g = groups(scores.float(), group_size)
-    mean = g.mean(dim=1, keepdim=True)
+    ok = torch.ones_like(g, dtype=torch.bool) if valid is None else groups(valid, group_size).bool()
+    okf = ok.float()
+    n = okf.sum(dim=1, keepdim=True)
+    mean = (g * okf).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    centred = (g - mean) * okf
     if kind == "grpo":
-        out = (g - mean) / (g.std(dim=1, keepdim=True) + eps)
+        if bool(ok.all()):
+            std = g.std(dim=1, keepdim=True)
+        else:
+            std = ((centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        out = centred / (std + eps)
     elif kind in ("dr_grpo", "reinforce_pp"):
-        out = g - mean
+        out = centred
     elif kind == "rloo":
         if group_size < 2:
             raise ValueError("rloo needs stage.group_size >= 2 (the baseline is the other answers' mean)")
-        out = (g - mean) * group_size / (group_size - 1)  # = r - (sum - r) / (G - 1)
+        out = centred * n / (n - 1).clamp(min=1)  # = r - (sum of the other valid rewards) / (n - 1)
     else:
         raise ValueError(f"stage.advantage must be one of {', '.join(ADVANTAGES)}, got {kind!r}")
-    return out.reshape(-1)
+    return torch.where(ok & (n > 1), out, torch.zeros_like(out)).reshape(-1)
 
 
-def zero_variance(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N] bool: the response belongs to a group whose rewards are all equal (it carries no signal)."""
-    g = groups(scores, group_size)
-    same = (g == g[:, :1]).all(dim=1, keepdim=True)
+def zero_variance(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[N] bool: the response belongs to a group whose valid rewards are all equal, or that has fewer than two
+    valid rewards (it carries no signal)."""
+    g = groups(scores.float(), group_size)
+    ok = torch.ones_like(g, dtype=torch.bool) if valid is None else groups(valid, group_size).bool()
+    high = torch.where(ok, g, torch.full_like(g, -torch.inf)).amax(dim=1, keepdim=True)
+    low = torch.where(ok, g, torch.full_like(g, torch.inf)).amin(dim=1, keepdim=True)
+    same = (ok.sum(dim=1, keepdim=True) < 2) | (high == low)
     return same.expand_as(g).reshape(-1)
 
 
@@ -61,7 +76,8 @@ def token_advantages(seq_advantages: torch.Tensor, mask: torch.Tensor, kind: str
                      beta: float = 0.0) -> torch.Tensor:
     """[N, T] advantages of every response token. The GRPO kinds give each token its response's advantage;
     reinforce_pp adds -beta * KL at every token and the advantage at the last, sums the rewards to go (gamma 1)
-    and whitens over the batch's tokens."""
+    and whitens over the tokens of `mask`: pass the loss mask (dropped groups' rows zero), so that the advantages
+    that train are zero-mean and unit-variance, not those of the rows left out."""
     mask_f = mask.to(torch.float32)
     if kind != "reinforce_pp":
         return seq_advantages.float()[:, None] * mask_f

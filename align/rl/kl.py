@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import torch
 
-ESTIMATORS = ("k1", "k3")
+ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Estimate of KL(policy || reference) at each sampled token (samples come from the policy).
 
-    k1 = log p - log q: unbiased, can be negative per token. k3 = (q/p - 1) - log(q/p): unbiased,
-    never negative, lower variance (Schulman, "Approximating KL divergence")."""
+    k1 = log p - log q: unbiased, can be negative per token. k2 = (log p - log q)^2 / 2: biased, never negative.
+    k3 = (q/p - 1) - log(q/p): unbiased, never negative, lower variance (Schulman, "Approximating KL
+    divergence"). As a term of the loss (GRPO's kl_in=loss) k1 has an expected gradient of zero on the policy's
+    own samples, so only k2 and k3 are allowed there; in the reward (PPO, reinforce_pp) any of them."""
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"stage.kl_estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")

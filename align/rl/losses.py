@@ -10,30 +10,44 @@ from align.rl.masked import masked_mean, masked_var
 AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", norm_length: int | None = None):
-    """One number from per-token values: token_mean (every token of the batch weighs the same), seq_mean (mean
-    over each response's tokens, then over responses) or seq_sum (each response's sum divided by the constant
-    `norm_length`, Dr. GRPO: no length normalisation), then the mean over responses."""
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", norm_length: int | None = None,
+              denominator: float | torch.Tensor | None = None):
+    """One number from per-token values: token_mean (every token weighs the same), seq_mean (mean over each
+    response's tokens, then over responses) or seq_sum (each response's sum divided by the constant `norm_length`,
+    Dr. GRPO: no length normalisation, then over responses). Rows whose mask is all zero (answers left out) count
+    in no denominator. `denominator`: the tokens (token_mean) or responses (seq_*) to divide by instead of this
+    batch's own, so that the micro-batches of one optimizer step are normalised by the step's kept tokens or
+    answers (window_denominators) and a micro-batch holding one answer weighs no more than that answer."""
+    maskf = mask.to(x.dtype)
+    rows = (maskf.sum(dim=1) > 0).sum().clamp(min=1)
     if how == "token_mean":
-        return masked_mean(x, mask)
-    if how == "seq_mean":
-        return masked_mean(x, mask, dim=1).mean()
-    if how == "seq_sum":
+        total, count = (x * maskf).sum(), maskf.sum().clamp(min=1)
+    elif how == "seq_mean":
+        total, count = masked_mean(x, mask, dim=1).sum(), rows
+    elif how == "seq_sum":
         if not norm_length:
             raise ValueError("seq_sum aggregation needs norm_length (the longest response allowed)")
-        return (x * mask.to(x.dtype)).sum(dim=1).mean() / norm_length
-    raise ValueError(f"stage.loss_agg must be one of {', '.join(AGGREGATIONS)}, got {how!r}")
+        total, count = (x * maskf).sum() / norm_length, rows
+    else:
+        raise ValueError(f"stage.loss_agg must be one of {', '.join(AGGREGATIONS)}, got {how!r}")
+    return total / (count if denominator is None else denominator)
+
+
+def aggregation_count(mask: torch.Tensor, how: str) -> torch.Tensor:
+    """What `aggregate` divides by for `mask`: its tokens (token_mean) or its non-empty rows (seq_mean, seq_sum)."""
+    maskf = mask.float()
+    return maskf.sum() if how == "token_mean" else (maskf.sum(dim=1) > 0).sum().float()
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low: float, clip_high: float,
-                      how: str = "token_mean", norm_length: int | None = None):
+                      how: str = "token_mean", norm_length: int | None = None, denominator=None):
     """-min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) per token, aggregated; returns (loss, stats).
     clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, how, norm_length)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, how, norm_length, denominator)
     with torch.no_grad():
         stats = {
             "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask),

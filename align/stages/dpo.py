@@ -28,7 +28,6 @@ from align.models.loading import (
     describe,
     load_for_adapter_trainer,
     load_tokenizer,
-    resolve_dtype,
     resolve_name,
     set_use_cache,
 )
@@ -120,7 +119,7 @@ def run(cfg: DictConfig) -> StageResult:
     trainer = PretokenizedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
                                      eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config)
     if cfg.peft.method == "qlora":  # TRL casts adapters to bf16; keep them in the compute dtype (see cast_trainable)
-        cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
+        cast_trainable(trainer.model)
     trainer.add_callback(watch)
     result = stage.train(trainer)
 

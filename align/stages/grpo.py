@@ -33,13 +33,12 @@ from align.models.loading import (
     load_pretrained,
     load_tokenizer,
     point_adapter_at,
-    resolve_dtype,
     resolve_name,
     set_use_cache,
 )
 from align.rl import rollout
 from align.rl.advantages import group_advantages, overlong_penalty, token_advantages, zero_variance
-from align.rl.engine import Trainable, checkpointing_active, enable_checkpointing, frozen
+from align.rl.engine import Trainable, checkpointing_active, device, enable_checkpointing, frozen
 from align.rl.kl import kl_per_token
 from align.rl.loop import (
     OnlineLoop,
@@ -49,7 +48,7 @@ from align.rl.loop import (
     prompt_items,
     reward_statistics,
 )
-from align.rl.losses import aggregate, clipped_surrogate
+from align.rl.losses import aggregate, aggregation_count, clipped_surrogate
 from align.rl.masked import masked_mean
 from align.rl.rewards import shape_scores
 from align.stages import StageSpec
@@ -126,7 +125,7 @@ def _load_policy(cfg, stage: StageRun, source: str, total_updates: int):
     s, ds = cfg.stage, stage.ds_config
     policy = load_causal_lm(source, cfg.model, cfg.peft)
     if cfg.peft.method == "qlora":
-        cast_trainable(policy, resolve_dtype(cfg.model.dtype))
+        cast_trainable(policy)
     peft = cfg.peft.method != "none"
     reference = None
     if not peft and s.beta > 0:
@@ -197,50 +196,58 @@ class GRPOLoop(OnlineLoop):
         total += overlong_penalty(lengths, s.max_new_tokens, s.overlong_buffer, s.overlong_penalty)
         if s.missing_eos_penalty is not None:
             total = torch.where(batch.ended.cpu(), total, total - s.missing_eos_penalty)
-        total = _fill_invalid(total, scored.valid, G)
-        flat = zero_variance(total, G)
-        keep = scored.valid & (~flat if s.drop_zero_variance else torch.ones_like(flat))
+        valid = scored.valid
+        flat = zero_variance(total, G, valid)
+        keep = valid & (~flat if s.drop_zero_variance else torch.ones_like(flat))
+        loss_mask = mask * keep.to(mask.device)[:, None].to(mask.dtype)
         with torch.no_grad():
             kl_tokens = kl_per_token(behaviour, ref_logp, "k1") if kl_in_reward else None
-            seq_adv = group_advantages(total, G, s.advantage).to(mask.device)
-            advantages = token_advantages(seq_adv, mask, s.advantage, kl_tokens, s.beta if kl_in_reward else 0)
+            seq_adv = group_advantages(total, G, s.advantage, valid=valid).to(mask.device)
+            # whitened (reinforce_pp) over the answers that train, not over the groups left out
+            advantages = token_advantages(seq_adv, loss_mask, s.advantage, kl_tokens, s.beta if kl_in_reward else 0)
         old_logp = None if single_update else behaviour  # one update: its live log-probs are the behaviour's
-        loss_mask = mask * keep.to(mask.device)[:, None].to(mask.dtype)
 
         update: dict[str, list] = {}
-        micro = self.cfg.train.batch_size
+        micro, accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
         for _ in range(s.ppo_epochs):
             order = _kept_first(keep, self.gen)
-            for start in range(0, n, micro):
+            # each optimizer step (grad_accum micro-batches) divides by its own kept tokens or answers, summed over
+            # the ranks: a micro-batch holding one kept answer weighs that answer, not a whole batch
+            denominators = window_denominators(loss_mask, order, micro, accum, self.agg)
+            for k, start in enumerate(range(0, n, micro)):
                 idx = order[start : start + micro].to(mask.device)
                 if not bool(keep[idx.cpu()].any()) and self.actor.engine is None:
                     self.actor.step()  # nothing to learn from here: count the micro-step, skip the passes
                     continue
                 mb = batch.select(idx)
+                denominator = denominators[k // accum]
                 with checkpointing_active(self.actor.model):
                     logp, entropy = rollout.response_logprobs(self.actor.model, mb, s.temperature, with_entropy=True)
                 old = logp.detach() if old_logp is None else old_logp[idx]
                 loss, stats = clipped_surrogate(logp, old, advantages[idx], loss_mask[idx], s.clip_low, s.clip_high,
-                                                self.agg, s.max_new_tokens)
+                                                self.agg, s.max_new_tokens, denominator)
                 if ref_logp is not None and self.kl_in == "loss":
                     kl = aggregate(kl_per_token(logp, ref_logp[idx], s.kl_estimator), loss_mask[idx], self.agg,
-                                   s.max_new_tokens)
+                                   s.max_new_tokens, denominator)
                     loss = loss + s.beta * kl
                     stats["loss/kl"] = kl.detach()
                 if not self.finite_on_all_ranks(loss):
+                    # still a micro-step (as a left-out one is): the accumulation windows stay those of this rollout
+                    self.actor.backward(zero_loss(logp))
+                    self.actor.step()
                     continue
                 self.actor.backward(loss)
                 self.actor.step()
                 stats.update({"loss/policy": loss.detach(), "policy/entropy": masked_mean(entropy.detach(), mb.mask)})
                 if ref_logp is not None:  # KL(policy || reference) per response, by the sampled tokens
                     stats["objective/kl"] = ((logp.detach() - ref_logp[idx]) * mb.mask).sum(1).mean()
-                for k, v in stats.items():
-                    update.setdefault(k, []).append(float(v))
+                for k_, v in stats.items():
+                    update.setdefault(k_, []).append(float(v))
         step_time = time.perf_counter() - t0
 
         out = {"reward/total_mean": float(scored.total[scored.valid].mean()) if scored.valid.any() else 0.0,
                "reward/std": float(scored.total.std()) if n > 1 else 0.0,
-               "reward/shaped_mean": float(total.mean()),
+               "reward/shaped_mean": float(total[valid].mean()) if valid.any() else 0.0,
                "reward/errors": float(scored.errors),
                "groups/zero_variance_share": float(flat.view(-1, G)[:, 0].float().mean()),
                "groups/dropped": float((~keep).view(-1, G).all(1).sum()) if s.drop_zero_variance else 0.0,
@@ -253,14 +260,27 @@ class GRPOLoop(OnlineLoop):
         return mean_over_ranks(out)
 
 
-def _fill_invalid(total: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A response whose reward failed (data.on_error=skip) takes its group's mean valid reward, so it moves neither
-    the baseline nor (being left out of the loss) the policy."""
-    if bool(valid.all()):
-        return total
-    g, ok = total.view(-1, group_size).clone(), valid.view(-1, group_size)
-    means = (g * ok).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
-    return torch.where(ok, g, means.expand_as(g)).reshape(-1)
+def window_denominators(loss_mask: torch.Tensor, order: torch.Tensor, micro: int, accum: int, how: str) -> list:
+    """For each optimizer step of one pass (grad_accum micro-batches of `micro` rows, in `order`): what its
+    micro-batches' losses divide by, so that the step's gradient is the aggregate over all its kept tokens
+    (token_mean) or answers (seq_*), on every rank together. The Trainable divides each micro-batch's loss by
+    grad_accum and DeepSpeed averages over the ranks; both are undone here."""
+    rows = order.to(loss_mask.device)
+    counts = [aggregation_count(loss_mask[rows[i : i + micro * accum]], how) for i in range(0, len(rows), micro * accum)]
+    totals = torch.stack(counts).to(torch.float64)
+    if distributed.is_initialized() and distributed.world_size() > 1:
+        import torch.distributed as dist
+
+        totals = totals.to(device())
+        dist.all_reduce(totals)
+        totals = totals.cpu() / distributed.world_size()
+    return [float(max(c, 1e-8)) / accum for c in totals.tolist()]
+
+
+def zero_loss(logp: torch.Tensor) -> torch.Tensor:
+    """A loss of exactly 0 through the policy's graph (non-finite values masked), for a micro-step that must count
+    and keep the ranks' collectives matched but move nothing."""
+    return torch.nan_to_num(logp, nan=0.0, posinf=0.0, neginf=0.0).sum() * 0.0
 
 
 def _kept_first(keep: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -31,7 +31,6 @@ from align.models.loading import (
     load_pretrained,
     load_tokenizer,
     point_adapter_at,
-    resolve_dtype,
     resolve_name,
     set_use_cache,
     wrap_peft,
@@ -146,7 +145,7 @@ def _load_models(cfg, stage: StageRun, actor_source, reward_parent, critic_paren
 
     actor = load_causal_lm(actor_source, cfg.model, cfg.peft)
     if cfg.peft.method == "qlora":
-        cast_trainable(actor, resolve_dtype(cfg.model.dtype))
+        cast_trainable(actor)
     peft_actor = cfg.peft.method != "none"
     reference = None
     on_cpu = s.frozen_device == "cpu"

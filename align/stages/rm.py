@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from align import handoff
 from align.config import RMStageConfig
+from align.data.chat import scoring_pad_id
 from align.data.loader import preference_datasets
 from align.rl.rollout import last_token_scores
 from align.models.loading import (
@@ -23,7 +24,6 @@ from align.models.loading import (
     describe,
     load_reward_model,
     load_tokenizer,
-    resolve_dtype,
     resolve_name,
     score,
 )
@@ -52,6 +52,7 @@ def run(cfg: DictConfig) -> StageResult:
         log_no_parent(cfg, "sft", source)
 
     tokenizer = load_tokenizer(resolve_name(source), cfg.model)
+    use_scoring_pad(tokenizer)
     length = max_length(cfg, tokenizer)
     train_ds, eval_ds, report = preference_datasets(cfg.data, tokenizer, length, cfg.train.seed)
     log.info("data: %d train pairs, %d eval pairs; %s", report.train_rows, report.eval_rows, report.errors.summary())
@@ -69,8 +70,8 @@ def run(cfg: DictConfig) -> StageResult:
     )
     trainer = end_of_turn_trainer(RewardTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                                  processing_class=tokenizer)
-    if cfg.peft.method == "qlora":  # TRL casts adapters to bf16; the head must match fp32 activations on CPU
-        cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
+    if cfg.peft.method == "qlora":  # TRL casts adapters to bf16; the head must match the float32 activations
+        cast_trainable(trainer.model)
     result = stage.train(trainer)
 
     metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
@@ -83,6 +84,20 @@ def run(cfg: DictConfig) -> StageResult:
     metrics = numeric_metrics(metrics)
 
     return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics, task="seq_cls")
+
+
+def use_scoring_pad(tokenizer) -> None:
+    """Give the reward model a pad token that is no end-of-turn token (chat.scoring_pad_id), saved with its
+    tokenizer and config: other tools then score the token align trains and reads."""
+    pad = scoring_pad_id(tokenizer)
+    if pad is None:
+        log.warning("every special token of this tokenizer ends a turn: the reward model keeps pad = %s, and tools "
+                    "that pool at the last non-pad token (transformers' classifiers) will read the token before it",
+                    tokenizer.pad_token)
+    elif pad != tokenizer.pad_token_id:
+        log.info("reward model pad token: %s (the tokenizer's pad %s ends turns, and transformers' classifiers "
+                 "score the last token that is not the pad)", tokenizer.convert_ids_to_tokens(pad), tokenizer.pad_token)
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
 
 
 def end_of_turn_trainer(trainer_cls):

@@ -21,7 +21,6 @@ from align.models.loading import (
     describe,
     load_causal_lm,
     load_tokenizer,
-    resolve_dtype,
     resolve_name,
     set_use_cache,
 )
@@ -83,7 +82,7 @@ def run(cfg: DictConfig) -> StageResult:
         data_collator=collator,
     )
     if cfg.peft.method == "qlora":
-        cast_trainable(trainer.model, resolve_dtype(cfg.model.dtype))
+        cast_trainable(trainer.model)
     result = stage.train(trainer)
 
     metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
