@@ -299,6 +299,13 @@ class GRPOStageConfig(OnlineStageConfig):
     ppo_epochs: int = keyed(1, AT_LEAST_ONE, "passes over each rollout batch")
 
 
+def grpo_kl_in(stage) -> str:
+    """Where GRPO's KL term goes, `auto` resolved: the reward for reinforce_pp, the loss for the other kinds."""
+    if stage.kl_in != "auto":
+        return stage.kl_in
+    return "reward" if stage.advantage == "reinforce_pp" else "loss"
+
+
 @dataclass
 class RewardConfig:
     kind: str = keyed("auto", one_of("auto", "checker", "rm", "python", "weighted"),

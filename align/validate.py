@@ -12,7 +12,7 @@ import math
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from align.config import Check, stage_schemas
+from align.config import Check, grpo_kl_in, stage_schemas
 
 SECTIONS = ("run", "train", "model", "data", "peft", "deepspeed", "logger")
 
@@ -68,7 +68,7 @@ def relations(cfg: DictConfig) -> list[str]:
                        f"of train.batch_size x train.grad_accum = {mini} (one optimizer step); e.g. train.batch_size="
                        f"{math.gcd(samples, t.batch_size)}")
     if s.name == "grpo":
-        kl_in = s.kl_in if s.kl_in != "auto" else ("reward" if s.advantage == "reinforce_pp" else "loss")
+        kl_in = grpo_kl_in(s)
         if kl_in == "reward" and s.advantage != "reinforce_pp":
             out.append(f"stage.kl_in=reward with stage.advantage={s.advantage}: the KL would enter neither the "
                        "advantages (one per answer, from its group) nor the loss, so stage.beta would do nothing. "

@@ -19,18 +19,19 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", norm
     batch's own, so that the micro-batches of one optimizer step are normalised by the step's kept tokens or
     answers (window_denominators) and a micro-batch holding one answer weighs no more than that answer."""
     maskf = mask.to(x.dtype)
-    rows = (maskf.sum(dim=1) > 0).sum().clamp(min=1)
     if how == "token_mean":
-        total, count = (x * maskf).sum(), maskf.sum().clamp(min=1)
+        total = (x * maskf).sum()
     elif how == "seq_mean":
-        total, count = masked_mean(x, mask, dim=1).sum(), rows
+        total = masked_mean(x, mask, dim=1).sum()
     elif how == "seq_sum":
         if not norm_length:
             raise ValueError("seq_sum aggregation needs norm_length (the longest response allowed)")
-        total, count = (x * maskf).sum() / norm_length, rows
+        total = (x * maskf).sum() / norm_length
     else:
         raise ValueError(f"stage.loss_agg must be one of {', '.join(AGGREGATIONS)}, got {how!r}")
-    return total / (count if denominator is None else denominator)
+    if denominator is None:
+        denominator = aggregation_count(mask, how).to(x.dtype).clamp(min=1)
+    return total / denominator
 
 
 def aggregation_count(mask: torch.Tensor, how: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from align import distributed, handoff, rewards, tracking
-from align.config import GRPOStageConfig
+from align.config import GRPOStageConfig, grpo_kl_in
 from align.data.loader import prompt_datasets
 from align.models.loading import (
     cast_trainable,
@@ -38,7 +38,7 @@ from align.models.loading import (
 )
 from align.rl import rollout
 from align.rl.advantages import group_advantages, overlong_penalty, token_advantages, zero_variance
-from align.rl.engine import Trainable, checkpointing_active, device, enable_checkpointing, frozen
+from align.rl.engine import Trainable, checkpointing_active, enable_checkpointing, frozen
 from align.rl.kl import kl_per_token
 from align.rl.loop import (
     OnlineLoop,
@@ -161,7 +161,7 @@ class GRPOLoop(OnlineLoop):
         self.reward = rewards.build(cfg.reward, cfg.data, rm_score=self.rm_score if rm is not None else None)
         s = self.s
         self.agg = s.loss_agg if s.loss_agg != "auto" else ("seq_sum" if s.advantage == "dr_grpo" else "token_mean")
-        self.kl_in = s.kl_in if s.kl_in != "auto" else ("reward" if s.advantage == "reinforce_pp" else "loss")
+        self.kl_in = grpo_kl_in(s)
 
     def frozen_models(self) -> tuple:
         return (*super().frozen_models(), *([self.rm[0]] if self.rm is not None else []))
@@ -214,13 +214,13 @@ class GRPOLoop(OnlineLoop):
             # each optimizer step (grad_accum micro-batches) divides by its own kept tokens or answers, summed over
             # the ranks: a micro-batch holding one kept answer weighs that answer, not a whole batch
             denominators = window_denominators(loss_mask, order, micro, accum, self.agg)
-            for k, start in enumerate(range(0, n, micro)):
+            for mb_index, start in enumerate(range(0, n, micro)):
                 idx = order[start : start + micro].to(mask.device)
                 if not bool(keep[idx.cpu()].any()) and self.actor.engine is None:
                     self.actor.step()  # nothing to learn from here: count the micro-step, skip the passes
                     continue
                 mb = batch.select(idx)
-                denominator = denominators[k // accum]
+                denominator = denominators[mb_index // accum]
                 with checkpointing_active(self.actor.model):
                     logp, entropy = rollout.response_logprobs(self.actor.model, mb, s.temperature, with_entropy=True)
                 old = logp.detach() if old_logp is None else old_logp[idx]
@@ -241,8 +241,8 @@ class GRPOLoop(OnlineLoop):
                 stats.update({"loss/policy": loss.detach(), "policy/entropy": masked_mean(entropy.detach(), mb.mask)})
                 if ref_logp is not None:  # KL(policy || reference) per response, by the sampled tokens
                     stats["objective/kl"] = ((logp.detach() - ref_logp[idx]) * mb.mask).sum(1).mean()
-                for k_, v in stats.items():
-                    update.setdefault(k_, []).append(float(v))
+                for k, v in stats.items():
+                    update.setdefault(k, []).append(float(v))
         step_time = time.perf_counter() - t0
 
         out = {"reward/total_mean": float(scored.total[scored.valid].mean()) if scored.valid.any() else 0.0,
@@ -266,15 +266,10 @@ def window_denominators(loss_mask: torch.Tensor, order: torch.Tensor, micro: int
     (token_mean) or answers (seq_*), on every rank together. The Trainable divides each micro-batch's loss by
     grad_accum and DeepSpeed averages over the ranks; both are undone here."""
     rows = order.to(loss_mask.device)
-    counts = [aggregation_count(loss_mask[rows[i : i + micro * accum]], how) for i in range(0, len(rows), micro * accum)]
-    totals = torch.stack(counts).to(torch.float64)
-    if distributed.is_initialized() and distributed.world_size() > 1:
-        import torch.distributed as dist
-
-        totals = totals.to(device())
-        dist.all_reduce(totals)
-        totals = totals.cpu() / distributed.world_size()
-    return [float(max(c, 1e-8)) / accum for c in totals.tolist()]
+    counts = [float(aggregation_count(loss_mask[rows[i : i + micro * accum]], how))
+              for i in range(0, len(rows), micro * accum)]
+    counts = mean_over_ranks(dict(enumerate(counts)))  # the ranks' mean: undoes DeepSpeed's average of gradients
+    return [max(counts[i], 1e-8) / accum for i in range(len(counts))]
 
 
 def zero_loss(logp: torch.Tensor) -> torch.Tensor:
