@@ -1,7 +1,9 @@
 """`python -m align stage=<name> [overrides]` (also the `align` console script).
 
-Drops the DeepSpeed launcher's `--local_rank` before Hydra parses the command line, then runs the
-selected stage from align/stages/<name>.py.
+The command line: `--help` without importing torch, DeepSpeed's `--local_rank` dropped and unknown group options
+refused before Hydra parses anything, then the composed config goes to align/run/orchestrate.py (one stage or a
+recipe), and align's errors become exit codes (2: bad config, data or folder; 3: diverged; 130/143: preempted,
+checkpoint saved).
 """
 
 from __future__ import annotations
@@ -54,12 +56,12 @@ HELP = """align: post-training for causal language models. SFT -> reward model -
 with verifiable rewards, with LoRA/QLoRA and DeepSpeed ZeRO; each stage hands its output to the next inside runs/<run.name>/.
 
 usage:
-  python -m align stage=STAGE [key=value ...]      one stage (default: sft on the tiny demo model)
+  python -m align stage=STAGE [key=value ...]      one stage (the tiny demo model unless model.name_or_path)
   python -m align recipe=RECIPE [key=value ...]    a whole pipeline, skipping stages that are up to date
-  python -m align -m recipe=RECIPE dpo.beta=0.05,0.1  a sweep (one job per value)
+  python -m align -m recipe=RECIPE STAGE.KEY=A,B   a sweep (one job per value)
   python -m align export stage=STAGE run.name=NAME  merge a LoRA stage into full weights
   python -m align --cfg job [overrides]           print the resolved config, run nothing
-  deepspeed --num_gpus N launch/sft.sh [overrides]  several GPUs (launch/*.sh)
+  deepspeed --num_gpus N launch/stage.sh stage=STAGE [overrides]  several GPUs (launch/*.sh)
 
 stages:   {stages}
 recipes:  {recipes}
@@ -67,9 +69,9 @@ config groups (group=option):
 {groups}
 keys:     run.name, run.root, run.force, train.lr, train.epochs, train.max_steps, train.batch_size,
           data.train, data.eval, model.name_or_path, stage.<key> (e.g. stage.beta), ...
-          inside a recipe a stage's keys take its name: dpo.beta=0.1, sft.train.epochs=2
+          inside a recipe a stage's keys take its name: STAGE.KEY=VALUE, STAGE.train.epochs=2
 examples:
-  python -m align stage=sft model.name_or_path=/models/Qwen2.5-0.5B data.train=mine.jsonl peft=lora
+  python -m align stage={first} model.name_or_path=/models/Qwen2.5-0.5B data.train=mine.jsonl peft=lora
   python -m align recipe=demo
 Hydra's own help: --hydra-help. Docs: README.md and docs/ in the repository."""
 
@@ -88,7 +90,7 @@ def group_options() -> dict[str, list[str]]:
         out[group.name] = sorted(str(p.relative_to(group).with_suffix("")) for p in group.rglob("*.yaml"))
     out["recipe"] = sorted({p.stem for d in (here.parent / "recipes", here / "recipe_files", Path.cwd() / "recipes")
                             if d.is_dir() for p in d.glob("*.yaml")})
-    from align.stages import names
+    from align.config.registry import names
 
     out["stage"] = list(names())
     return out
@@ -99,7 +101,7 @@ def print_help() -> None:
     options = group_options()
     groups = [f"  {g + ':':11s}{', '.join(o)}" for g, o in options.items() if g not in ("stage", "recipe")]
     print(HELP.format(stages=", ".join(options["stage"]), recipes=", ".join(options["recipe"]),
-                      groups="\n".join(groups)))
+                      groups="\n".join(groups), first=options["stage"][0]))
 
 
 def unknown_choices(args: list[str]) -> list[str]:
@@ -169,55 +171,10 @@ def _has_cuda() -> bool:
 
 
 def dispatch(cfg, command: str = "train", task_overrides: list[str] | None = None, sweep_name: str | None = None):
-    """A recipe (pipeline.stages set) runs its stages in order; otherwise the one `stage` runs, unless its
-    complete output already is what this config would train (then nothing changes; run.force=true re-trains)."""
-    from align import pipeline, recipes, supported, validate
+    """The composed config handed to the one path for stages and recipes (align/run/orchestrate.py)."""
+    from align.run.orchestrate import run
 
-    bad_name = validate.run_name_problem(cfg.run.name)
-    if bad_name:
-        raise supported.Unsupported(bad_name + " (nothing was run)")
-    unknown = validate.unknown_keys(cfg)
-    if unknown:
-        raise supported.Unsupported("unknown config keys (nothing was run):\n" + "\n".join(f"  - {u}" for u in unknown))
-    if cfg.pipeline.stages and command == "train":
-        return pipeline.run(cfg, task_overrides or [], sweep_name)
-    recipes.check(cfg, task_overrides or [])
-    cfg = recipes.strip(cfg)
-    if command == "export":
-        from align.export import run
-
-        return run(cfg)
-    name = cfg.stage.name
-    from align import stages
-
-    stages.get(name)  # an unknown name stops here, naming the stages there are
-    from align import preflight
-
-    supported.check(cfg)  # every value, before any model is loaded
-    done = None if cfg.run.force else up_to_date(cfg)
-    if done is not None:
-        return done
-    preflight.check(cfg)
-    return pipeline.run_stage(cfg)
-
-
-def up_to_date(cfg):
-    """The complete output's StageResult when it is what `cfg` would train now (same config, data and
-    parents), else None (and the reason is said when an output exists)."""
-    from align import cache, handoff, tracking
-    from align.stages.common import StageResult
-
-    decision = cache.decide(cfg, force=False)
-    out = handoff.stage_dir(cfg)
-    say = logging.getLogger("align").info if tracking.is_main_process() else (lambda *a: None)
-    if decision.action == cache.SKIP:
-        say("%s: up to date (%s: %s); nothing changed. run.force=true re-trains it",
-            cfg.stage.name, out, decision.reason)
-        return StageResult(out, handoff.read_stage_json(out).get("metrics", {}))
-    if handoff.is_complete(out):
-        say("%s: re-training (%s); the complete output stays in %s until the new one commits",
-            cfg.stage.name, decision.reason, out)
-    return None
+    return run(cfg, task_overrides or [], sweep_name, command)
 
 
 def say_once(error: Exception) -> None:
@@ -245,51 +202,56 @@ def main() -> None:
         os.environ.setdefault("LOCAL_RANK", local_rank)
     _quiet_third_party()
     logging.basicConfig(level=logging.INFO, format="[align] %(message)s")
+    _hydra_main(args, command)
 
+
+def _hydra_main(args: list[str], command: str) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from align.config import config_dir, register
-    from align.data.errors import DataError
-    from align.handoff import HandoffError
-    from align.models.loading import ModelLoadError
-    from align.preemption import Preempted, TrainingDiverged
-    from align.recipes import RecipeError
-    from align.rewards import RewardError
-    from align.stages import UnknownStage
-    from align.supported import Unsupported
+    from align.config.compose import config_dir
+    from align.config.recipes import register
 
     register()
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     def _run(cfg):
-        from align.pipeline import job_name, swept_keys
+        from align.run.orchestrate import job_name, swept_keys
 
         hc = HydraConfig.get()
         task = list(hc.overrides.task)
         sweep_name = None
         if hc.mode == RunMode.MULTIRUN:
             sweep_name = job_name(task, swept_keys(args, hc.sweeper.get("params")))
-        choice = hc.runtime.choices.get("stage", "")
-        if choice.endswith("_schema"):
-            from align.stages import names
-
-            logging.getLogger("align").error("stage=%s is not a stage; choose one of %s", choice, ", ".join(names()))
-            sys.exit(2)
-        try:
-            return dispatch(cfg, command, task, sweep_name)
-        except (DataError, HandoffError, ModelLoadError, RecipeError, RewardError, UnknownStage, Unsupported) as e:
-            say_once(e)
-            sys.exit(2)
-        except Preempted as e:  # checkpoint saved: 143 (SIGTERM) / 130 (SIGINT) tells the scheduler to requeue
-            logging.getLogger("align").error("%s", e)  # every rank says where it stopped and saved
-            sys.exit(e.code)
-        except TrainingDiverged as e:
-            say_once(e)
-            sys.exit(3)
+        return _exit_codes(lambda: dispatch(cfg, command, task, sweep_name))
 
     _run()
+
+
+def _exit_codes(run):
+    """run(), align's errors turned into exit codes: 2 bad config, data, folder or model; 3 diverged; 130/143
+    preempted (checkpoint saved: the scheduler requeues)."""
+    from align.config.recipes import RecipeError
+    from align.config.registry import UnknownStage
+    from align.config.rules import Unsupported
+    from align.data.errors import DataError
+    from align.models.loading import ModelLoadError
+    from align.rewards import RewardError
+    from align.run.handoff import HandoffError
+    from align.run.preemption import Preempted, TrainingDiverged
+
+    try:
+        return run()
+    except (DataError, HandoffError, ModelLoadError, RecipeError, RewardError, UnknownStage, Unsupported) as e:
+        say_once(e)
+        sys.exit(2)
+    except Preempted as e:
+        logging.getLogger("align").error("%s", e)  # every rank says where it stopped and saved
+        sys.exit(e.code)
+    except TrainingDiverged as e:
+        say_once(e)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

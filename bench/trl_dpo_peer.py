@@ -5,14 +5,16 @@ changes a DPOConfig setting (bench/dpo.py: precompute_ref_log_probs=true)."""
 
 import json
 
-from common import REPO, train_trl_peer
+from common import train_trl_peer
+
+from align.tasks.demo import path as demo_path
 
 
 def main():
     from trl import DPOConfig, DPOTrainer
 
     rows = []
-    for line in (REPO / "align/data/demo_files/prefs.jsonl").read_text().splitlines():
+    for line in demo_path("prefs").read_text().splitlines():
         r = json.loads(line)
         rows.append({"prompt": [{"role": "user", "content": r["prompt"]}],
                      "chosen": [{"role": "assistant", "content": r["chosen"]}],

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from align.tasks.demo import path as demo_path
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -33,9 +35,9 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from align.data.demo import check
+    from align.tasks.demo import check
 
-    rows = [json.loads(line) for line in (REPO / "align/data/demo_files/sft.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in demo_path("sft").read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": r["messages"][:1]} for r in rows])
 
     def checker(prompts, completions, **kwargs):

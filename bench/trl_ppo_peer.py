@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from align.tasks.demo import path as demo_path
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +37,7 @@ def main():
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(args.sft)
-    rows = [json.loads(line) for line in (REPO / "align/data/demo_files/sft.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in demo_path("sft").read_text().splitlines()]
     prompts = [tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=True,
                                              return_dict=False) for r in rows]
     dataset = Dataset.from_dict({"input_ids": prompts})

@@ -4,13 +4,15 @@ tiny model and the demo's SFT split (conversational `messages` rows). Prints {"t
 
 import json
 
-from common import REPO, train_trl_peer
+from common import train_trl_peer
+
+from align.tasks.demo import path as demo_path
 
 
 def main():
     from trl import SFTConfig, SFTTrainer
 
-    rows = [json.loads(line) for line in (REPO / "align/data/demo_files/sft.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in demo_path("sft").read_text().splitlines()]
     trainer, runtime = train_trl_peer(SFTTrainer, SFTConfig, rows, lr=3e-3)
     tokens = next(h["num_tokens"] for h in reversed(trainer.state.log_history) if "num_tokens" in h)
     print(json.dumps({"tokens_per_s": tokens / runtime, "tokens": tokens, "runtime_s": runtime}))

@@ -1,1 +1,1 @@
-"""Whole-pipeline recipes (`python -m align recipe=<file stem>`); see align/recipes.py."""
+"""Whole-pipeline recipes (`python -m align recipe=<file stem>`); see align/config/recipes.py."""

@@ -40,7 +40,8 @@ def compose(*overrides: str):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from align.config import config_dir, register
+    from align.config.compose import config_dir
+    from align.config.recipes import register
 
     register()
     GlobalHydra.instance().clear()

@@ -60,8 +60,7 @@ SPEC = {
 
 
 def _corpus() -> list[str]:
-    from align.data import demo
-
+    from align.tasks import demo
     texts = []
     for split in ("sft", "prefs"):
         for line in demo.path(split).read_text().splitlines()[:3000]:

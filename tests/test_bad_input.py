@@ -22,8 +22,8 @@ FAST = ["train.max_steps=2", "data.max_rows=64", "train.save_steps=1000"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """runs/x: a complete sft, and a dpo interrupted at a committed checkpoint of another config."""
-    from align import checkpointing, handoff
-    from align.stages.common import HASH_FILE, IDENTITY_FILE
+    from align.run import checkpointing, handoff
+    from align.run.stage_run import HASH_FILE, IDENTITY_FILE
     from align.stages.sft import run
 
     root = tmp_path_factory.mktemp("bad_input") / "runs"
@@ -186,8 +186,7 @@ def test_a_hub_name_without_network_fails_at_once_with_the_fix(monkeypatch):
 
     import huggingface_hub
 
-    from align import preflight
-
+    from align.run import preflight
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     start = time.monotonic()

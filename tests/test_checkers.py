@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from align import checkers
+from align.tasks import checkers
 from align.data.prompts import prompt_text, to_prompt
 
 

@@ -10,7 +10,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from align.config import config_dir
+from align.config.compose import config_dir
 from conftest import REPO, compose
 
 GROUPS = ["stage", "model", "data", "peft", "deepspeed", "logger"]
@@ -86,10 +86,10 @@ def test_own_data_gets_the_defaults_for_real_models_not_the_demo_s():
 
 
 def test_configuration_reference_is_generated_from_the_schema():
-    """docs/configuration.md is what `python -m align.configuration_doc` writes now (regenerate it when it fails)."""
-    from align.configuration_doc import DOC, render
+    """docs/configuration.md is what `python -m align.config.reference` writes now (regenerate it when it fails)."""
+    from align.config.reference import DOC, render
 
-    assert DOC.read_text() == render(), "docs/configuration.md is stale: run `python -m align.configuration_doc`"
+    assert DOC.read_text() == render(), "docs/configuration.md is stale: run `python -m align.config.reference`"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -107,12 +107,12 @@ def test_no_group_file_repeats_a_schema_default():
     (a stage file its `name`, a global-package file the groups it changes)."""
     from omegaconf import OmegaConf
 
-    from align import config
-    from align.stages import registry
+    from align.config import schema as config
+    from align.config.registry import registry
 
     shared = typing.get_type_hints(config.SharedConfig)
     repeated = []
-    for path in sorted(config.config_dir().glob("*/*.yaml")):
+    for path in sorted(config_dir().glob("*/*.yaml")):
         group, raw = path.parent.name, OmegaConf.to_container(OmegaConf.load(path))
         raw.pop("defaults", None)
         if group == "stage":

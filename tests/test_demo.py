@@ -20,8 +20,7 @@ FAST = ["ppo.eval_prompts=0", "grpo.eval_prompts=0"]
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from align import handoff, pipeline
-
+    from align.run import handoff, orchestrate as pipeline
     runs = tmp_path_factory.mktemp("demo") / "runs"
     overrides = ["recipe=demo", f"run.root={runs}", *FAST]
     pipeline.run(compose(*overrides), overrides)

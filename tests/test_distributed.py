@@ -8,7 +8,7 @@ from conftest import compose
 
 
 def ds(*overrides):
-    from align.distributed import deepspeed_config
+    from align.config.deepspeed import deepspeed_config
 
     return deepspeed_config(compose(*overrides))
 
@@ -58,16 +58,16 @@ def test_frozen_models_under_zero3_keep_the_sharding_without_an_optimizer(on_cpu
     stage.frozen_device=cpu puts their shards in CPU memory (parameter offload)."""
     import torch
 
-    from align import distributed
+    from align.config.deepspeed import deepspeed_config
     from align.rl.engine import frozen_engine_config
 
     cfg = compose("stage=ppo", "deepspeed=zero3_offload", f"stage.frozen_device={'cpu' if on_cpu else 'auto'}")
-    config = frozen_engine_config(cfg, distributed.deepspeed_config(cfg), torch.float32, 64, on_cpu)
+    config = frozen_engine_config(cfg, deepspeed_config(cfg), torch.float32, 64, on_cpu)
     zero = config["zero_optimization"]
     assert zero["stage"] == 3 and "optimizer" not in config and "offload_optimizer" not in zero
     assert zero["offload_param"]["device"] == "cpu"  # zero3_offload offloads parameters already
     cfg = compose("stage=ppo", "deepspeed=zero3")
-    zero = frozen_engine_config(cfg, distributed.deepspeed_config(cfg), torch.float32, 64, on_cpu)["zero_optimization"]
+    zero = frozen_engine_config(cfg, deepspeed_config(cfg), torch.float32, 64, on_cpu)["zero_optimization"]
     assert ("offload_param" in zero) == on_cpu
     assert config["train_micro_batch_size_per_gpu"] == cfg.train.batch_size
 
@@ -79,7 +79,7 @@ def test_ranks_on_one_cpu_machine_share_its_cores(monkeypatch):
 
     import torch
 
-    from align.distributed import share_cpu_threads
+    from align.models.distributed import share_cpu_threads
 
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
@@ -101,12 +101,12 @@ def test_ranks_on_one_cpu_machine_share_its_cores(monkeypatch):
 def _decide(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from align.rl import loop
+    from align.rl import gather
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    loop._fits_here = lambda full: rank == 0  # rank 1 is short of memory
+    gather._fits_here = lambda full: rank == 0  # rank 1 is short of memory
     with open(f"{out}.{rank}", "w") as f:
-        f.write(str(loop._fits_bytes(1)))
+        f.write(str(gather._fits_bytes(1)))
     dist.destroy_process_group()
 
 

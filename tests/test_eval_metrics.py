@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.eval_metrics import pair_accuracy, perplexity, sequence_kl, token_nll, win_rate
+from align.models.metrics import pair_accuracy, perplexity, sequence_kl, token_nll, win_rate
 
 
 def test_token_nll_scores_only_labelled_next_tokens():

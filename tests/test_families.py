@@ -82,7 +82,7 @@ def test_rm_accuracy_in_stage_json_is_measured_at_the_end_of_turn(family, family
 
     from align.data.chat import end_of_turn_ids
     from align.data.loader import preference_datasets
-    from align.models.loading import score
+    from align.rl.rollout import score
     from align.rl.rollout import right_pad
     from align.stages.rm import run
 
@@ -138,8 +138,7 @@ def test_lora_sft_then_lora_rm_builds_the_rm_on_the_merged_sft(family_dirs, runs
 
 def user_files(where):
     """The user's own data in common formats: Alpaca-style instructions, prompt/chosen/rejected pairs."""
-    from align.data import demo
-
+    from align.tasks import demo
     sft = [json.loads(line)["messages"] for line in demo.path("sft").read_text().splitlines()[:48]]
     with open(where / "sft.jsonl", "w") as f:
         for m in sft:

@@ -110,8 +110,8 @@ def test_grpo_preempted_then_resumed_ends_with_the_uninterrupted_weights(sft_run
 
     from safetensors.torch import load_file
 
-    from align.handoff import read_history
-    from align.preemption import Preempted
+    from align.run.handoff import read_history
+    from align.run.preemption import Preempted
     from align.stages import grpo
 
     keys = [*GRPO, "train.max_steps=5", "stage.eval_prompts=8", "stage.ppo_epochs=2", "stage.beta=0.05"]

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from align.data.prompts import Prompt
 from align.rl.advantages import group_advantages, overlong_penalty, token_advantages, zero_variance
 from align.rl.losses import aggregate, clipped_surrogate, policy_loss
 
@@ -84,7 +85,6 @@ def _reward(tmp_path, monkeypatch, body: str, on_error="raise", **extra):
     from omegaconf import OmegaConf
 
     from align import rewards
-
     (tmp_path / "my_rewards.py").write_text(body)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(__import__("sys").modules, "my_rewards", raising=False)
@@ -93,8 +93,7 @@ def _reward(tmp_path, monkeypatch, body: str, on_error="raise", **extra):
     return rewards.build(cfg, data)
 
 
-ITEMS = [{"prompt_text": "2+2?", "reference": "4", "fields": '{"level": 1}'},
-         {"prompt_text": "3+3?", "reference": "6", "fields": '{"level": 2}'}]
+ITEMS = [Prompt([1], "2+2?", "4", '{"level": 1}'), Prompt([2], "3+3?", "6", '{"level": 2}')]
 
 
 def test_python_reward_gets_prompts_completions_and_row_fields(tmp_path, monkeypatch):
@@ -142,7 +141,6 @@ def test_reward_config_errors_name_the_fix():
     from omegaconf import OmegaConf
 
     from align import rewards
-
     data = OmegaConf.create({"train": "mine.jsonl", "checker": "auto", "checker_pattern": None, "on_error": "raise"})
     with pytest.raises(rewards.RewardError, match="reward=checker needs a task checker.*set data.checker"):
         rewards.build(OmegaConf.create({"kind": "checker", "fn": None, "model": None, "weights": {}}), data)
@@ -189,7 +187,7 @@ def test_reinforce_pp_whitens_over_the_kept_groups_only():
 
 def test_k2_estimator_and_the_kl_options_that_would_do_nothing_are_refused():
     from align.rl.kl import kl_per_token
-    from align.supported import Unsupported, check
+    from align.config.rules import Unsupported, check
     from conftest import compose
 
     logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])

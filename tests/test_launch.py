@@ -201,8 +201,8 @@ def test_two_ranks_zero2_resume_equals_the_uninterrupted_run(tmp_path):
     the same command resumes from checkpoint-3 and logs the same losses for steps 4-6."""
     import shutil
 
-    from align import checkpointing
-    from align.handoff import read_history
+    from align.run import checkpointing
+    from align.run.handoff import read_history
 
     runs = tmp_path / "runs"
     args = ["bash", str(REPO / "launch/sft.sh"), "--num_gpus", "2", "deepspeed=zero2", f"run.root={runs}",

@@ -45,8 +45,7 @@ def test_two_ranks_sigterm_on_one_rank_saves_on_both_and_the_same_command_resume
 
     import psutil
 
-    from align import checkpointing
-
+    from align.run import checkpointing
     runs = tmp_path / "runs"
     cmd = ["bash", str(REPO / "launch/sft.sh"), *SFT_2_RANKS, f"run.root={runs}", "train.max_steps=80",
            "train.save_steps=5"]

@@ -1,7 +1,8 @@
 """The wheel users get from `pip install .` (not `-e`): every file of align/, conf/ and recipes/ is in it, and
 `python -m align` runs a stage from it in a fresh environment (issue 32: align.rewards was missing from the
 hand-written package list, so the wheel failed at the first `from align.rewards import ...`; and the recipes
-shipped as the package align.recipes hid the module of that name)."""
+shipped as the package align.recipes hid the module of that name, now align/config/recipes.py). The installed
+package is under 1 MB: the tasks' data files are generated on first use, not shipped (issue 33)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from conftest import REPO, child_env
 
 
 def repo_files() -> set[str]:
-    """The project's files as the wheel names them (align/..., align/conf/..., align/recipe_files/...: the name
-    align/recipes would shadow the module align/recipes.py, as it did in the first wheel)."""
+    """The project's files as the wheel names them (align/..., align/conf/..., align/recipe_files/...: recipes
+    ship as align/recipe_files, since a package align/recipes once shadowed the module of that name)."""
     out = set()
     for top, prefix in (("align", "align"), ("conf", "align/conf"), ("recipes", "align/recipe_files")):
         for p in (REPO / top).rglob("*"):
@@ -49,6 +50,9 @@ def test_the_wheel_holds_every_file_and_runs_a_stage_in_a_fresh_environment(tmp_
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, text=True, timeout=300)
     (site / "_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    installed = sum(f.stat().st_size for f in (site / "align").rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    assert installed < 2**20, f"the installed package is {installed / 2**20:.2f} MB"
+    assert not [n for n in names if n.endswith(".jsonl")]  # no data ships: the tasks write theirs on first use
 
     def align(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(python), "-m", "align", *args], cwd=tmp_path, env=child_env(), capture_output=True,
@@ -64,4 +68,4 @@ def test_the_wheel_holds_every_file_and_runs_a_stage_in_a_fresh_environment(tmp_
     run = align("stage=grpo", "train.max_steps=2", "stage.rollout_batch_size=2", "stage.group_size=2",
                 "train.batch_size=4", "stage.eval_prompts=4", "stage.max_new_tokens=4", f"run.root={tmp_path / 'runs'}")
     assert run.returncode == 0, run.stderr[-4000:]
-    assert (tmp_path / "runs" / "demo" / "grpo" / "stage.json").is_file()
+    assert (tmp_path / "runs" / "demo" / "grpo" / "stage.json").is_file()  # on the demo's files, generated

@@ -107,7 +107,7 @@ def test_memory_knobs_move_memory_not_numbers(pipeline, monkeypatch):
         result = run_stage("ppo", pipeline, *PPO[1:], *short, f"run.name=mem-{name}", *knobs,
                            f"stage.actor={pipeline / 'demo' / 'sft'}", f"stage.reward={pipeline / 'demo' / 'rm'}")
         runs[name] = (calls["n"], result)
-    from align.handoff import read_history
+    from align.run.handoff import read_history
 
     plain, knobs = (read_history(runs[k][1].out) for k in ("plain", "knobs"))
     assert len(plain) == len(knobs) == 2
@@ -120,15 +120,20 @@ def test_memory_knobs_move_memory_not_numbers(pipeline, monkeypatch):
 
 
 def test_ppo_without_a_reward_model_says_what_to_run(tmp_path):
-    from align.handoff import HandoffError
+    from align.run.handoff import HandoffError
 
     with pytest.raises(HandoffError, match="ppo needs a reward model: run `python -m align stage=rm"):
         run_stage("ppo", tmp_path / "runs", *PPO[1:])
 
 
 def test_rollout_batch_must_split_into_mini_batches(tmp_path):
-    with pytest.raises(ValueError, match="rollout_batch_size=30 must be a multiple of"):
-        run_stage("ppo", tmp_path / "runs", *PPO[1:], "stage.rollout_batch_size=30")
+    """ppo's own rule (its StageSpec.checks), applied with every other rule before anything loads."""
+    from align.config import rules
+
+    cfg = compose("stage=ppo", f"run.root={tmp_path / 'runs'}", *PPO[1:], "stage.rollout_batch_size=30")
+    with pytest.raises(rules.Unsupported, match="rollout_batch_size=30 must be a multiple of"):
+        rules.check(cfg)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_prompts_come_from_any_format(tmp_path):
@@ -155,7 +160,7 @@ def test_prompts_come_from_any_format(tmp_path):
 def test_eval_stage_scores_each_policy_against_the_sft_baseline(full_ppo, pipeline):
     """stage=eval on the run: the SFT baseline against itself is a 0.5 win-rate and KL 0; the checker
     reproduces PPO's own before/after eval on the same prompts; the judge's pair accuracy is the RM's."""
-    from align.handoff import read_stage_json
+    from align.run.handoff import read_stage_json
 
     result = run_stage("eval", pipeline, "stage.prompts=64", "stage.max_new_tokens=8", "stage.batch_size=32")
     m = result.metrics
@@ -176,9 +181,9 @@ def test_eval_stage_scores_each_policy_against_the_sft_baseline(full_ppo, pipeli
 
 
 def test_eval_stage_needs_something_to_evaluate(tmp_path):
-    from align.handoff import HandoffError
+    from align.run.handoff import HandoffError
 
-    with pytest.raises(HandoffError, match=r"run 'demo' has no completed sft, dpo or ppo stage to evaluate; "
+    with pytest.raises(HandoffError, match=r"run 'demo' has no completed policy stage \(sft, dpo, ppo, grpo\) to evaluate; "
                                            r"train one first or name models with stage.policies"):
         run_stage("eval", tmp_path / "runs")
 
@@ -187,8 +192,8 @@ def test_eval_stage_takes_paths_for_policies_baseline_judge_and_pairs(full_ppo, 
     """Models named by path (another run evaluating this one's outputs) give the same numbers; the judge's
     pairs come from stage.pairs: the demo's held-out pairs with chosen and rejected swapped score
     1 - the RM's own eval accuracy."""
-    from align.data import demo
-    from align.handoff import read_stage_json
+    from align.tasks import demo
+    from align.run.handoff import read_stage_json
 
     swapped = tmp_path / "swapped.jsonl"
     write_jsonl(swapped, [{**r, "chosen": r["rejected"], "rejected": r["chosen"]}

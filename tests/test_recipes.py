@@ -21,8 +21,7 @@ RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
 
 def test_every_recipe_composes_into_valid_stage_configs():
-    from align import recipes
-
+    from align.config import recipes
     assert {"demo", "rlhf_ppo", "rlhf_dpo", "hpo_dpo"} <= set(RECIPES)
     for name in RECIPES:
         cfg = compose(f"recipe={name}")
@@ -36,8 +35,8 @@ def test_every_recipe_composes_into_valid_stage_configs():
 
 
 def test_section_keys_reach_their_stage_only_and_hash_like_a_single_stage_run():
-    from align import handoff, recipes
-
+    from align.run import handoff
+    from align.config import recipes
     cfg = compose("recipe=demo", "sft.train.epochs=2", "rm.train.lr=null")
     sft, rm, ppo = (recipes.stage_config(cfg, s) for s in ("sft", "rm", "ppo"))
     assert sft.train.epochs == 2 and sft.train.lr is None and sft.stage.init is None
@@ -53,8 +52,7 @@ def test_section_keys_reach_their_stage_only_and_hash_like_a_single_stage_run():
 def test_misplaced_keys_are_refused_with_the_fix():
     from hydra.errors import ConfigCompositionException
 
-    from align import recipes
-
+    from align.config import recipes
     with pytest.raises(ConfigCompositionException):
         compose("recipe=demo", "dpo.betta=0.1")  # typed sections: a typo never passes silently
     with pytest.raises(recipes.RecipeError, match=r"only apply inside a recipe.*stage.beta"):
@@ -68,8 +66,7 @@ def test_misplaced_keys_are_refused_with_the_fix():
 
 
 def run_recipe(runs, *extra):
-    from align import pipeline
-
+    from align.run import orchestrate as pipeline
     overrides = ["recipe=demo", f"run.root={runs}", *FAST, *extra]
     return pipeline.run(compose(*overrides), overrides)
 
@@ -110,8 +107,8 @@ def test_second_run_trains_nothing_and_a_changed_rm_key_reruns_rm_and_ppo(cached
 
 
 def test_summary_and_plots_hold_the_stages_numbers(cached_runs):
-    from align import handoff
-    from align.summary import _fmt, curves
+    from align.run import handoff
+    from align.run.summary import _fmt, curves
 
     run_dir = cached_runs / "demo"
     md = (run_dir / "summary.md").read_text()

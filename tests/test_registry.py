@@ -20,10 +20,10 @@ STAGE_MODULE = textwrap.dedent('''
 
     import torch
 
-    from align import handoff
-    from align.config import POSITIVE, StageConfig, keyed
-    from align.stages import StageSpec
-    from align.stages.common import StageResult, StageRun
+    from align.run import handoff
+    from align.config.schema import POSITIVE, StageConfig, keyed
+    from align.config.registry import StageSpec, init_parent
+    from align.run.stage_run import StageResult, StageRun
 
 
     @dataclass
@@ -48,28 +48,42 @@ STAGE_MODULE = textwrap.dedent('''
         return StageResult(stage.out, metrics, model)
 
 
-    SPEC = StageSpec(name="sharpen", schema=SharpenConfig, run=run, lr={}, policy=True, headline=("scale",))
+    SPEC = StageSpec(name="sharpen", schema=SharpenConfig, run=run, parents=init_parent("sft"), lr={}, policy=True,
+                     headline=("scale",))
 ''')
 
 
-@pytest.fixture
-def user_stage(tmp_path, monkeypatch):
-    """An installed distribution (dist-info on sys.path) whose entry point names a module outside align/."""
-    from align import config, stages
+@pytest.fixture(params=["entry point", "built-in"])
+def user_stage(request, tmp_path, monkeypatch):
+    """The same stage added two ways: as another package's (an installed distribution, dist-info on sys.path, whose
+    entry point names a module outside align/), and as a built-in one is (its module under align.stages and its
+    name in align.stages.BUILTIN, the one registry line)."""
+    import types
 
-    site = tmp_path / "site"
-    (site / "user_stages-0.1.dist-info").mkdir(parents=True)
-    (site / "user_stages-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: user-stages\nVersion: 0.1\n")
-    (site / "user_stages-0.1.dist-info" / "entry_points.txt").write_text("[align.stages]\nsharpen = user_sharpen\n")
-    (site / "user_sharpen.py").write_text(STAGE_MODULE)
+    import align.stages
+    from align.config import compose, registry
+
+    if request.param == "entry point":
+        site = tmp_path / "site"
+        (site / "user_stages-0.1.dist-info").mkdir(parents=True)
+        (site / "user_stages-0.1.dist-info" / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: user-stages\nVersion: 0.1\n")
+        (site / "user_stages-0.1.dist-info" / "entry_points.txt").write_text("[align.stages]\nsharpen = user_sharpen\n")
+        (site / "user_sharpen.py").write_text(STAGE_MODULE)
+        monkeypatch.syspath_prepend(str(site))
+    else:
+        module = types.ModuleType("align.stages.sharpen")
+        module.__file__ = str(tmp_path / "sharpen.py")
+        monkeypatch.setitem(sys.modules, "align.stages.sharpen", module)
+        exec(compile(STAGE_MODULE, module.__file__, "exec"), module.__dict__)
+        monkeypatch.setattr(align.stages, "BUILTIN", (*align.stages.BUILTIN, "sharpen"))
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "sharp.yaml").write_text(
         "pipeline:\n  name: sharp\n  stages: [sft, sharpen]\nsft:\n  train:\n    max_steps: 20\nsharpen:\n  scale: 3.0\n")
-    monkeypatch.syspath_prepend(str(site))
     monkeypatch.chdir(tmp_path)  # ./recipes/ holds the user's recipe
 
     def clear():
-        for cache in (stages.registry, config.sections, config.align_schema):
+        for cache in (registry.registry, compose.sections, compose.align_schema):
             cache.cache_clear()
 
     clear()
@@ -80,8 +94,8 @@ def user_stage(tmp_path, monkeypatch):
 
 
 def test_a_stage_from_another_package_runs_in_a_recipe_cached_and_summarised(user_stage, caplog):
-    from align import handoff, pipeline
-    from align.stages import names, registry
+    from align.run import handoff, orchestrate as pipeline
+    from align.config.registry import names, registry
 
     assert "sharpen" in names() and registry()["sharpen"].policy
     runs = user_stage / "runs"

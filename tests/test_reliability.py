@@ -16,13 +16,13 @@ FAST = ["train.max_steps=2", "data.max_rows=64", "train.save_steps=1000"]
 
 
 def test_a_second_run_on_the_same_stage_is_refused_and_changes_nothing(runs):
-    from align.handoff import HandoffError
+    from align.run.handoff import HandoffError
     from align.stages.sft import run
 
     out = run(compose(f"run.root={runs}", *FAST)).out
     before = json.loads((out / "stage.json").read_text())
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from align.lock import StageLock; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from align.run.lock import StageLock; "
          f"StageLock(Path({str(out)!r})).acquire(); print('held', flush=True); time.sleep(120)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -80,7 +80,7 @@ def run_stage(name, runs, *overrides):
 
 
 def losses(out) -> dict:
-    from align.handoff import read_history
+    from align.run.handoff import read_history
 
     return {h["step"]: h["loss"] for h in read_history(out) if "loss" in h}
 
@@ -90,7 +90,7 @@ def sigterm_at(monkeypatch, step: int):
     import os
     import signal
 
-    from align.stages import guards
+    from align.run import guards
 
     original = guards.StopOnSignal.on_step_end
 
@@ -104,8 +104,8 @@ def sigterm_at(monkeypatch, step: int):
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_preempted_then_resumed_run_equals_the_uninterrupted_one(stage, tmp_path, monkeypatch, caplog):
-    from align import checkpointing
-    from align.preemption import Preempted
+    from align.run import checkpointing
+    from align.run.preemption import Preempted
 
     keys = [*RESUME, *STAGE_KEYS[stage]]
     whole = losses(run_stage(stage, tmp_path / "a", *keys).out)
@@ -136,8 +136,7 @@ def test_preempted_then_resumed_run_equals_the_uninterrupted_one(stage, tmp_path
 
 
 def test_checkpoint_commit_and_rotation_rules(tmp_path):
-    from align import checkpointing
-
+    from align.run import checkpointing
     for step in (2, 4, 6, 8):
         (tmp_path / f"checkpoint-{step}").mkdir()
     for step in (2, 4, 6):
@@ -161,7 +160,7 @@ def nan_loss_on(monkeypatch, spec: str):
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_when_in_a_row(runs, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from align.preemption import TrainingDiverged
+    from align.run.preemption import TrainingDiverged
 
     with monkeypatch.context() as m:
         nan_loss_on(m, "3,4")
@@ -196,8 +195,7 @@ def test_sigterm_saves_exits_nonzero_and_the_same_command_resumes(tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-3000:]
     assert "stopped by SIGTERM at step" in stderr and "Re-run the same command to continue" in stderr
-    from align import checkpointing
-
+    from align.run import checkpointing
     ckpt = checkpointing.latest(tmp_path / "runs/demo/sft/checkpoints")
     assert ckpt is not None and 0 < checkpointing.step_of(ckpt) < 400
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -224,9 +222,9 @@ def test_ppo_preempted_then_resumed_equals_the_uninterrupted_run(ppo_parents, tm
     import os
     import signal
 
-    from align import checkpointing
-    from align.handoff import read_history, read_stage_json
-    from align.preemption import Preempted
+    from align.run import checkpointing
+    from align.run.handoff import read_history, read_stage_json
+    from align.run.preemption import Preempted
     from align.stages import ppo
 
     keys = [*PPO_KEYS, *ppo_parents]
@@ -266,7 +264,7 @@ def test_ppo_preempted_then_resumed_equals_the_uninterrupted_run(ppo_parents, tm
 def test_ppo_drops_nonfinite_updates_and_stops_when_they_repeat(ppo_parents, runs, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from align.preemption import TrainingDiverged
+    from align.run.preemption import TrainingDiverged
     from align.stages import ppo
 
     original, calls = ppo.policy_loss, {"n": 0}
@@ -299,8 +297,7 @@ def test_sigkill_at_any_moment_leaves_a_committed_checkpoint_to_resume_from(tmp_
     import signal
     import time
 
-    from align import checkpointing
-
+    from align.run import checkpointing
     cmd = [sys.executable, "-m", "align", "stage=sft", "train.max_steps=200", "train.save_steps=5",
            "train.keep_checkpoints=2", "data.max_rows=640", "train.logging_steps=50"]
     env = child_env()

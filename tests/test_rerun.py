@@ -37,7 +37,7 @@ def test_rerunning_a_finished_stage_changes_nothing(budget, tmp_path, monkeypatc
     caplog.clear()
     with caplog.at_level("INFO", logger="align"):
         assert run_cli([*args, "train.lr=1e-3"], monkeypatch) == 0
-    assert "sft: re-training (changed: train.lr: None -> 0.001)" in caplog.text
+    assert "sft: running (changed: train.lr: None -> 0.001); the complete output stays in" in caplog.text
     again = json.loads((out / "stage.json").read_text())
     assert again["output_id"] != info["output_id"] and again["metrics"]["global_step"] == 2
 
@@ -58,15 +58,14 @@ def test_an_edited_data_file_retrains_and_a_touched_one_does_not(tmp_path, monke
     caplog.clear()
     with caplog.at_level("INFO", logger="align"):
         assert run_cli(args, monkeypatch) == 0
-    assert "sft: re-training (changed: data.train content changed)" in caplog.text
+    assert "sft: running (changed: data.train content changed)" in caplog.text
     assert json.loads((out / "stage.json").read_text())["output_id"] != first["output_id"]
 
 
 def test_resume_from_the_last_step_s_checkpoint_never_trains_past_max_steps(tmp_path, monkeypatch, caplog):
     """A crash between the last checkpoint and the commit: the Trainer resumed from a checkpoint saved at
     max_steps would train one step more; align resumes from the one before (exact resume: same weights)."""
-    from align import checkpointing
-
+    from align.run import checkpointing
     monkeypatch.chdir(tmp_path)
     args = ["stage=sft", "run.name=c", *FAST, "train.max_steps=3", "train.save_steps=2"]
     assert run_cli(args, monkeypatch) == 0
@@ -83,8 +82,7 @@ def test_resume_from_the_last_step_s_checkpoint_never_trains_past_max_steps(tmp_
 
 
 def test_within_budget_skips_checkpoints_saved_at_the_end(tmp_path):
-    from align import checkpointing
-
+    from align.run import checkpointing
     for step, max_steps in ((2, 4), (4, 4)):
         path = tmp_path / f"checkpoint-{step}"
         path.mkdir()
@@ -96,8 +94,8 @@ def test_within_budget_skips_checkpoints_saved_at_the_end(tmp_path):
 
 
 def test_force_keeps_the_interrupted_checkpoints_aside_until_the_new_run_commits_one(tmp_path, monkeypatch):
-    from align import checkpointing
-    from align.stages.common import ASIDE, HASH_FILE
+    from align.run import checkpointing
+    from align.run.stage_run import ASIDE, HASH_FILE
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs" / "f" / "sft"
@@ -127,7 +125,7 @@ def test_the_resume_warning_about_tied_weights_is_dropped_and_others_are_kept():
     import logging
 
     from align.models.loading import load_causal_lm
-    from align.stages.common import TiedKeysFilter
+    from align.run.stage_run import TiedKeysFilter
     from conftest import compose
 
     cfg = compose()
@@ -146,8 +144,7 @@ def test_the_cache_search_passes_over_a_folder_another_rank_removes_while_it_loo
     made and removed its write probe there; the search crashed with FileNotFoundError on the vanished folder."""
     from pathlib import Path
 
-    from align import cache
-
+    from align.run import cache
     for stage_dir in ("demo/sft", "sweep/job0/sft", ".align-write-test-x/sft"):
         (tmp_path / stage_dir).mkdir(parents=True)
     probe = tmp_path / "probe"

@@ -9,9 +9,9 @@ import torch
 
 from align.rl.gae import gae
 from align.rl.kl import AdaptiveKLController, FixedKLController, kl_controller, kl_per_token
-from align.rl.losses import entropy_from_logits, explained_variance, policy_loss, value_loss
+from align.rl.losses import explained_variance, policy_loss, value_loss
 from align.rl.masked import masked_mean, masked_var, whiten
-from align.rl.rewards import last_index, response_mask, shape_scores, token_rewards
+from align.rl.shaping import last_index, response_mask, shape_scores, token_rewards
 
 T = torch.tensor
 
@@ -125,7 +125,12 @@ def test_explained_variance_and_entropy():
     mask = T([[1, 1, 1]])
     close(explained_variance(T([[1.0, 2.0, 3.0]]), T([[1.0, 2.0, 3.0]]), mask), 1.0)
     close(explained_variance(T([[2.0, 2.0, 2.0]]), T([[1.0, 2.0, 3.0]]), mask), 0.0)  # a constant critic
-    close(entropy_from_logits(torch.zeros(1, 4)), [math.log(4)])  # uniform over 4 tokens
+    from align.rl.logprobs import token_logprobs
+
+    head = torch.nn.Linear(2, 4, bias=False)
+    torch.nn.init.zeros_(head.weight)  # uniform over 4 tokens
+    _, entropy = token_logprobs(torch.ones(1, 3, 2), torch.zeros(1, 3, dtype=torch.long), head, with_entropy=True)
+    close(entropy, [[math.log(4)] * 3])
 
 
 @pytest.mark.parametrize("cap", [None, 3.0])

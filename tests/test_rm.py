@@ -49,7 +49,7 @@ def test_rm_starts_from_the_runs_sft(tmp_path):
 
 
 def scores(model, pad=256):
-    from align.models.loading import score
+    from align.rl.rollout import score
 
     return score(model, PROBE, pad)
 

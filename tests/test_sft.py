@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from align import handoff
+from align.run import handoff
 from conftest import compose
 
 

@@ -14,16 +14,14 @@ PEFT = ("none", "lora", "qlora")
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_zero_and_weights_combination_is_accepted(stage):
-    from align import supported
-
+    from align.config import rules as supported
     for zero in ZERO:
         for peft in PEFT:
             assert supported.problems(compose(f"stage={stage}", f"deepspeed={zero}", f"peft={peft}")) == [], (zero, peft)
 
 
 def test_dpo_precompute_under_zero3_is_refused_and_under_zero2_accepted():
-    from align import supported
-
+    from align.config import rules as supported
     for zero in ("zero3", "zero3_offload"):
         with pytest.raises(supported.Unsupported) as e:
             supported.check(compose("stage=dpo", f"deepspeed={zero}", "stage.precompute_ref_logps=true"))
@@ -33,8 +31,7 @@ def test_dpo_precompute_under_zero3_is_refused_and_under_zero2_accepted():
 
 
 def test_every_problem_is_listed_at_once():
-    from align import supported
-
+    from align.config import rules as supported
     cfg = compose("stage=ppo", "peft=qlora", "peft.quant.compute_dtype=bfloat16", "peft.quant.bits=3",
                   "stage.frozen_device=gpu", "deepspeed=zero2", "deepspeed.offload_param=cpu")
     found = supported.problems(cfg)

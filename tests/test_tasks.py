@@ -1,4 +1,4 @@
-"""The task zoo (align/data/tasks.py): files regenerate byte for byte from their seeds, every chosen answer
+"""The task zoo (align/tasks/zoo.py): files regenerate byte for byte from their seeds, every chosen answer
 passes the task's checker and every rejected one fails it, the SFT split carries its error pattern, and
 `data=task/<name>` reads each stage's split with the task's checker."""
 
@@ -14,25 +14,52 @@ TASKS = ("arith", "sort", "json", "recall")
 
 
 def read(task: str, split: str) -> list[dict]:
-    from align.data.tasks import path
+    from align.tasks.zoo import path
 
     return [json.loads(line) for line in path(task, split).read_text().splitlines()]
 
 
-def test_files_regenerate_from_their_seeds(tmp_path, monkeypatch):
-    from align.data import tasks
+# sha256 (first 16 hex digits) of every file the tasks generate: the files the demo's and the zoo's measured numbers
+# (README, docs/quality.md) were trained on. A change here changes every fingerprint and every number.
+GENERATED = {
+    "demo": {"sft": "8b03801d59acd6c7", "sft_eval": "098fef10b71261b9", "prefs": "77ed2aec831c64d2",
+             "prefs_eval": "a91a25f7777f563d"},
+    "arith": {"sft": "7571f74273c4e9cf", "prefs": "390ecd694078091a", "sft_eval": "f9d758d87504fa87",
+              "prefs_eval": "efe0663547eb621c"},
+    "sort": {"sft": "12036efdccb6c626", "prefs": "a9685c6a068567ff", "sft_eval": "3692e4039a267e53",
+             "prefs_eval": "0fd1c8714d8f8cd8"},
+    "json": {"sft": "20e19cc390fe87a9", "prefs": "2c4487cf73ee240a", "sft_eval": "e8530a5e54b605a0",
+             "prefs_eval": "9e80523841f59b55"},
+    "recall": {"sft": "e3c37f02d41ac136", "prefs": "e5e32288434c6d1d", "sft_eval": "0dedb41495153246",
+               "prefs_eval": "41f3d6f5f44f7a3a"},
+}
 
-    shipped = {t: {s: tasks.path(t, s).read_bytes() for s in tasks.SIZES} for t in TASKS}
-    monkeypatch.setattr(tasks, "TASK_DIR", tmp_path)
+
+def _digests(folder) -> dict[str, str]:
+    import hashlib
+
+    return {f.stem: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in sorted(folder.glob("*.jsonl"))}
+
+
+def test_files_generate_byte_for_byte_into_the_cache_on_first_use(tmp_path, monkeypatch):
+    """No task file ships in the package: each is written on first use into ALIGN_CACHE, the same bytes as the
+    files every measured number was trained on, and a second use reads the same folder."""
+    from align.tasks import demo, zoo
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    first = demo.path("sft")
+    assert first.is_relative_to(tmp_path / "cache") and demo.path("sft") == first
+    assert _digests(first.parent) == GENERATED["demo"]
     for t in TASKS:
-        tasks.write(t)
-        for split, data in shipped[t].items():
-            assert (tmp_path / t / f"{split}.jsonl").read_bytes() == data, (t, split)
+        assert _digests(zoo.path(t, "sft").parent) == GENERATED[t], t
+    zoo.write("sort", tmp_path / "direct")  # the generator alone, outside the cache: the same bytes
+    assert _digests(tmp_path / "direct") == GENERATED["sort"]
+    assert not [p for p in (tmp_path / "cache" / "tasks").iterdir() if p.name.startswith(".")]  # no half-written folder
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_held_out_prompts_are_in_no_training_split(task):
-    from align.data.tasks import prompt_turns
+    from align.tasks.zoo import prompt_turns
 
     def prompts(split):
         return [json.dumps(prompt_turns(r), sort_keys=True) for r in read(task, split)]
@@ -44,8 +71,8 @@ def test_held_out_prompts_are_in_no_training_split(task):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_pairs_are_right_against_near_miss_and_sft_carries_the_error(task):
-    from align import checkers
-    from align.data.tasks import CHECKERS, ERROR_SHARE
+    from align.tasks import checkers
+    from align.tasks.zoo import CHECKERS, ERROR_SHARE
 
     check = checkers.build(CHECKERS[task])
     for row in read(task, "prefs")[:500]:
@@ -85,9 +112,9 @@ def _solve(task: str, turns: list[dict]) -> str:
 
 @pytest.mark.parametrize("task", TASKS)
 def test_data_task_group_reads_each_stage_split_with_the_task_checker(task, tiny_tokenizer):
-    from align import checkers
+    from align.tasks import checkers
     from align.data.loader import dpo_datasets, prompt_datasets, resolve_sources
-    from align.data.tasks import CHECKERS, SIZES, path
+    from align.tasks.zoo import CHECKERS, SIZES, path
 
     cfg = compose(f"data=task/{task}")
     assert cfg.data.train == f"task:{task}" and cfg.train.max_length == 128
@@ -108,7 +135,7 @@ def test_data_task_group_reads_each_stage_split_with_the_task_checker(task, tiny
 def _turns(task: str, row) -> list[dict]:
     """A held-out prompt's turns, found in the task's prefs_eval file by its text (recall's prompt text is its
     last turn, so there the answer picks the row too)."""
-    from align.data.tasks import path
+    from align.tasks.zoo import path
 
     for line in path(task, "prefs_eval").read_text().splitlines():
         r = json.loads(line)

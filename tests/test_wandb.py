@@ -26,7 +26,7 @@ def test_offline_run_keeps_its_id_across_reruns(tmp_path, monkeypatch):
 
 
 def test_mode_follows_env_and_key(monkeypatch, tmp_path):
-    from align.tracking import wandb_mode
+    from align.run.tracking import wandb_mode
 
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = compose("logger=wandb")

@@ -104,7 +104,7 @@ def check_output(out: Path, stage: str, zero: str, peft: str, live: torch.Tensor
 def test_sft_loss_curve_is_the_same_on_one_process_and_on_two_ranks_under_zero2_and_zero3(tmp_path):
     """Same global batch (8 = 1 x 8 = 2 x 4), same data order: the per-step losses and gradient norms agree
     within rel 1e-5 (measured: 1e-6); the ZeRO-3 output reloads with the in-memory logits."""
-    from align.handoff import read_history
+    from align.run.handoff import read_history
     from test_ppo import run_stage
 
     common = ["train.max_steps=6", "train.logging_steps=1", "data.max_rows=256", "train.lr=1e-3",
@@ -151,7 +151,7 @@ def test_a_zero3_ppo_step_with_its_models_gathered_once_trains_as_layer_by_layer
     would differ by the learning rate, 5e-3)."""
     from safetensors.torch import load_file
 
-    from align.handoff import read_history
+    from align.run.handoff import read_history
 
     keys = ("loss/policy", "loss/value", "objective/kl", "reward/score_mean", "policy/entropy")
     curves, adapters = {}, {}
@@ -179,7 +179,7 @@ def test_a_lora_sft_then_a_lora_dpo_under_zero3_on_two_ranks(tmp_path):
     check_output(out, "dpo", "zero3", "lora", live)
     record = stage_record(out.parent.parent, stage="dpo")
     assert [p["stage"] for p in record["parents"]] == ["sft"]
-    from align.models.tiny import cache_root
+    from align.config.paths import cache_root
 
     assert not any((cache_root() / "merged-parents").glob("*"))  # the merged copy is gone
 
@@ -189,7 +189,7 @@ def test_dpo_precomputed_reference_on_two_ranks_trains_as_without(tmp_path):
     under a launcher align gives all ranks the same on-disk datasets (checkpoints/shared_data) — before, rank 1
     died on a missing /tmp/hf_datasets-*/cache-*.arrow. The losses are those of the run without precompute
     (measured equal to 7 digits under ZeRO-2; pinned). Under ZeRO-3 the option is refused (test_supported)."""
-    from align.handoff import read_history
+    from align.run.handoff import read_history
 
     out, live = run_two_ranks(tmp_path, "dpo", "zero2", "qlora", "stage.precompute_ref_logps=true",
                               "train.logging_steps=1", "stage.loss_type=sigmoid")
@@ -254,7 +254,7 @@ def test_ppo_memory_knobs_under_zero3_give_the_same_steps(tmp_path, ppo_parents)
     """2 ranks, ZeRO-3, full weights: with the actor and critic checkpointed and the reference and reward
     model's shards in CPU memory (parameter offload), the PPO statistics are those of the plain run
     (measured: equal to the last digit)."""
-    from align.handoff import read_history
+    from align.run.handoff import read_history
 
     keys = ("loss/policy", "loss/value", "objective/kl", "reward/score_mean")
     curves = {}

@@ -1,7 +1,7 @@
 """One zoo task, shortened, in the default suite: on `data=task/sort` (sort and deduplicate letters; the
 SFT data keeps duplicates in some answers) DPO at its defaults, RM + PPO at theirs and GRPO with the task's
 checker as the reward each beat the SFT model on the checker (held-out prompts, greedy answers). The tasks:
-align/data/tasks.py; the whole zoo over seeds: bench/quality.py, docs/quality.md."""
+align/tasks/zoo.py; the whole zoo over seeds: bench/quality.py, docs/quality.md."""
 
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ SHORT = ["recipe=rlvr", "data=task/sort", "pipeline.stages=[sft,dpo,rm,ppo,grpo,
 
 @pytest.fixture(scope="module")
 def sort(tmp_path_factory):
-    from align import handoff, pipeline
-
+    from align.run import handoff, orchestrate as pipeline
     runs = tmp_path_factory.mktemp("zoo") / "runs"
     overrides = [*SHORT, f"run.root={runs}", "run.name=sort"]
     pipeline.run(compose(*overrides), overrides)

@@ -10,14 +10,15 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from align.data import demo
 from align.data.chat import encode_chat, encode_pair, encode_prompt, encode_prompt_completions
 from align.data.errors import DataError, RowErrors, RowProblem
 from align.data.formats import to_messages
 from align.data.preferences import to_preference
 from align.data.prompts import prompt_text, to_prompt
 from align.data.readers import read_rows
+from align.tasks import demo
 
 DEMO = "demo"
 DEMO_SPLITS = {"sft": ("sft", "sft_eval"), "preference": ("prefs", "prefs_eval")}
@@ -39,16 +40,20 @@ class DataReport:
         }
 
 
-TASK = "task:"  # data.train=task:<name>: a built-in task of the zoo (align/data/tasks.py), split like the demo
+TASK = "task:"  # data.train=task:<name>: a built-in task of the zoo (align/tasks/zoo.py), split like the demo
 
 
 def bundled_split(spec: str, split: str) -> str:
     """The file of `split` (sft, sft_eval, prefs, prefs_eval) of the demo or of a zoo task."""
     if spec == DEMO:
         return str(demo.path(split))
-    from align.data import tasks
-
+    from align.tasks import zoo as tasks
     return str(tasks.path(spec[len(TASK):], split))
+
+
+def bundled_folder(spec: str) -> str:
+    """The folder that holds every split of the demo or of a zoo task (its fingerprint is the data's)."""
+    return str(Path(bundled_split(spec, DEMO_SPLITS["sft"][0])).parent)
 
 
 def is_bundled(spec) -> bool:

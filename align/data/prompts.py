@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from align.data.errors import RowProblem
 from align.data.formats import _messages_list, _string, to_messages
@@ -52,3 +53,22 @@ def prompt_text(messages: list[dict]) -> str:
     """The last user turn: what a task checker reads as the prompt."""
     users = [m["content"] for m in messages if m["role"] == "user"]
     return users[-1] if users else ""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt as the online stages use it, from sampling to the reward: its token ids (ending with the assistant
+    header), its text (the last user turn), the row's reference answer (None without one) and the row's other
+    fields as JSON (what reward=python receives beside the completions)."""
+
+    ids: list[int]
+    text: str
+    reference: str | None = None
+    fields: str = "{}"
+
+
+def prompt_records(ds) -> list[Prompt]:
+    """The Prompt of each row of a prompt dataset (align.data.loader.prompt_datasets); [] for none."""
+    if ds is None:
+        return []
+    return [Prompt(row["prompt_ids"], row["prompt_text"], row["reference"], row.get("fields") or "{}") for row in ds]

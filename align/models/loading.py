@@ -235,8 +235,8 @@ def _from_merged_folder(auto_cls, source: str, common: dict, quant=None):
     import socket
     import tempfile
 
-    from align import distributed
-    from align.models.tiny import cache_root
+    from align.config.paths import cache_root
+    from align.models import distributed
 
     root = cache_root() / "merged-parents"
     root.mkdir(parents=True, exist_ok=True)
@@ -365,17 +365,3 @@ def load_reward_model(source: str, model_cfg, peft_cfg, pad_token_id: int):
     model = load_pretrained(AutoModelForSequenceClassification, source, model_cfg, peft_cfg, num_labels=1)
     model.config.pad_token_id = pad_token_id
     return wrap_peft(model, peft_cfg, model_cfg, task_type="SEQ_CLS", modules_to_save=["score"])
-
-
-@torch.no_grad()
-def score(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Reward of each token sequence (the score head at its last token), as float32."""
-    from align.rl.rollout import last_token_scores, right_pad
-
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(sequences), batch_size):
-        ids, mask = right_pad(sequences[i : i + batch_size], pad_token_id)
-        out.append(last_token_scores(model, ids.to(device), mask.to(device)).cpu())
-    return torch.cat(out)

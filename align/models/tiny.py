@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from align.config.paths import cache_root
+
 TOKENIZER_DIR = Path(__file__).with_name("tiny_tokenizer")
 BUILTIN_PREFIX = "builtin:"
 TINY_VERSION = "v1"
@@ -60,10 +62,6 @@ def build_tokenizer():
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.model_max_length = TINY_CONFIG["max_position_embeddings"]
     return tokenizer
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
 
 
 def tiny_model_dir() -> Path:

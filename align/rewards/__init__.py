@@ -21,16 +21,17 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from align import checkers
+from align.config.schema import REWARD_COMPONENTS as COMPONENTS
+from align.config.schema import REWARD_KINDS as KINDS
+from align.data.prompts import Prompt
+from align.tasks import checkers
 
 log = logging.getLogger("align")
-KINDS = ("auto", "checker", "rm", "python", "weighted")
-AUTO = {"ppo": "rm", "grpo": "checker"}  # reward=auto per stage
-COMPONENTS = ("checker", "rm", "python")
 
 
 class RewardError(ValueError):
@@ -45,14 +46,14 @@ class Scored:
     errors: int = 0
 
 
-def kind_of(reward_cfg, stage: str) -> str:
-    """reward.kind with auto resolved for `stage`."""
-    return AUTO.get(stage, "checker") if reward_cfg.kind == "auto" else reward_cfg.kind
+def kind_of(reward_cfg, auto: str = "checker") -> str:
+    """reward.kind with auto resolved to `auto` (the stage's StageSpec.default_reward)."""
+    return auto if reward_cfg.kind == "auto" else reward_cfg.kind
 
 
-def components_of(reward_cfg, stage: str = "grpo") -> dict[str, float]:
-    """{component: weight} of a reward config, for `stage`."""
-    kind = kind_of(reward_cfg, stage)
+def components_of(reward_cfg, auto: str = "checker") -> dict[str, float]:
+    """{component: weight} of a reward config; `auto`: what reward.kind=auto means for the stage."""
+    kind = kind_of(reward_cfg, auto)
     if kind == "weighted":
         weights = dict(reward_cfg.weights or {})
         unknown = [k for k in weights if k not in COMPONENTS]
@@ -89,26 +90,31 @@ class PythonReward:
     spec: str
     skip: bool
 
-    def __call__(self, prompts: list[str], responses: list[str], items: list[dict]) -> tuple[list[float], list[bool]]:
-        fields = _fields(items)
+    def __call__(self, batch, responses: list[str], prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A component of the Reward: the function's values and which of them are valid (finite, no exception)."""
+        values, ok = self._values(prompts, responses)
+        return torch.tensor(values, dtype=torch.float32), torch.tensor(ok, dtype=torch.bool)
+
+    def _values(self, prompts: list[Prompt], responses: list[str]) -> tuple[list[float], list[bool]]:
+        texts, fields = [p.text for p in prompts], _fields(prompts)
         try:
-            values = list(self.fn(prompts, responses, **fields))
+            values = list(self.fn(texts, responses, **fields))
         except Exception as e:  # noqa: BLE001 - the user's function: any failure is reported with its prompt
             if not self.skip:
                 raise RewardError(f"reward function {self.spec} raised {type(e).__name__}: {e} on a batch whose first "
-                                  f"prompt is {prompts[0]!r}; fix the function, or set data.on_error=skip to leave "
+                                  f"prompt is {texts[0]!r}; fix the function, or set data.on_error=skip to leave "
                                   "such responses out of the update") from e
-            return self._one_by_one(prompts, responses, items)
+            return self._one_by_one(prompts, responses)
         if len(values) != len(prompts):
             raise RewardError(f"reward function {self.spec} returned {len(values)} values for {len(prompts)} "
-                              f"completions (first prompt {prompts[0]!r}); it must return one float per completion")
-        return self._checked(values, prompts)
+                              f"completions (first prompt {texts[0]!r}); it must return one float per completion")
+        return self._checked(values, texts)
 
-    def _one_by_one(self, prompts, responses, items):
+    def _one_by_one(self, prompts: list[Prompt], responses):
         values, ok = [], []
         for i in range(len(prompts)):
             try:
-                v = list(self.fn([prompts[i]], [responses[i]], **_fields([items[i]])))[0]
+                v = list(self.fn([prompts[i].text], [responses[i]], **_fields([prompts[i]])))[0]
                 values.append(float(v))
                 ok.append(math.isfinite(float(v)))
             except Exception:  # noqa: BLE001
@@ -135,55 +141,76 @@ class PythonReward:
         return out, ok
 
 
-def _fields(items: list[dict]) -> dict[str, list]:
-    rows = [{"reference": it.get("reference"), **json.loads(it.get("fields") or "{}")} for it in items]
+def _fields(prompts: list[Prompt]) -> dict[str, list]:
+    rows = [{"reference": p.reference, **json.loads(p.fields or "{}")} for p in prompts]
     keys = sorted({k for r in rows for k in r})
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
+# a component: fn(batch, responses, prompts) -> (scores [N] float32 on the CPU, valid [N] bool or None: all valid)
+Component = Callable[[object, list[str], list[Prompt]], tuple[torch.Tensor, torch.Tensor | None]]
+
+
 @dataclass
 class Reward:
-    """Scores a batch of sampled responses with the configured components."""
+    """The reward group, built once per stage: named components, each a callable, and the weights of those that are
+    rewarded. Every component is evaluated and logged (reward/<name>); the data's checker is one even when it is not
+    rewarded."""
 
     weights: dict[str, float]
-    checker: object = None
-    python: PythonReward | None = None
-    rm_score: object = None  # fn(batch) -> [N] normalised RM scores
-    names: list[str] = field(default_factory=list)
+    components: dict[str, Component]
+    checker: object = None  # the data's task checker (the loops' held-out accuracy), or None
 
-    def __call__(self, batch, responses: list[str], items: list[dict]) -> Scored:
+    def bind_rm(self, rm_score) -> None:
+        """The rm component scores with `rm_score(batch)`, the loaded reward model (the loop binds it)."""
+        if "rm" not in self.weights:  # not rewarded: the reward model is not run for the reward
+            return
+        self.components["rm"] = lambda batch, responses, prompts: (rm_score(batch).float().cpu(), None)
+
+    def __call__(self, batch, responses: list[str], prompts: list[Prompt]) -> Scored:
         n = len(responses)
-        components, valid, errors = {}, torch.ones(n, dtype=torch.bool), 0
-        prompts = [it["prompt_text"] for it in items]
-        if self.checker is not None:
-            components["checker"] = torch.tensor([float(self.checker(p, r, it.get("reference")))
-                                                  for p, r, it in zip(prompts, responses, items)])
-        if "python" in self.weights:
-            values, ok = self.python(prompts, responses, items)
-            components["python"] = torch.tensor(values, dtype=torch.float32)
-            ok = torch.tensor(ok, dtype=torch.bool)
-            errors += int((~ok).sum())
-            valid &= ok
-        if "rm" in self.weights:
-            components["rm"] = self.rm_score(batch).float().cpu()
+        scores, valid, errors = {}, torch.ones(n, dtype=torch.bool), 0
+        for name, component in self.components.items():
+            scores[name], ok = component(batch, responses, prompts)
+            if ok is not None:
+                errors += int((~ok).sum())
+                valid &= ok
         total = torch.zeros(n)
         for name, w in self.weights.items():
-            total = total + w * components[name]
-        return Scored(total, components, valid, errors)
+            total = total + w * scores[name]
+        return Scored(total, scores, valid, errors)
 
 
-def build(reward_cfg, data_cfg, rm_score=None, stage: str = "grpo") -> Reward:
-    """The Reward of a config; `rm_score` scores a rollout batch with the loaded reward model (when rm is used).
-    The data's checker, when it has one, is always evaluated (logged as reward/checker) even when not rewarded."""
-    weights = components_of(reward_cfg, stage)
+def build(reward_cfg, data_cfg, rm_score=None, auto: str = "checker") -> Reward:
+    """The Reward of a config; `rm_score` scores a rollout batch with the loaded reward model (when rm is used;
+    the loop may bind it later with Reward.bind_rm). The data's checker, when it has one, is always evaluated
+    (logged as reward/checker) even when not rewarded."""
+    weights = components_of(reward_cfg, auto)
     checker = checkers.from_config(data_cfg)
     if "checker" in weights and checker is None:
         raise RewardError(f"reward=checker needs a task checker, and data.checker={data_cfg.checker} names none for "
                           f"{data_cfg.train}: set data.checker (exact, regex, json) for your data, or use "
                           "reward=rm (a trained reward model) or reward=python reward.fn=module:function")
-    python = None
-    if "python" in weights:
-        python = PythonReward(load_function(reward_cfg.fn), reward_cfg.fn, data_cfg.on_error == "skip")
     if "rm" in weights and rm_score is None:
         raise RewardError("reward=rm needs a reward model (the run's rm stage, or reward.model=PATH)")
-    return Reward(weights, checker, python, rm_score, list(weights))
+    components: dict[str, Component] = {}
+    if checker is not None:
+        components["checker"] = lambda batch, responses, prompts: (checkers.score_each(
+            checker, [p.text for p in prompts], responses, [p.reference for p in prompts]), None)
+    if "python" in weights:
+        components["python"] = PythonReward(load_function(reward_cfg.fn), reward_cfg.fn, data_cfg.on_error == "skip")
+    reward = Reward(weights, components, checker)
+    if "rm" in weights:
+        reward.bind_rm(rm_score)
+    return reward
+
+
+def rm_statistics(parent) -> tuple[float | None, float | None]:
+    """(mean, std) of the reward model's scores that its stage recorded, for normalising them; (None, None), with
+    a warning, when it recorded none (its scores are then used raw)."""
+    stats = parent.info.get("metrics", {})
+    mean, std = stats.get("reward_mean"), stats.get("reward_std")
+    if mean is None or std is None:
+        log.warning("%s records no reward_mean/reward_std; its scores are used raw", parent.path)
+        return None, None
+    return mean, std

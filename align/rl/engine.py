@@ -10,20 +10,11 @@ from pathlib import Path
 
 import torch
 
-from align import distributed
-
-
+from align.models import distributed
+from align.models.distributed import device
 STATE_TAG = "state"  # DeepSpeed checkpoint tag
 TRAINABLE_FILE = "trainable.safetensors"  # without DeepSpeed: the trained parameters (all, or the adapter)
 OPTIM_FILE = "optimizer.pt"  # optimizer + scheduler state (tensors and numbers: loads with weights_only=True)
-
-
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        import os
-
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def unwrap(model):
@@ -66,7 +57,7 @@ class Trainable:
             self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
             self.scheduler = schedule(self.optimizer)
         self.params = params
-        self.after_step: list = []  # called after every DeepSpeed step (loop.gathered_unhooked)
+        self.after_step: list = []  # called after every DeepSpeed step (gather.gathered_unhooked)
 
     @property
     def module(self):
@@ -202,3 +193,17 @@ def checkpointing_active(*models):
     finally:
         for layer in layers:
             layer.training = False
+
+
+def frozen_reward_model(cfg, ds_config, parent, pad_id: int):
+    """The reward model of a stage output (a sequence classifier), frozen: sharded under ZeRO-3, its weights in CPU
+    memory with stage.frozen_device=cpu."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForSequenceClassification
+
+    from align.models.loading import load_pretrained
+
+    model = load_pretrained(AutoModelForSequenceClassification, str(parent.model), cfg.model,
+                            OmegaConf.create({"method": "none"}), num_labels=1)
+    model.config.pad_token_id = pad_id
+    return frozen(model, cfg, ds_config, cfg.stage.frozen_device == "cpu")

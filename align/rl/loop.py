@@ -14,13 +14,18 @@ from pathlib import Path
 
 import torch
 
-from align import checkers, checkpointing, distributed, tracking
-from align.eval_metrics import sequence_kl
+from align.data.prompts import Prompt
+from align.models import distributed
+from align.models.distributed import mean_over_ranks
 from align.models.loading import set_use_cache
-from align.preemption import Preempted, SignalFlag, TrainingDiverged
+from align.models.metrics import sequence_kl
 from align.rl import rollout
-from align.rl.engine import Trainable, device, frozen_engine
+from align.rl.engine import Trainable, device
+from align.rl.gather import generation_weights, step_weights
 from align.rl.watch import overoptimisation
+from align.run import checkpointing, tracking
+from align.run.preemption import Preempted, SignalFlag, TrainingDiverged
+from align.tasks import checkers
 
 log = logging.getLogger("align")
 
@@ -57,7 +62,7 @@ class OnlineLoop:
         """The models the loop trains, by checkpoint folder name."""
         return {"actor": self.actor}
 
-    def step(self, prompts: list) -> dict:
+    def step(self, prompts: list[Prompt]) -> dict:
         raise NotImplementedError
 
     def extra_state(self) -> dict:
@@ -66,7 +71,7 @@ class OnlineLoop:
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    def eval_scores(self, batch: rollout.Batch, responses: list[str], items: list) -> dict[str, torch.Tensor]:
+    def eval_scores(self, batch: rollout.Batch, responses: list[str], prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         """Per-response scores of a greedy eval batch beside the checker's (e.g. the reward model's)."""
         return {}
 
@@ -142,7 +147,7 @@ class OnlineLoop:
         return False
 
     # --- the loop -------------------------------------------------------------------------------
-    def train(self, prompts: list, steps: int, per_rank: int, wandb_run, checkpoints=None, resume_from=None,
+    def train(self, prompts: list[Prompt], steps: int, per_rank: int, wandb_run, checkpoints=None, resume_from=None,
               before: dict | None = None) -> list[dict]:
         """`steps` steps of `per_rank` prompts on each rank. Every `train.save_steps` steps, and at SIGTERM/SIGINT,
         the whole loop state goes to checkpoints/checkpoint-N; `resume_from` continues from one exactly (same
@@ -246,21 +251,21 @@ class OnlineLoop:
 
     # --- held-out evaluation --------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, prompts: list[list[int]], items: list) -> dict:
+    def evaluate(self, prompts: list[Prompt]) -> dict:
         """Greedy responses to held-out prompts: their log-ratio to the reference, length, the stage's own scores, the
-        task checker's accuracy when the data set has one. `items[i]` is (prompt_text, reference, ...)."""
+        task checker's accuracy when the data set has one."""
         rows, responses, chunk = [], [], max(self.cfg.train.batch_size, 32)
         scores: dict[str, list] = {}
         for i in range(0, len(prompts), chunk):
             with self.rollout_window():
-                batch = self.sample(prompts[i : i + chunk], greedy=True)
+                batch = self.sample([p.ids for p in prompts[i : i + chunk]], greedy=True)
                 if self.has_reference:  # log pi - log pi_ref summed over the greedy answer: not a KL estimate
                     # (answers are not sampled), so not named one; the sampled estimate is the eval stage's kl
                     logp, _ = rollout.response_logprobs(self.actor.module, batch)
                     scores.setdefault("greedy_logratio", []).append(
                         sequence_kl(logp, self.reference_logprobs(batch, 1.0), batch.mask))
             text = rollout.decode_responses(self.tok, batch)
-            for k, v in self.eval_scores(batch, text, items[i : i + chunk]).items():
+            for k, v in self.eval_scores(batch, text, prompts[i : i + chunk]).items():
                 scores.setdefault(k, []).append(v)
             rows.append((batch.mask.sum(1).float(), batch.ended.float()))
             responses += text
@@ -268,165 +273,6 @@ class OnlineLoop:
         out = {k: float(torch.cat(v).float().mean()) for k, v in scores.items()}
         out.update({"response_length": float(length.mean()), "ended": float(ended.mean())})
         if self.checker is not None:
-            out["checker_accuracy"] = checkers.accuracy(self.checker, [t[0] for t in items], responses,
-                                                        [t[1] for t in items])
+            out["checker_accuracy"] = checkers.accuracy(self.checker, [p.text for p in prompts], responses,
+                                                        [p.reference for p in prompts])
         return mean_over_ranks(out)
-
-
-@contextmanager
-def generation_weights(trainable: Trainable, mode: str = "auto"):
-    """Under ZeRO-3 every generated token would gather the sharded weights layer by layer from every rank. When
-    the whole policy fits (mode auto: its full weights take under a quarter of the free memory; on: always),
-    gather it once for the rollout (gathered_unhooked: the idea of DeepSpeed-Chat's hybrid engine). Yields
-    whether the ranks must still generate in lock-step (synced_gpus): only when the weights stay sharded."""
-    engine = trainable.engine
-    if engine is None or engine.zero_optimization_stage() != 3 or mode == "off" or (
-            mode == "auto" and not _fits_gathered([engine.module])):
-        yield True
-        return
-    with gathered_unhooked([engine]):
-        yield False
-
-
-@contextmanager
-def step_weights(trainables, frozen=(), mode: str = "auto"):
-    """Under ZeRO-3 every forward and backward of a step gathers each layer's weights from every rank and frees
-    them again, through DeepSpeed's hooks on every module: on a small model or a slow interconnect that costs
-    more than the arithmetic (2 CPU ranks: a PPO step 4x its ZeRO-2 time). When the models of a step fit
-    (mode auto: their full weights take under a quarter of the free memory; on: always), hold them gathered for
-    the whole step (gathered_unhooked); gradients are still reduce-scattered and the optimizer state stays
-    sharded. Models whose shards are offloaded to CPU memory (deepspeed=zero3_offload, stage.frozen_device=cpu)
-    are left as they are: their memory is what the user asked to save. `frozen`: models only run (frozen(): a
-    reward model, a reference). Yields the engines it gathered (none outside ZeRO-3)."""
-    engines = [t.engine for t in trainables] + [frozen_engine(m) for m in frozen]
-    engines = [e for e in engines if e is not None and e.zero_optimization_stage() == 3 and not _offloaded(e)]
-    if not engines or mode == "off" or (mode == "auto" and not _fits_gathered([e.module for e in engines])):
-        yield []
-        return
-    with gathered_unhooked(engines, [t for t in trainables if t.engine in engines]):
-        yield engines
-
-
-def _offloaded(engine) -> bool:
-    offload = engine.zero_offload_param()
-    return offload is not None and offload.device != "none"
-
-
-@contextmanager
-def gathered_unhooked(engines, trainables=()):
-    """The weights of ZeRO-3 `engines` gathered in one collective (per dtype) and ZeRO-3's module hooks taken off,
-    as DeepSpeed's own generation context does, so forwards and backwards run on whole weights with no per-layer
-    gathers. DeepSpeed's optimizer step re-shards its model's weights: after each step of `trainables` they are
-    gathered again, with the new values. On exit the hooks come back and the weights are sharded again."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    seen: dict[int, torch.nn.Parameter] = {}
-    for engine in engines:
-        for p in engine.module.parameters():
-            seen.setdefault(p.ds_id, p)
-    params = [seen[k] for k in sorted(seen)]  # the same order on every rank
-
-    def gather() -> None:
-        missing = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-        if missing:
-            missing[0].all_gather_coalesced(missing).wait()
-
-    offloads = [_parameter_offload(e) for e in engines]
-    for offload in offloads:
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
-    gather()
-    for t in trainables:
-        t.after_step.append(gather)
-    try:
-        yield
-    finally:
-        for t in trainables:
-            t.after_step.remove(gather)
-        for offload in offloads:
-            offload._register_deepspeed_module(offload.module)
-        held = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist]
-        if held:
-            held[0].partition(param_list=held)
-
-
-def _parameter_offload(engine):
-    """Where a ZeRO-3 engine keeps its module hooks (as deepspeed.runtime.zero.stage3's generation context finds
-    them: the optimizer's parameter offload, or a frozen engine's DeepSpeedZeRoOffload itself)."""
-    optimizer = engine.optimizer
-    return optimizer.parameter_offload if hasattr(optimizer, "parameter_offload") else optimizer
-
-
-def _fits_gathered(modules) -> bool:
-    """Whether the full weights of `modules` fit to be gathered (_fits_bytes)."""
-    return _fits_bytes(sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for m in modules
-                           for p in m.parameters()))
-
-
-def _fits_bytes(full: int) -> bool:
-    """Whether `full` bytes take under a quarter of the free memory on every rank: the ranks decide together (a
-    collective), since one rank gathering while another keeps ZeRO-3's hooks would leave their collectives
-    unmatched."""
-    return distributed.all_reduce_scalar(float(_fits_here(full)), "min") == 1.0
-
-
-def _fits_here(full: int) -> bool:
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    return full < free / 4
-
-
-def load_reward_model(cfg, ds_config, parent, pad_id: int):
-    """The reward model of a stage output (a sequence classifier), frozen: sharded under ZeRO-3, its weights in CPU
-    memory with stage.frozen_device=cpu."""
-    from omegaconf import OmegaConf
-    from transformers import AutoModelForSequenceClassification
-
-    from align.models.loading import load_pretrained
-    from align.rl.engine import frozen
-
-    model = load_pretrained(AutoModelForSequenceClassification, str(parent.model), cfg.model,
-                            OmegaConf.create({"method": "none"}), num_labels=1)
-    model.config.pad_token_id = pad_id
-    return frozen(model, cfg, ds_config, cfg.stage.frozen_device == "cpu")
-
-
-def reward_statistics(parent) -> tuple[float | None, float | None]:
-    """(mean, std) of the reward model's scores that its stage recorded, for normalising them; (None, None), with
-    a warning, when it recorded none (its scores are then used raw)."""
-    stats = parent.info.get("metrics", {})
-    mean, std = stats.get("reward_mean"), stats.get("reward_std")
-    if mean is None or std is None:
-        log.warning("%s records no reward_mean/reward_std; its scores are used raw", parent.path)
-        return None, None
-    return mean, std
-
-
-def prompt_items(ds) -> list[tuple[list[int], dict]]:
-    """(prompt ids, what a reward reads: prompt_text, reference, fields) per prompt row of a prompt dataset."""
-    if ds is None:
-        return []
-    return [(row["prompt_ids"], {"prompt_text": row["prompt_text"], "reference": row["reference"],
-                                 "fields": row.get("fields", "{}")}) for row in ds]
-
-
-def rollout_checker(checker, responses: list[str], items: list[dict]) -> torch.Tensor:
-    """The task checker's score of each sampled response, [N]."""
-    return torch.tensor([float(checker(it["prompt_text"], r, it.get("reference"))) for r, it in zip(responses, items)])
-
-
-def mean_over_ranks(stats: dict) -> dict:
-    if not distributed.is_initialized() or distributed.world_size() == 1:
-        return stats
-    import torch.distributed as dist
-
-    keys = sorted(stats)
-    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device())
-    dist.all_reduce(t)
-    t /= distributed.world_size()
-    return dict(zip(keys, t.tolist()))

@@ -78,12 +78,3 @@ def explained_variance(values, returns, mask) -> torch.Tensor:
     """1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant."""
     var_returns = masked_var(returns, mask)
     return 1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
-
-
-def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
-    """Entropy of each distribution given its log-probabilities over the last dimension."""
-    return -(logp.exp() * logp).sum(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    return entropy_from_logprobs(torch.log_softmax(logits.float(), dim=-1))

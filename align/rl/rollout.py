@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from align.rl.logprobs import causal_lm_parts, token_logprobs, transformers_model
-from align.rl.rewards import last_index, response_mask
+from align.rl.shaping import last_index, response_mask
 
 
 @dataclass
@@ -113,7 +113,7 @@ def _seq_cls_parts(model):
     head = getattr(m, "score", None)
     if head is None:
         raise ValueError(f"{type(m).__name__} has no `score` head: the critic/reward must be a sequence classifier "
-                         "(a reward model output of `stage=rm`)")
+                         "(a reward model stage's output)")
     return getattr(m, m.base_model_prefix), head
 
 
@@ -154,3 +154,15 @@ def adapter_disabled(model):
     """Context in which a PEFT model computes with its base weights (the reference of a LoRA actor)."""
     m = getattr(model, "module", model)
     return m.disable_adapter() if hasattr(m, "disable_adapter") else nullcontext()
+
+
+@torch.no_grad()
+def score(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Reward of each token sequence (the score head at its last token), as float32."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(sequences), batch_size):
+        ids, mask = right_pad(sequences[i : i + batch_size], pad_token_id)
+        out.append(last_token_scores(model, ids.to(device), mask.to(device)).cpu())
+    return torch.cat(out)

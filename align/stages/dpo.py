@@ -13,16 +13,16 @@ any model is built, so transformers builds the models already sharded.
 
 from __future__ import annotations
 
-
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 from transformers import TrainerCallback
 
-from align import handoff
-from align.config import DPO_LOSS_TYPES, DPOStageConfig
+from align.config.registry import StageSpec, init_parent
+from align.config.schema import NON_NEGATIVE, POSITIVE, Check, StageConfig, keyed, one_of
 from align.data.loader import dpo_datasets
-from align.stages import StageSpec
 from align.models.loading import (
     cast_trainable,
     describe,
@@ -31,18 +31,38 @@ from align.models.loading import (
     resolve_name,
     set_use_cache,
 )
+from align.run.stage_run import StageResult, StageRun
 from align.stages.common import (
     max_length,
-    StageResult,
-    StageRun,
     numeric_metrics,
-    log_history_metrics,
-    log_no_parent,
     save_and_commit,
+    start_from,
+    trainer_metrics,
     training_arguments,
 )
 
 log = logging.getLogger("align")
+
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@dataclass
+class DPOStageConfig(StageConfig):
+    name: str = "dpo"
+    beta: float = keyed(0.1, POSITIVE, "strength of the pull toward the reference (higher: stay closer)")
+    loss_type: Any = keyed(None, one_of(*DPO_LOSS_TYPES),
+                           "one of the DPO losses, or a list combined with loss_weights; the default adds an NLL term "
+                           "on the chosen answer to the sigmoid loss (plain sigmoid pushes the chosen answers down too)",
+                           factory=lambda: ["sigmoid", "sft"])
+    loss_weights: list[float] | None = keyed(None, NON_NEGATIVE, "one weight per loss_type entry")
+    label_smoothing: float = keyed(0.0, Check(0, 0.5, high_open=True),
+                                   "robust / exo_pair / aot: assumed share of flipped labels")
+    precompute_ref_logps: bool = keyed(False, help="score the data with the reference once, then drop it from memory")
+    displacement_bound: float | None = keyed(
+        2.0, POSITIVE, "warn when the chosen answers' log-prob falls this many nats below the reference's while the "
+                       "margin grows (likelihood displacement); null: no check")
 
 # TRL's metric names -> stage.json names (prefixed with eval_ or train_)
 METRICS = {
@@ -79,10 +99,7 @@ def run(cfg: DictConfig) -> StageResult:
 
     names = loss_types(cfg.stage)
     stage = StageRun(cfg)
-    parent = handoff.find_parent(cfg, "sft", cfg.stage.init)
-    source = str(parent.model) if parent else cfg.model.name_or_path
-    if parent is None:
-        log_no_parent(cfg, "sft", source)
+    parent, source = start_from(cfg, "sft", cfg.stage.init)
 
     tokenizer = load_tokenizer(resolve_name(source), cfg.model)
     length = max_length(cfg, tokenizer)
@@ -103,16 +120,7 @@ def run(cfg: DictConfig) -> StageResult:
         disable_dropout=True,
         dataset_num_proc=None,
     )
-
-    model, peft_config = load_for_adapter_trainer(source, cfg.model, cfg.peft)
-    ref_model = None
-    if peft_config is None and not cfg.stage.precompute_ref_logps:
-        ref_model, _ = load_for_adapter_trainer(source, cfg.model, cfg.peft)
-        ref_model.requires_grad_(False)
-        ref_model.eval()
-    log.info("policy from %s: %s; reference: %s", source, describe(model),
-             "the same weights, adapter off" if peft_config is not None else
-             "precomputed log-probs" if ref_model is None else "a frozen copy")
+    model, ref_model, peft_config = _load_models(cfg, source)
 
     stage.start_logging()
     watch = DisplacementWatch(cfg.stage.beta, cfg.stage.displacement_bound)
@@ -123,10 +131,7 @@ def run(cfg: DictConfig) -> StageResult:
     trainer.add_callback(watch)
     result = stage.train(trainer)
 
-    metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
-    metrics["train_runtime_s"] = result.metrics.get("train_runtime")
-    metrics["global_step"] = trainer.state.global_step
-    metrics["nonfinite_steps_skipped"] = stage.skipped_steps
+    metrics = trainer_metrics(stage, trainer, result)
     metrics.update(_last_logged(trainer.state.log_history))
     if eval_ds is not None:
         ev = trainer.evaluate()
@@ -138,8 +143,23 @@ def run(cfg: DictConfig) -> StageResult:
     metrics = numeric_metrics(metrics)
 
     set_use_cache(trainer.model, True)
-    return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics,
+    return save_and_commit(stage, trainer, tokenizer, parent, metrics,
                            warnings=watch.warnings)
+
+
+def _load_models(cfg: DictConfig, source: str):
+    """(policy, reference or None, PEFT config or None): under LoRA the reference is the policy with its adapter
+    off, with precomputed log-probs there is none, otherwise a frozen copy."""
+    model, peft_config = load_for_adapter_trainer(source, cfg.model, cfg.peft)
+    ref_model = None
+    if peft_config is None and not cfg.stage.precompute_ref_logps:
+        ref_model, _ = load_for_adapter_trainer(source, cfg.model, cfg.peft)
+        ref_model.requires_grad_(False)
+        ref_model.eval()
+    log.info("policy from %s: %s; reference: %s", source, describe(model),
+             "the same weights, adapter off" if peft_config is not None else
+             "precomputed log-probs" if ref_model is None else "a frozen copy")
+    return model, ref_model, peft_config
 
 
 def displacement(chosen_shifts: list[float], margins: list[float], bound: float | None) -> str | None:
@@ -198,6 +218,24 @@ def _last_logged(log_history: list[dict]) -> dict:
     return out
 
 
+def checks(cfg) -> list[str]:
+    """Rules between dpo's keys, and with ZeRO (align/config/rules.py runs them before anything loads)."""
+    out, s = [], cfg.stage
+    if s.loss_weights is not None:
+        losses = list(s.loss_type) if isinstance(s.loss_type, ListConfig) else [s.loss_type]
+        if len(s.loss_weights) != len(losses):
+            out.append(f"stage.loss_weights=[{','.join(str(w) for w in s.loss_weights)}] needs one weight per "
+                       f"stage.loss_type entry ([{','.join(str(x) for x in losses)}]: {len(losses)})")
+    if s.precompute_ref_logps and cfg.deepspeed.zero_stage == 3:
+        # TRL wraps the policy in a second (inference) ZeRO-3 engine for the precompute pass. Measured on 2 ranks:
+        # the training diverges from ZeRO-2's from step 2 on and the saved adapter no longer reproduces the
+        # trained model's logits (tests/test_supported.py; ZeRO-2 stays allowed, tests/test_zero_matrix.py).
+        out.append("stage.precompute_ref_logps=true does not work under ZeRO-3 (TRL shards the policy a second "
+                   "time for the reference pass, and the trained weights come out wrong); use deepspeed=zero2 "
+                   "(or zero1) with it, or keep ZeRO-3 and set stage.precompute_ref_logps=false")
+    return out
+
+
 SPEC = StageSpec(
-    name="dpo", schema=DPOStageConfig, run=run, lr={"tiny": 3e-4, "full": 5e-7, "adapter": 5e-6}, policy=True,
+    name="dpo", schema=DPOStageConfig, run=run, parents=init_parent("sft"), checks=checks, lr={"tiny": 3e-4, "full": 5e-7, "adapter": 5e-6}, policy=True,
     headline=("first_loss", "last_loss", "eval_accuracy", "eval_margin", "train_chosen_logp_change"))

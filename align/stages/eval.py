@@ -1,7 +1,7 @@
 """stage=eval: what each stage did, in numbers, on held-out data. Trains nothing.
 
-For every policy — the run's sft, dpo and ppo outputs that exist, or `stage.policies` (stage names or
-model paths) — on the eval split (`data.eval`, the demo's eval split, or `data.eval_fraction`):
+For every policy — the run's outputs of every stage whose StageSpec says policy=True, or `stage.policies`
+(stage names or model paths) — on the eval split (`data.eval`, the demo's eval split, or `data.eval_fraction`):
 
   perplexity        exp(mean NLL of the answer tokens) over the eval rows that have an answer
   checker_accuracy  the task checker (`data.checker`) on greedy answers to `stage.prompts` prompts
@@ -16,24 +16,42 @@ stage.json (`<policy>/<metric>`) and results.md. Every rank computes the same nu
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from align import checkers, handoff, tracking
-from align.config import EvalStageConfig
+from align.config.registry import StageSpec
+from align.config.registry import policies as registry_policies
+from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, StageConfig, keyed
 from align.data.loader import eval_pairs, eval_prompts
-from align.eval_metrics import IGNORE_INDEX, labelled_nll, pair_accuracy, perplexity, sequence_kl, win_rate
-from align.models.loading import load_pretrained, load_reward_model, load_tokenizer, resolve_name, score
+from align.models.loading import load_pretrained, load_reward_model, load_tokenizer, resolve_name
+from align.models.metrics import IGNORE_INDEX, labelled_nll, pair_accuracy, perplexity, sequence_kl, win_rate
 from align.rl import rollout
-from align.rl.logprobs import causal_lm_parts, token_logprobs
 from align.rl.engine import device
-from align.stages import StageSpec
-from align.stages import policies as registry_policies
-from align.stages.common import StageResult, StageRun, numeric_metrics, print_summary
+from align.rl.logprobs import causal_lm_parts, token_logprobs
+from align.run import handoff, tracking
+from align.run.stage_run import StageResult, StageRun
+from align.stages.common import numeric_metrics, print_summary
+from align.tasks import checkers
 
 log = logging.getLogger("align")
+
+
+@dataclass
+class EvalStageConfig(StageConfig):
+    name: str = "eval"
+    policies: list[str] = keyed(None, help="run stages or model paths; []: every policy stage the run has",
+                                factory=list)
+    baseline: str | None = keyed("sft", help="win-rate and KL are measured against it: the run's sft, a path, or null")
+    reward: str | None = keyed(None, help="judge: the run's rm, a path, or `none`")
+    pairs: str | None = keyed(None, help="preference pairs for the judge's accuracy; default: its own held-out pairs")
+    prompts: int = keyed(256, NON_NEGATIVE, "held-out prompts each policy answers (greedy; 0: all)")
+    max_prompt_length: int = keyed(512, AT_LEAST_ONE, "longest prompt in tokens")
+    max_new_tokens: int = keyed(64, AT_LEAST_ONE, "longest answer in tokens")
+    kl_samples: int = keyed(1, AT_LEAST_ONE, "sampled responses per prompt for the KL estimate")
+    batch_size: int = keyed(64, AT_LEAST_ONE, "prompts per forward/generate call")
 
 COLUMNS = ("checker_accuracy", "reward_mean", "win_rate", "kl", "perplexity")
 NO_ADAPTER = OmegaConf.create({"method": "none"})
@@ -107,7 +125,8 @@ def _policies(cfg: DictConfig) -> list[tuple[str, handoff.Parent]]:
         found = [(name, p) for name, p in found if p is not None]
         if not found:
             raise handoff.HandoffError(
-                f"eval: run {cfg.run.name!r} has no completed sft, dpo or ppo stage to evaluate; train one first "
+                f"eval: run {cfg.run.name!r} has no completed policy stage ({', '.join(registry_policies())}) to "
+                f"evaluate; train one first "
                 "or name models with stage.policies=[PATH,...]")
         return found
     out = []
@@ -204,8 +223,8 @@ class Evaluator:
         return perplexity(total, count)
 
     def pair_accuracy(self, judge, pairs: list[dict]) -> float:
-        chosen = score(judge, [p["chosen_ids"] for p in pairs], self.pad, self.s.batch_size)
-        rejected = score(judge, [p["rejected_ids"] for p in pairs], self.pad, self.s.batch_size)
+        chosen = rollout.score(judge, [p["chosen_ids"] for p in pairs], self.pad, self.s.batch_size)
+        rejected = rollout.score(judge, [p["rejected_ids"] for p in pairs], self.pad, self.s.batch_size)
         return pair_accuracy(chosen, rejected)
 
 

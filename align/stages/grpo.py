@@ -15,107 +15,123 @@ online loop's (align/rl/loop.py).
 
 from __future__ import annotations
 
-
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 
-from align import distributed, handoff, rewards, tracking
-from align.config import GRPOStageConfig, grpo_kl_in
+from align import rewards
+from align.config.registry import StageSpec
+from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Check, keyed, one_of
 from align.data.loader import prompt_datasets
+from align.data.prompts import Prompt, prompt_records
+from align.models import distributed
+from align.models.distributed import mean_over_ranks
 from align.models.loading import (
     cast_trainable,
     describe,
     load_causal_lm,
     load_pretrained,
     load_tokenizer,
-    point_adapter_at,
     resolve_name,
-    set_use_cache,
 )
 from align.rl import rollout
-from align.rl.advantages import group_advantages, overlong_penalty, token_advantages, zero_variance
-from align.rl.engine import Trainable, checkpointing_active, enable_checkpointing, frozen
-from align.rl.kl import kl_per_token
-from align.rl.loop import (
-    OnlineLoop,
-    load_reward_model,
-    mean_over_ranks,
-    on_device_of,
-    prompt_items,
-    reward_statistics,
-)
-from align.rl.losses import aggregate, aggregation_count, clipped_surrogate
+from align.rl.advantages import ADVANTAGES, group_advantages, overlong_penalty, token_advantages, zero_variance
+from align.rl.engine import Trainable, checkpointing_active, enable_checkpointing, frozen, frozen_reward_model
+from align.rl.kl import ESTIMATORS, kl_per_token
+from align.rl.loop import OnlineLoop, on_device_of
+from align.rl.losses import AGGREGATIONS, aggregate, aggregation_count, clipped_surrogate
 from align.rl.masked import masked_mean
-from align.rl.rewards import shape_scores
-from align.stages import StageSpec
-from align.stages.common import StageResult, StageRun, numeric_metrics, log_no_parent, print_summary, resolve_lr
+from align.rl.shaping import shape_scores
+from align.run import handoff
+from align.run.stage_run import StageResult, StageRun
+from align.stages import online
+from align.stages.common import resolve_lr, start_from
+from align.stages.online import OnlineStageConfig
 
 log = logging.getLogger("align")
+DEFAULT_REWARD = "checker"  # reward.kind=auto: the data's task checker
+
+
+@dataclass
+class GRPOStageConfig(OnlineStageConfig):
+    """Critic-free online RL (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO's pieces) on PPO's engine."""
+
+    name: str = "grpo"
+    group_size: int = keyed(8, Check(low=2), "responses sampled per prompt (one group)")
+    rollout_batch_size: int = keyed(8, AT_LEAST_ONE, "prompts per rank per step (x group_size responses)")
+    overlong_buffer: int = keyed(0, NON_NEGATIVE, "DAPO soft overlong penalty over the last N tokens before "
+                                                  "max_new_tokens; 0: off")
+    overlong_penalty: float = keyed(1.0, NON_NEGATIVE, "the overlong penalty at max_new_tokens")
+    # advantages and loss
+    advantage: str = keyed("grpo", one_of(*ADVANTAGES),
+                           "grpo: group mean/std; dr_grpo: no std, no length normalisation; rloo: leave-one-out; "
+                           "reinforce_pp: group mean, per-token KL in the reward, batch-whitened")
+    loss_agg: str = keyed("auto", one_of("auto", *AGGREGATIONS),
+                          "auto: seq_sum (sum / max_new_tokens) for dr_grpo, token_mean otherwise")
+    clip_low: float = keyed(0.2, POSITIVE, "ratio clip below 1")
+    clip_high: float = keyed(0.28, POSITIVE, "ratio clip above 1 (DAPO's clip-higher when above clip_low)")
+    drop_zero_variance: bool = keyed(True, help="leave out groups whose rewards are all equal (DAPO); counted")
+    beta: float = keyed(0.0, NON_NEGATIVE, "KL(policy || reference) coefficient; 0: no reference pass at all")
+    kl_in: str = keyed("auto", one_of("auto", "loss", "reward"),
+                       "auto: in the reward for reinforce_pp, in the loss otherwise; reward needs reinforce_pp (the "
+                       "other kinds give one advantage per answer, with no per-token reward to shape)")
+    kl_estimator: str = keyed("k3", one_of(*ESTIMATORS), "per-token KL estimator; in the loss k2 or k3 (k1's "
+                              "expected gradient there is zero)")
+    ppo_epochs: int = keyed(1, AT_LEAST_ONE, "passes over each rollout batch")
+
+
+def grpo_kl_in(stage) -> str:
+    """Where GRPO's KL term goes, `auto` resolved: the reward for reinforce_pp, the loss for the other kinds."""
+    if stage.kl_in != "auto":
+        return stage.kl_in
+    return "reward" if stage.advantage == "reinforce_pp" else "loss"
 
 
 def run(cfg: DictConfig) -> StageResult:
     s = cfg.stage
     stage = StageRun(cfg)
-    parent = handoff.find_parent(cfg, "sft", s.init)
-    source = str(parent.model) if parent else cfg.model.name_or_path
-    if parent is None:
-        log_no_parent(cfg, "sft", source)
-    uses_rm = "rm" in rewards.components_of(cfg.reward)
+    parent, source = start_from(cfg, "sft", s.init)
+    uses_rm = "rm" in rewards.components_of(cfg.reward, DEFAULT_REWARD)
     rm_parent = handoff.find_parent(cfg, "rm", cfg.reward.model) if uses_rm else None
     if uses_rm and rm_parent is None:
         raise handoff.HandoffError(f"reward=rm needs a reward model: run `python -m align stage=rm run.name="
                                    f"{cfg.run.name}` first, or pass reward.model=PATH")
-    rewards.build(cfg.reward, cfg.data, rm_score=(lambda b: None) if uses_rm else None)  # refuse a bad reward early
+    # built once, before any model loads (a bad reward is refused here); the loop binds its rm component
+    reward = rewards.build(cfg.reward, cfg.data, rm_score=(lambda b: None) if uses_rm else None, auto=DEFAULT_REWARD)
 
     tokenizer = load_tokenizer(resolve_name(source), cfg.model)
     train_ds, eval_ds, report = prompt_datasets(cfg.data, tokenizer, s.max_prompt_length, cfg.train.seed)
-    train = prompt_items(train_ds)
-    held_out = prompt_items(eval_ds)[: s.eval_prompts] if (eval_ds is not None and s.eval_prompts) else []
+    train = prompt_records(train_ds)
+    held_out = prompt_records(eval_ds)[: s.eval_prompts]
     log.info("prompts: %d train, %d eval; %s", len(train), len(held_out), report.errors.summary())
 
     torch.manual_seed(cfg.train.seed)
-    world = distributed.world_size()
-    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(
-        1, math.ceil(cfg.train.epochs * len(train) / (s.rollout_batch_size * world)))
+    steps = online.steps(cfg, len(train))
     samples = s.rollout_batch_size * s.group_size
     updates = steps * s.ppo_epochs * (samples // (cfg.train.batch_size * cfg.train.grad_accum))
 
     policy, reference, peft = _load_policy(cfg, stage, source, updates)
     rm = _load_rm(cfg, stage, rm_parent, tokenizer) if uses_rm else None
-    loop = GRPOLoop(cfg, policy, reference, peft, tokenizer, rm)
+    loop = GRPOLoop(cfg, policy, reference, peft, tokenizer, reward, rm)
 
     stage.prepare_checkpoints()
     stage.start_logging()
-    before = None
-    if stage.resume_from is None:
-        before = loop.evaluate([p for p, _ in held_out], [_eval_item(i) for _, i in held_out]) if held_out else {}
-    history = loop.train(train, steps, s.rollout_batch_size, stage.wandb_run, stage.checkpoints, stage.resume_from,
-                         before)
-    after = loop.evaluate([p for p, _ in held_out], [_eval_item(i) for _, i in held_out]) if held_out else {}
-
-    metrics = {"global_step": steps, "train_runtime_s": loop.train_time, "nonfinite_updates_skipped": loop.skipped,
-               "samples_per_s": steps * samples * world / max(loop.train_time, 1e-9)}
+    history, before, after = online.train_and_evaluate(loop, stage, train, steps, held_out)
+    world = distributed.world_size()
+    extra = {"samples_per_s": steps * samples * world / max(loop.train_time, 1e-9)}
     if history:
-        metrics.update({f"first_{k}": history[0][k] for k in ("reward/total_mean", "reward/checker")
-                        if k in history[0]})
-        metrics.update(history[-1])
-        metrics["zero_variance_groups_dropped"] = sum(h.get("groups/dropped", 0) for h in history)
-        metrics["reward_errors"] = sum(h.get("reward/errors", 0) for h in history)
-    metrics.update({f"eval_{k}_before": v for k, v in loop.before.items()})
-    metrics.update({f"eval_{k}": v for k, v in after.items()})
-    metrics.update(report.metrics())
-    metrics = numeric_metrics(metrics)
+        extra["zero_variance_groups_dropped"] = sum(h.get("groups/dropped", 0) for h in history)
+        extra["reward_errors"] = sum(h.get("reward/errors", 0) for h in history)
+    metrics = online.metrics(loop, steps, history, before, after, report, ("reward/total_mean", "reward/checker"),
+                             extra)
     parents = [p for p in (parent, rm_parent) if p]
-    curves = [{"step": i + 1, **h} for i, h in enumerate(history)]
-    return _save_and_commit(stage, loop, tokenizer, parents, parent, metrics, curves)
-
-
-def _eval_item(item: dict) -> tuple:
-    return (item["prompt_text"], item["reference"], item)
+    return online.save_and_commit(stage, {handoff.MODEL_DIR: (loop.actor, parent)}, tokenizer, parents, parent,
+                                  metrics, [{"step": i + 1, **h} for i, h in enumerate(history)],
+                                  {"warnings": loop.warnings})
 
 
 def _load_policy(cfg, stage: StageRun, source: str, total_updates: int):
@@ -143,8 +159,8 @@ def _load_policy(cfg, stage: StageRun, source: str, total_updates: int):
 def _load_rm(cfg, stage: StageRun, rm_parent, tokenizer):
     """(model, mean, std) of the reward model, frozen, normalised with its stored statistics."""
     log.info("reward model %s", rm_parent.model)
-    return (load_reward_model(cfg, stage.ds_config, rm_parent, tokenizer.pad_token_id),
-            *reward_statistics(rm_parent))
+    return (frozen_reward_model(cfg, stage.ds_config, rm_parent, tokenizer.pad_token_id),
+            *rewards.rm_statistics(rm_parent))
 
 
 class GRPOLoop(OnlineLoop):
@@ -153,12 +169,12 @@ class GRPOLoop(OnlineLoop):
     log_keys = ("reward/total_mean", "reward/checker", "reward/rm", "reward/python", "groups/zero_variance_share",
                 "objective/kl", "policy/entropy", "policy/clipfrac", "response/length", "time/generation_share")
 
-    def __init__(self, cfg, policy: Trainable, reference, peft: bool, tokenizer, rm=None):
-        from align import checkers
-
-        super().__init__(cfg, policy, reference, peft, tokenizer, checkers.from_config(cfg.data))
+    def __init__(self, cfg, policy: Trainable, reference, peft: bool, tokenizer, reward: rewards.Reward, rm=None):
+        super().__init__(cfg, policy, reference, peft, tokenizer, reward.checker)
         self.rm = rm
-        self.reward = rewards.build(cfg.reward, cfg.data, rm_score=self.rm_score if rm is not None else None)
+        self.reward = reward
+        if rm is not None:
+            reward.bind_rm(self.rm_score)
         s = self.s
         self.agg = s.loss_agg if s.loss_agg != "auto" else ("seq_sum" if s.advantage == "dr_grpo" else "token_mean")
         self.kl_in = grpo_kl_in(s)
@@ -177,14 +193,20 @@ class GRPOLoop(OnlineLoop):
             return {}
         return {"reward_mean": self.rm_score(batch)}
 
-    def step(self, prompts: list[tuple[list[int], dict]]) -> dict:
+    def step(self, prompts: list[Prompt]) -> dict:
+        t0 = time.perf_counter()
+        r = self._rollout(prompts, t0)
+        update = self._update(r)
+        return self._stats(r, update, time.perf_counter() - t0)
+
+    def _rollout(self, prompts: list[Prompt], t0: float) -> GroupRollout:
+        """Sample group_size answers per prompt, score them, and turn the scores into per-token advantages."""
         s, G = self.s, self.s.group_size
-        items, n = [item for _, item in prompts for _ in range(G)], len(prompts) * G
+        items, n = [p for p in prompts for _ in range(G)], len(prompts) * G
         single_update = s.ppo_epochs == 1 and n == self.cfg.train.batch_size * self.cfg.train.grad_accum
         kl_in_reward = s.beta > 0 and self.kl_in == "reward"
-        t0 = time.perf_counter()
         with self.rollout_window(), torch.no_grad():  # ZeRO-3: one gather for generation and these passes
-            batch = self.sample([ids for ids, _ in prompts for _ in range(G)])
+            batch = self.sample([p.ids for p in items])
             t_gen = time.perf_counter() - t0
             behaviour = None if single_update and not kl_in_reward else \
                 rollout.response_logprobs(self.actor.module, batch, s.temperature)[0]
@@ -206,58 +228,88 @@ class GRPOLoop(OnlineLoop):
             # whitened (reinforce_pp) over the answers that train, not over the groups left out
             advantages = token_advantages(seq_adv, loss_mask, s.advantage, kl_tokens, s.beta if kl_in_reward else 0)
         old_logp = None if single_update else behaviour  # one update: its live log-probs are the behaviour's
+        return GroupRollout(batch, scored, total, flat, keep, loss_mask, advantages, old_logp, ref_logp, lengths,
+                            t_gen)
 
+    def _update(self, r: GroupRollout) -> dict[str, list]:
+        """stage.ppo_epochs passes of clipped-surrogate updates over the kept answers, in micro-batches."""
+        s, n, mask = self.s, len(r.keep), r.batch.mask
         update: dict[str, list] = {}
         micro, accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
         for _ in range(s.ppo_epochs):
-            order = _kept_first(keep, self.gen)
+            order = _kept_first(r.keep, self.gen)
             # each optimizer step (grad_accum micro-batches) divides by its own kept tokens or answers, summed over
             # the ranks: a micro-batch holding one kept answer weighs that answer, not a whole batch
-            denominators = window_denominators(loss_mask, order, micro, accum, self.agg)
+            denominators = window_denominators(r.loss_mask, order, micro, accum, self.agg)
             for mb_index, start in enumerate(range(0, n, micro)):
                 idx = order[start : start + micro].to(mask.device)
-                if not bool(keep[idx.cpu()].any()) and self.actor.engine is None:
+                if not bool(r.keep[idx.cpu()].any()) and self.actor.engine is None:
                     self.actor.step()  # nothing to learn from here: count the micro-step, skip the passes
                     continue
-                mb = batch.select(idx)
-                denominator = denominators[mb_index // accum]
-                with checkpointing_active(self.actor.model):
-                    logp, entropy = rollout.response_logprobs(self.actor.model, mb, s.temperature, with_entropy=True)
-                old = logp.detach() if old_logp is None else old_logp[idx]
-                loss, stats = clipped_surrogate(logp, old, advantages[idx], loss_mask[idx], s.clip_low, s.clip_high,
-                                                self.agg, s.max_new_tokens, denominator)
-                if ref_logp is not None and self.kl_in == "loss":
-                    kl = aggregate(kl_per_token(logp, ref_logp[idx], s.kl_estimator), loss_mask[idx], self.agg,
-                                   s.max_new_tokens, denominator)
-                    loss = loss + s.beta * kl
-                    stats["loss/kl"] = kl.detach()
-                if not self.finite_on_all_ranks(loss):
-                    # still a micro-step (as a left-out one is): the accumulation windows stay those of this rollout
-                    self.actor.backward(zero_loss(logp))
-                    self.actor.step()
-                    continue
-                self.actor.backward(loss)
-                self.actor.step()
-                stats.update({"loss/policy": loss.detach(), "policy/entropy": masked_mean(entropy.detach(), mb.mask)})
-                if ref_logp is not None:  # KL(policy || reference) per response, by the sampled tokens
-                    stats["objective/kl"] = ((logp.detach() - ref_logp[idx]) * mb.mask).sum(1).mean()
+                stats = self._micro_step(r, idx, denominators[mb_index // accum])
                 for k, v in stats.items():
                     update.setdefault(k, []).append(float(v))
-        step_time = time.perf_counter() - t0
+        return update
 
+    def _micro_step(self, r: GroupRollout, idx: torch.Tensor, denominator: float) -> dict:
+        """One micro-batch's loss, backward and (accumulated) step; its stats ({} when its loss was non-finite)."""
+        s, mb = self.s, r.batch.select(idx)
+        with checkpointing_active(self.actor.model):
+            logp, entropy = rollout.response_logprobs(self.actor.model, mb, s.temperature, with_entropy=True)
+        old = logp.detach() if r.old_logp is None else r.old_logp[idx]
+        loss, stats = clipped_surrogate(logp, old, r.advantages[idx], r.loss_mask[idx], s.clip_low, s.clip_high,
+                                        self.agg, s.max_new_tokens, denominator)
+        if r.ref_logp is not None and self.kl_in == "loss":
+            kl = aggregate(kl_per_token(logp, r.ref_logp[idx], s.kl_estimator), r.loss_mask[idx], self.agg,
+                           s.max_new_tokens, denominator)
+            loss = loss + s.beta * kl
+            stats["loss/kl"] = kl.detach()
+        if not self.finite_on_all_ranks(loss):
+            # still a micro-step (as a left-out one is): the accumulation windows stay those of this rollout
+            self.actor.backward(zero_loss(logp))
+            self.actor.step()
+            return {}
+        self.actor.backward(loss)
+        self.actor.step()
+        stats.update({"loss/policy": loss.detach(), "policy/entropy": masked_mean(entropy.detach(), mb.mask)})
+        if r.ref_logp is not None:  # KL(policy || reference) per response, by the sampled tokens
+            stats["objective/kl"] = ((logp.detach() - r.ref_logp[idx]) * mb.mask).sum(1).mean()
+        return stats
+
+    def _stats(self, r: GroupRollout, update: dict[str, list], step_time: float) -> dict:
+        G, n, scored = self.s.group_size, len(r.keep), r.scored
         out = {"reward/total_mean": float(scored.total[scored.valid].mean()) if scored.valid.any() else 0.0,
                "reward/std": float(scored.total.std()) if n > 1 else 0.0,
-               "reward/shaped_mean": float(total[valid].mean()) if valid.any() else 0.0,
+               "reward/shaped_mean": float(r.total[scored.valid].mean()) if scored.valid.any() else 0.0,
                "reward/errors": float(scored.errors),
-               "groups/zero_variance_share": float(flat.view(-1, G)[:, 0].float().mean()),
-               "groups/dropped": float((~keep).view(-1, G).all(1).sum()) if s.drop_zero_variance else 0.0,
-               "response/length": float(lengths.float().mean()), "response/ended": float(batch.ended.float().mean()),
-               "time/generation_share": t_gen / step_time, "time/step_s": step_time,
+               "groups/zero_variance_share": float(r.flat.view(-1, G)[:, 0].float().mean()),
+               "groups/dropped": float((~r.keep).view(-1, G).all(1).sum()) if self.s.drop_zero_variance else 0.0,
+               "response/length": float(r.lengths.float().mean()),
+               "response/ended": float(r.batch.ended.float().mean()),
+               "time/generation_share": r.t_gen / step_time, "time/step_s": step_time,
                "samples/s": n / step_time}
         out.update({f"reward/{k}": float(v.mean()) for k, v in scored.components.items()})
         out.update({k: sum(v) / len(v) for k, v in update.items()})
         out["lr/actor"] = self.actor.lr()
         return mean_over_ranks(out)
+
+
+@dataclass
+class GroupRollout:
+    """One step's sampled groups: the batch, its rewards (as scored, then shaped), which answers train, and the
+    log-probs and advantages the update reads."""
+
+    batch: rollout.Batch
+    scored: rewards.Scored
+    total: torch.Tensor  # [N] the shaped reward (overlong and missing-EOS penalties added)
+    flat: torch.Tensor  # [N] bool: in a group whose rewards are all equal
+    keep: torch.Tensor  # [N] bool: trains (valid, and not dropped as zero-variance)
+    loss_mask: torch.Tensor  # [N, R] the response tokens of the kept answers
+    advantages: torch.Tensor  # [N, R]
+    old_logp: torch.Tensor | None  # [N, R] behaviour log-probs; None: one update, the live ones are
+    ref_logp: torch.Tensor | None  # [N, R] the reference's; None with stage.beta=0
+    lengths: torch.Tensor  # [N]
+    t_gen: float  # seconds spent sampling
 
 
 def window_denominators(loss_mask: torch.Tensor, order: torch.Tensor, micro: int, accum: int, how: str) -> list:
@@ -285,34 +337,34 @@ def _kept_first(keep: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([order[keep[order]], order[~keep[order]]])
 
 
-def _save_and_commit(stage: StageRun, loop: GRPOLoop, tokenizer, parents, parent, metrics: dict,
-                     history: list[dict]) -> StageResult:
-    main = tracking.is_main_process()
-    state = loop.actor.state_dict_for_save()  # collectives: every rank takes part
-    policy = loop.actor.module
-    if main:
-        if parent is not None:
-            point_adapter_at(policy, str(parent.model))
-        set_use_cache(policy, True)
-        staged = handoff.staging_dir(stage.out)
-        policy.save_pretrained(staged, state_dict=state)
-        tokenizer.save_pretrained(staged)
-        base = parent.info.get("base_model", str(parent.model)) if parent else stage.cfg.model.name_or_path
-        stage.commit(staged, parents, base, metrics, history=history, extra={"warnings": loop.warnings})
-        print_summary("grpo", metrics, stage.out)
-    distributed.barrier()
-    return StageResult(stage.out, metrics, policy)
+def checks(cfg) -> list[str]:
+    """Rules between grpo's keys (align/config/rules.py runs them before anything loads)."""
+    out, s, t = [], cfg.stage, cfg.train
+    mini, samples = t.batch_size * t.grad_accum, s.rollout_batch_size * s.group_size
+    if mini > 0 and samples % mini:
+        out.append(f"stage.rollout_batch_size x stage.group_size = {samples} responses per step must be a multiple "
+                   f"of train.batch_size x train.grad_accum = {mini} (one optimizer step); e.g. train.batch_size="
+                   f"{math.gcd(samples, t.batch_size)}")
+    kl_in = grpo_kl_in(s)
+    if kl_in == "reward" and s.advantage != "reinforce_pp":
+        out.append(f"stage.kl_in=reward with stage.advantage={s.advantage}: the KL would enter neither the "
+                   "advantages (one per answer, from its group) nor the loss, so stage.beta would do nothing. "
+                   "Fix: stage.kl_in=loss (or auto), or stage.advantage=reinforce_pp")
+    if kl_in == "loss" and s.beta > 0 and s.kl_estimator == "k1":
+        out.append("stage.kl_estimator=k1 with the KL in the loss: on the policy's own samples k1's expected "
+                   "gradient is zero, so stage.beta would only add noise. Fix: stage.kl_estimator=k3 (the "
+                   "default) or k2")
+    return out
 
 
 def _parents(cfg) -> list[tuple[str, str | None]]:
-    rm = [("rm", cfg.reward.model)] if "rm" in rewards.components_of(cfg.reward) else []
+    rm = [("rm", cfg.reward.model)] if "rm" in rewards.components_of(cfg.reward, DEFAULT_REWARD) else []
     return [("sft", cfg.stage.init)] + rm
 
 
-# tiny: 1e-4, not 3e-4 — at 3e-4 the policy drifted into new copy slips on json (Eli -> Fay) and its
-# entropy collapsed on them, so no group could fix them (docs/quality.md, "GRPO's learning rate")
+# learning rates: chosen on the task zoo over seeds (docs/quality.md)
 SPEC = StageSpec(
-    name="grpo", schema=GRPOStageConfig, run=run, parents=_parents,
-    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reward=True,
+    name="grpo", schema=GRPOStageConfig, run=run, parents=_parents, checks=checks, default_reward=DEFAULT_REWARD,
+    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reads_reward=True,
     headline=("first_reward/total_mean", "reward/total_mean", "eval_checker_accuracy_before",
               "eval_checker_accuracy", "eval_greedy_logratio"))

@@ -13,57 +13,85 @@ the reward model (its score head becomes the value head).
 
 from __future__ import annotations
 
-
 import logging
-import math
 import time
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 
-from align import checkers, distributed, handoff, rewards, tracking
-from align.config import PPOStageConfig
+from align import rewards
+from align.config.registry import StageSpec
+from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, keyed, one_of
 from align.data.loader import prompt_datasets
+from align.data.prompts import prompt_records
+from align.models import distributed
+from align.models.distributed import mean_over_ranks
 from align.models.loading import (
     cast_trainable,
     describe,
     load_causal_lm,
     load_pretrained,
     load_tokenizer,
-    point_adapter_at,
     resolve_name,
-    set_use_cache,
     wrap_peft,
 )
 from align.rl import rollout
-from align.rl.engine import Trainable, checkpointing_active, enable_checkpointing, frozen
-from align.rl.loop import (
-    OnlineLoop,
-    load_reward_model,
-    mean_over_ranks,
-    on_device_of,
-    prompt_items,
-    reward_statistics,
-    rollout_checker,
-)
+from align.rl.engine import Trainable, checkpointing_active, enable_checkpointing, frozen, frozen_reward_model
 from align.rl.gae import gae
 from align.rl.kl import ESTIMATORS, kl_controller
+from align.rl.loop import OnlineLoop, on_device_of
 from align.rl.losses import explained_variance, policy_loss, value_loss
 from align.rl.masked import masked_mean, whiten
-from align.rl.rewards import shape_scores, token_rewards
-from align.stages import StageSpec
-from align.stages.common import StageResult, StageRun, numeric_metrics, print_summary, resolve_lr
+from align.rl.shaping import shape_scores, token_rewards
+from align.run import handoff
+from align.run.stage_run import StageResult, StageRun
+from align.stages import online
+from align.stages.common import resolve_lr
+from align.stages.online import OnlineStageConfig
+from align.tasks import checkers
 
 log = logging.getLogger("align")
+
+
+@dataclass
+class PPOStageConfig(OnlineStageConfig):
+    name: str = "ppo"
+    actor: str | None = keyed(None, help="actor and reference; default: the run's sft (stage.init is the same)")
+    reward: str | None = keyed(None, help="reward model; default: the run's rm")
+    critic: str | None = keyed(None, help="critic init (a sequence classifier); default: the reward model")
+    critic_peft: str = keyed("auto", one_of("auto", "none", "lora"), "auto: LoRA when peft is lora/qlora")
+    critic_lr: float | None = keyed(None, POSITIVE, "critic learning rate (the critic has its own AdamW, so this, not a loss weight, sets how fast it learns); null: train.lr")
+    critic_max_grad_norm: float | None = keyed(10.0, NON_NEGATIVE, "gradient clipping norm of the critic (its value-loss gradients run larger than the policy's); null: train.max_grad_norm; 0: none")
+    rollout_batch_size: int = keyed(64, AT_LEAST_ONE, "prompts per rank per PPO step")
+    # score
+    reward_norm: bool = keyed(True, help="(score - mean) / std with the reward model's stored statistics")
+    reward_clip: float | None = keyed(10.0, POSITIVE, "clip normalised scores to +-this; null: no clip")
+    # KL penalty
+    kl_coef: float = keyed(0.2, NON_NEGATIVE, "per-token KL penalty coefficient (initial one when kl_target is set)")
+    kl_estimator: str = keyed("k1", one_of(*ESTIMATORS), "per-token KL estimator (in the reward: any)")
+    kl_target: float | None = keyed(None, POSITIVE, "set: adaptive coefficient tracking this KL per sequence")
+    kl_horizon: int = keyed(10000, AT_LEAST_ONE, "adaptive KL controller horizon")
+    # advantages and losses
+    gamma: float = keyed(1.0, PROBABILITY, "discount")
+    lam: float = keyed(0.95, PROBABILITY, "GAE lambda")
+    whiten_rewards: bool = keyed(False, help="whiten per-token rewards before GAE")
+    whiten_advantages: bool = keyed(True, help="whiten advantages per batch")
+    clip_range: float = keyed(0.2, POSITIVE, "policy ratio clip")
+    clip_range_value: float = keyed(0.2, POSITIVE, "value clip")
+    ppo_epochs: int = keyed(4, AT_LEAST_ONE, "passes over each rollout batch")
 CRITIC_DIR = "critic"
+DEFAULT_REWARD = "rm"  # reward.kind=auto: the run's reward model
 
 
 def run(cfg: DictConfig) -> StageResult:
     s = cfg.stage
-    _validate(cfg)
     stage = StageRun(cfg)
     actor_parent = handoff.find_parent(cfg, "sft", s.actor or s.init)
-    rewards.build(cfg.reward, cfg.data, rm_score=lambda b: None, stage="ppo")  # refuse a bad reward group early
+    # built once, before any model loads (a bad reward group is refused here); its rm component is bound to the
+    # loaded reward model by the loop. reward=rm (ppo's auto) scores with the RM alone: no group.
+    group = None if rewards.kind_of(cfg.reward, DEFAULT_REWARD) == "rm" else rewards.build(
+        cfg.reward, cfg.data, rm_score=lambda b: None, auto=DEFAULT_REWARD)
     reward_parent = handoff.find_parent(cfg, "rm", s.reward or cfg.reward.model)
     if reward_parent is None:
         raise handoff.HandoffError(
@@ -74,60 +102,39 @@ def run(cfg: DictConfig) -> StageResult:
 
     tokenizer = load_tokenizer(resolve_name(actor_source), cfg.model)
     train_ds, eval_ds, report = prompt_datasets(cfg.data, tokenizer, s.max_prompt_length, cfg.train.seed)
-    train_prompts = prompt_items(train_ds)  # (ids, prompt_text/reference): the checker reads the rollouts too
-    n_eval = s.eval_prompts if (eval_ds is not None and s.eval_prompts) else 0
-    eval_prompts = list(eval_ds["prompt_ids"])[:n_eval] if n_eval else []
-    eval_texts = list(zip(eval_ds["prompt_text"], eval_ds["reference"]))[:n_eval] if n_eval else []
-    log.info("prompts: %d train, %d eval; %s", len(train_prompts), len(eval_prompts), report.errors.summary())
+    train_prompts = prompt_records(train_ds)  # text and reference too: the checker reads the rollouts
+    held_out = prompt_records(eval_ds)[: s.eval_prompts]
+    log.info("prompts: %d train, %d eval; %s", len(train_prompts), len(held_out), report.errors.summary())
 
     torch.manual_seed(cfg.train.seed)
-    world = distributed.world_size()
-    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(
-        1, math.ceil(cfg.train.epochs * len(train_prompts) / (s.rollout_batch_size * world)))
-    updates_per_step = s.ppo_epochs * (s.rollout_batch_size // (cfg.train.batch_size * cfg.train.grad_accum))
-    total_updates = steps * updates_per_step
+    steps = online.steps(cfg, len(train_prompts))
+    total_updates = steps * s.ppo_epochs * (s.rollout_batch_size // (cfg.train.batch_size * cfg.train.grad_accum))
 
     models = _load_models(cfg, stage, actor_source, reward_parent, critic_parent, tokenizer, total_updates)
-    norm = reward_statistics(reward_parent) if s.reward_norm else (None, None)
-    loop = PPOLoop(cfg, models, tokenizer, norm, checkers.from_config(cfg.data))
+    norm = rewards.rm_statistics(reward_parent) if s.reward_norm else (None, None)
+    loop = PPOLoop(cfg, models, tokenizer, norm, group, checkers.from_config(cfg.data))
 
     stage.prepare_checkpoints()
     stage.start_logging()
-    before = None
-    if stage.resume_from is None:
-        before = loop.evaluate(eval_prompts, eval_texts) if eval_prompts else {}
-    history = loop.train(train_prompts, steps, s.rollout_batch_size, stage.wandb_run, stage.checkpoints,
-                         stage.resume_from, before)
-    before = loop.before  # restored from the checkpoint when resuming
-    after = loop.evaluate(eval_prompts, eval_texts) if eval_prompts else {}
-
-    metrics = {"global_step": steps, "train_runtime_s": loop.train_time, "nonfinite_updates_skipped": loop.skipped}
-    if history:
-        first, last = history[0], history[-1]
-        metrics.update({f"first_{k}": first[k] for k in ("reward/score_mean", "objective/kl") if k in first})
-        metrics.update({k: last[k] for k in last})
-    metrics.update({f"eval_{k}_before": v for k, v in before.items()})
-    metrics.update({f"eval_{k}": v for k, v in after.items()})
-    metrics.update(report.metrics())
-    metrics = numeric_metrics(metrics)
+    history, before, after = online.train_and_evaluate(loop, stage, train_prompts, steps, held_out)
+    metrics = online.metrics(loop, steps, history, before, after, report, ("reward/score_mean", "objective/kl"))
     parents = [p for p in (actor_parent, reward_parent, critic_parent if s.critic else None) if p]
-    curves = [{"step": i + 1, **h} for i, h in enumerate(history)]
-    return _save_and_commit(stage, models, tokenizer, parents, actor_parent, critic_parent, metrics, curves,
-                            loop.warnings)
+    trained = {handoff.MODEL_DIR: (models.actor, actor_parent), CRITIC_DIR: (models.critic, critic_parent)}
+    extra = {"critic": {"dir": CRITIC_DIR, "task": "seq_cls", "init": str(critic_parent.model)},
+             "warnings": loop.warnings}
+    return online.save_and_commit(stage, trained, tokenizer, parents, actor_parent, metrics,
+                                  [{"step": i + 1, **h} for i, h in enumerate(history)], extra)
 
 
-def _validate(cfg) -> None:
+def checks(cfg) -> list[str]:
+    """Rules between ppo's keys (align/config/rules.py runs them before anything loads)."""
     s, t = cfg.stage, cfg.train
     mini = t.batch_size * t.grad_accum
-    if s.rollout_batch_size % mini:
-        raise ValueError(f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of train.batch_size x "
-                         f"train.grad_accum = {mini} (one PPO mini-batch)")
-    if s.kl_estimator not in ESTIMATORS:
-        raise ValueError(f"stage.kl_estimator must be one of {', '.join(ESTIMATORS)}, got {s.kl_estimator!r}")
-    if s.critic_peft not in ("auto", "none", "lora"):
-        raise ValueError(f"stage.critic_peft must be auto, none or lora, got {s.critic_peft!r}")
-    if s.temperature <= 0:
-        raise ValueError("stage.temperature must be > 0")
+    if mini > 0 and s.rollout_batch_size % mini:
+        return [f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of train.batch_size x "
+                f"train.grad_accum = {mini} (one PPO mini-batch); e.g. stage.rollout_batch_size="
+                f"{max(mini, s.rollout_batch_size // mini * mini)}"]
+    return []
 
 
 class Models:
@@ -152,7 +159,7 @@ def _load_models(cfg, stage: StageRun, actor_source, reward_parent, critic_paren
     if not peft_actor:
         reference = frozen(load_pretrained(AutoModelForCausalLM, actor_source, cfg.model, none), cfg, ds, on_cpu)
 
-    reward = load_reward_model(cfg, ds, reward_parent, pad)
+    reward = frozen_reward_model(cfg, ds, reward_parent, pad)
 
     critic = load_pretrained(AutoModelForSequenceClassification, str(critic_parent.model), cfg.model, none,
                              num_labels=1)
@@ -183,15 +190,16 @@ class PPOLoop(OnlineLoop):
     log_keys = ("reward/score_mean", "objective/kl", "objective/kl_coef", "policy/entropy", "policy/clipfrac",
                 "loss/value", "value/explained_variance", "response/length", "time/generation_share")
 
-    def __init__(self, cfg, models: Models, tokenizer, norm, checker=None):
+    def __init__(self, cfg, models: Models, tokenizer, norm, group: rewards.Reward | None, checker=None):
         super().__init__(cfg, models.actor, models.reference, models.peft_actor, tokenizer, checker)
         self.m = models
         self.norm_mean, self.norm_std = norm
         self.kl_ctl = kl_controller(self.s.kl_coef, self.s.kl_target, self.s.kl_horizon)
-        # reward=rm (ppo's auto): the RM's raw score, normalised below; any other reward group: its total, with an
-        # rm component normalised by the RM's statistics
-        self.group = None if rewards.kind_of(cfg.reward, "ppo") == "rm" else rewards.build(
-            cfg.reward, cfg.data, rm_score=self.normalised_rm_score, stage="ppo")
+        # reward=rm (ppo's auto, group None): the RM's raw score, normalised below; any other reward group: its
+        # total, with an rm component normalised by the RM's statistics
+        self.group = group
+        if group is not None:
+            group.bind_rm(self.normalised_rm_score)
 
     @torch.no_grad()
     def normalised_rm_score(self, batch) -> torch.Tensor:
@@ -223,10 +231,25 @@ class PPOLoop(OnlineLoop):
 
     # --- one PPO step ---------------------------------------------------------------------------
     def step(self, prompts) -> dict:
-        s = self.s
         t0 = time.perf_counter()
+        r = self._rollout(prompts, t0)
+        update_stats = self._update(r)
+        step_time = time.perf_counter() - t0
+        stats = {k: float(v) for k, v in r.stats.items()}
+        stats.update({k: sum(v) / len(v) for k, v in update_stats.items()})
+        stats["value/explained_variance"] = float(explained_variance(r.old_values, r.returns, r.batch.mask))
+        stats["time/generation_share"] = r.t_gen / step_time
+        stats["time/step_s"] = step_time
+        stats["lr/actor"] = self.m.actor.lr()
+        stats = mean_over_ranks(stats)
+        self.kl_ctl.update(stats["objective/kl"], len(prompts) * distributed.world_size())
+        return stats
+
+    def _rollout(self, prompts, t0: float) -> PPORollout:
+        """Sample, score (the reward model, or the reward group), and the per-token rewards, advantages, returns."""
+        s = self.s
         with self.rollout_window(), torch.no_grad():
-            batch = self.sample([ids for ids, _ in prompts])
+            batch = self.sample([p.ids for p in prompts])
             t_gen = time.perf_counter() - t0
             old_logp, _ = rollout.response_logprobs(self.m.actor.module, batch, s.temperature)
             ref_logp = self.reference_logprobs(batch, s.temperature)
@@ -238,7 +261,7 @@ class PPOLoop(OnlineLoop):
                 scores = shape_scores(raw, batch.ended, mean=self.norm_mean, std=self.norm_std, clip=s.reward_clip,
                                       missing_eos_penalty=s.missing_eos_penalty)
             else:  # a failed user function (data.on_error=skip) scores 0 and is counted
-                group = self.group(batch, rollout.decode_responses(self.tok, batch), [item for _, item in prompts])
+                group = self.group(batch, rollout.decode_responses(self.tok, batch), prompts)
                 raw = torch.where(group.valid, group.total, torch.zeros_like(group.total)).to(batch.mask.device)
                 scores = shape_scores(raw, batch.ended, clip=s.reward_clip, missing_eos_penalty=s.missing_eos_penalty)
             rewards, kl = token_rewards(scores, old_logp, ref_logp, batch.mask, self.kl_ctl.value, s.kl_estimator)
@@ -247,23 +270,32 @@ class PPOLoop(OnlineLoop):
             advantages, returns = gae(rewards, old_values, batch.mask, s.gamma, s.lam)
             if s.whiten_advantages:
                 advantages = whiten(advantages, batch.mask)
+        stats = self._rollout_stats(batch, raw, scores, kl, group, prompts)
+        return PPORollout(batch, old_logp, old_values, advantages, returns, stats, t_gen)
+
+    def _rollout_stats(self, batch, raw, scores, kl, group, prompts) -> dict:
         mask = batch.mask
-        seq_kl = (kl * mask).sum(1).mean()
-        rollout_stats = {
+        stats = {
             "reward/score_mean": raw.mean(), "reward/score_std": raw.std() if len(raw) > 1 else torch.tensor(0.0),
-            "reward/shaped_mean": scores.mean(), "objective/kl": seq_kl, "objective/kl_coef": self.kl_ctl.value,
+            "reward/shaped_mean": scores.mean(), "objective/kl": (kl * mask).sum(1).mean(),
+            "objective/kl_coef": self.kl_ctl.value,
             "objective/non_score_reward": (-self.kl_ctl.value * kl * mask).sum(1).mean(),
             "response/length": mask.sum(1).float().mean(), "response/ended": batch.ended.float().mean(),
         }
         if group is not None:
-            rollout_stats.update({f"reward/{k}": v.mean() for k, v in group.components.items()})
-            rollout_stats["reward/errors"] = torch.tensor(float(group.errors))
+            stats.update({f"reward/{k}": v.mean() for k, v in group.components.items()})
+            stats["reward/errors"] = torch.tensor(float(group.errors))
         elif self.checker is not None:  # the over-optimisation watch compares it with the RM's score
-            rollout_stats["reward/checker"] = rollout_checker(
-                self.checker, rollout.decode_responses(self.tok, batch), [item for _, item in prompts]).mean()
+            stats["reward/checker"] = checkers.score_each(
+                self.checker, [p.text for p in prompts], rollout.decode_responses(self.tok, batch),
+                [p.reference for p in prompts]).mean()
+        return stats
 
+    def _update(self, r: PPORollout) -> dict[str, list]:
+        """stage.ppo_epochs passes over the rollout in mini-batches: the clipped policy loss and the value loss."""
+        s, batch, mask = self.s, r.batch, r.batch.mask
         update_stats: dict[str, list] = {}
-        n, micro = len(prompts), self.cfg.train.batch_size
+        n, micro = len(batch.mask), self.cfg.train.batch_size
         for _ in range(s.ppo_epochs):
             order = torch.randperm(n, generator=self.gen)
             for start in range(0, n, micro):
@@ -273,8 +305,8 @@ class PPOLoop(OnlineLoop):
                     logp, entropy = rollout.response_logprobs(self.m.actor.model, mb, s.temperature,
                                                               with_entropy=True)
                     vpred = rollout.values(self.m.critic.model, mb)
-                pg_loss, pg_stats = policy_loss(logp, old_logp[idx], advantages[idx], mb.mask, s.clip_range)
-                vf_loss, vf_stats = value_loss(vpred, old_values[idx], returns[idx], mb.mask, s.clip_range_value)
+                pg_loss, pg_stats = policy_loss(logp, r.old_logp[idx], r.advantages[idx], mb.mask, s.clip_range)
+                vf_loss, vf_stats = value_loss(vpred, r.old_values[idx], r.returns[idx], mb.mask, s.clip_range_value)
                 if not self.finite_on_all_ranks(pg_loss, vf_loss):
                     continue  # this mini-batch's update is dropped on every rank
                 self.m.actor.backward(pg_loss)
@@ -285,44 +317,21 @@ class PPOLoop(OnlineLoop):
                              "policy/entropy": masked_mean(entropy.detach(), mb.mask), **pg_stats,
                              **vf_stats}.items():
                     update_stats.setdefault(k, []).append(float(v))
-        step_time = time.perf_counter() - t0
-
-        stats = {k: float(v) for k, v in rollout_stats.items()}
-        stats.update({k: sum(v) / len(v) for k, v in update_stats.items()})
-        stats["value/explained_variance"] = float(explained_variance(old_values, returns, mask))
-        stats["time/generation_share"] = t_gen / step_time
-        stats["time/step_s"] = step_time
-        stats["lr/actor"] = self.m.actor.lr()
-        stats = mean_over_ranks(stats)
-        self.kl_ctl.update(stats["objective/kl"], n * distributed.world_size())
-        return stats
+        return update_stats
 
 
-def _save_and_commit(stage: StageRun, models: Models, tokenizer, parents, actor_parent, critic_parent,
-                     metrics: dict, history: list[dict], warnings: list[dict]) -> StageResult:
-    main = tracking.is_main_process()
-    actor_sd = models.actor.state_dict_for_save()  # collectives: every rank takes part
-    critic_sd = models.critic.state_dict_for_save()
-    actor, critic = models.actor.module, models.critic.module
-    if main:
-        if actor_parent is not None:
-            point_adapter_at(actor, str(actor_parent.model))
-        point_adapter_at(critic, str(critic_parent.model))
-        set_use_cache(actor, True)
-        staged = handoff.staging_dir(stage.out)
-        actor.save_pretrained(staged, state_dict=actor_sd)
-        tokenizer.save_pretrained(staged)
-        staged_critic = handoff.staging_dir(stage.out, CRITIC_DIR)
-        critic.save_pretrained(staged_critic, state_dict=critic_sd)
-        tokenizer.save_pretrained(staged_critic)
-        base = actor_parent.info.get("base_model", str(actor_parent.model)) if actor_parent else stage.cfg.model.name_or_path
-        stage.commit(staged, parents, base, metrics, extra_dirs={CRITIC_DIR: staged_critic},
-                     extra={"critic": {"dir": CRITIC_DIR, "task": "seq_cls", "init": str(critic_parent.model)},
-                            "warnings": warnings},
-                     history=history)
-        print_summary("ppo", metrics, stage.out)
-    distributed.barrier()
-    return StageResult(stage.out, metrics, actor)
+@dataclass
+class PPORollout:
+    """One step's rollout: the batch, the behaviour log-probs, the critic's values, advantages and returns, and
+    what the step logs of it."""
+
+    batch: rollout.Batch
+    old_logp: torch.Tensor  # [B, R]
+    old_values: torch.Tensor  # [B, R]
+    advantages: torch.Tensor  # [B, R]
+    returns: torch.Tensor  # [B, R]
+    stats: dict
+    t_gen: float  # seconds spent sampling
 
 
 def _parents(cfg) -> list[tuple[str, str | None]]:
@@ -331,7 +340,7 @@ def _parents(cfg) -> list[tuple[str, str | None]]:
 
 
 SPEC = StageSpec(
-    name="ppo", schema=PPOStageConfig, run=run, parents=_parents,
-    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reward=True,
+    name="ppo", schema=PPOStageConfig, run=run, parents=_parents, checks=checks, default_reward=DEFAULT_REWARD,
+    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reads_reward=True,
     headline=("first_reward/score_mean", "reward/score_mean", "objective/kl", "eval_reward_mean_before",
               "eval_reward_mean", "eval_checker_accuracy_before", "eval_checker_accuracy"))

@@ -8,48 +8,48 @@ to normalise rewards.
 
 from __future__ import annotations
 
-
 import logging
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 
-from align import handoff
-from align.config import RMStageConfig
+from align.config.registry import StageSpec, init_parent
+from align.config.schema import NON_NEGATIVE, StageConfig, keyed
 from align.data.chat import scoring_pad_id
 from align.data.loader import preference_datasets
-from align.rl.rollout import last_token_scores
 from align.models.loading import (
     cast_trainable,
     describe,
     load_reward_model,
     load_tokenizer,
     resolve_name,
-    score,
 )
-from align.stages import StageSpec
+from align.rl.rollout import last_token_scores, score
+from align.run.stage_run import StageResult, StageRun
 from align.stages.common import (
     max_length,
-    StageResult,
-    StageRun,
     numeric_metrics,
-    log_history_metrics,
-    log_no_parent,
     save_and_commit,
+    start_from,
+    trainer_metrics,
     training_arguments,
 )
 
 log = logging.getLogger("align")
 
 
+@dataclass
+class RMStageConfig(StageConfig):
+    name: str = "rm"
+    center_rewards_coef: float | None = keyed(None, NON_NEGATIVE, "adds coef * mean((r_chosen + r_rejected)^2)")
+
+
 def run(cfg: DictConfig) -> StageResult:
     from trl import RewardConfig, RewardTrainer
 
     stage = StageRun(cfg)
-    parent = handoff.find_parent(cfg, "sft", cfg.stage.init)
-    source = str(parent.model) if parent else cfg.model.name_or_path
-    if parent is None:
-        log_no_parent(cfg, "sft", source)
+    parent, source = start_from(cfg, "sft", cfg.stage.init)
 
     tokenizer = load_tokenizer(resolve_name(source), cfg.model)
     use_scoring_pad(tokenizer)
@@ -74,16 +74,13 @@ def run(cfg: DictConfig) -> StageResult:
         cast_trainable(trainer.model)
     result = stage.train(trainer)
 
-    metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
-    metrics["train_runtime_s"] = result.metrics.get("train_runtime")
-    metrics["global_step"] = trainer.state.global_step
-    metrics["nonfinite_steps_skipped"] = stage.skipped_steps
+    metrics = trainer_metrics(stage, trainer, result)
     metrics.update(pair_metrics(trainer.model, eval_ds if eval_ds is not None else train_ds, tokenizer.pad_token_id,
                                 "eval" if eval_ds is not None else "train"))
     metrics.update(report.metrics())
     metrics = numeric_metrics(metrics)
 
-    return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics, task="seq_cls")
+    return save_and_commit(stage, trainer, tokenizer, parent, metrics, task="seq_cls")
 
 
 def use_scoring_pad(tokenizer) -> None:
@@ -133,5 +130,5 @@ def pair_metrics(model, dataset, pad_token_id: int, split: str) -> dict:
 
 
 SPEC = StageSpec(
-    name="rm", schema=RMStageConfig, run=run, lr={"tiny": 1e-3, "full": 1e-5, "adapter": 1e-4},
+    name="rm", schema=RMStageConfig, run=run, parents=init_parent("sft"), lr={"tiny": 1e-3, "full": 1e-5, "adapter": 1e-4},
     headline=("first_loss", "last_loss", "eval_accuracy", "eval_margin"))

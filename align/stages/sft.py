@@ -6,14 +6,14 @@ model (+LoRA/QLoRA) -> trainer -> train -> evaluate -> save -> commit.
 
 from __future__ import annotations
 
-
 import logging
 import math
+from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from align import handoff
-from align.config import SFTStageConfig
+from align.config.registry import StageSpec
+from align.config.schema import StageConfig, keyed
 from align.data.loader import sft_datasets
 from align.data.packing import FLAT, ROWS, RowPackedCollator, pack_rows, packed_layout, row_packed_trainer
 from align.models.loading import (
@@ -24,18 +24,17 @@ from align.models.loading import (
     resolve_name,
     set_use_cache,
 )
-from align.stages import StageSpec
-from align.stages.common import (
-    max_length,
-    StageResult,
-    StageRun,
-    numeric_metrics,
-    log_history_metrics,
-    save_and_commit,
-    training_arguments,
-)
+from align.run import handoff
+from align.run.stage_run import StageResult, StageRun
+from align.stages.common import max_length, numeric_metrics, save_and_commit, trainer_metrics, training_arguments
 
 log = logging.getLogger("align")
+
+
+@dataclass
+class SFTStageConfig(StageConfig):
+    name: str = "sft"
+    packing: bool = keyed(False, help="pack whole examples into train.max_length rows")
 
 
 def run(cfg: DictConfig) -> StageResult:
@@ -53,16 +52,7 @@ def run(cfg: DictConfig) -> StageResult:
     model = load_causal_lm(source, cfg.model, cfg.peft)
     log.info("model %s: %s", source, describe(model))
 
-    # Packing: [B, L] rows for sdpa/eager attention, one flattened sequence (TRL's own) for flash attention.
-    layout = packed_layout(model.config._attn_implementation) if cfg.stage.packing else None
-    trainer_cls, collator = SFTTrainer, None
-    if layout == ROWS:
-        train_ds = pack_rows(train_ds, length)
-        trainer_cls, collator = row_packed_trainer(SFTTrainer), RowPackedCollator(tokenizer.pad_token_id)
-        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # as TRL does for its own collator
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if layout:
-        log.info("packing: %s (attention: %s)", layout, model.config._attn_implementation)
+    layout, trainer_cls, collator, train_ds = _packing(cfg, model, tokenizer, train_ds, length, SFTTrainer)
 
     stage.prepare_checkpoints()
     stage.start_logging()
@@ -85,11 +75,8 @@ def run(cfg: DictConfig) -> StageResult:
         cast_trainable(trainer.model)
     result = stage.train(trainer)
 
-    metrics = {"train_loss": result.training_loss, **log_history_metrics(trainer.state.log_history)}
-    metrics["train_runtime_s"] = result.metrics.get("train_runtime")
+    metrics = trainer_metrics(stage, trainer, result)
     metrics["train_tokens_per_s"] = _tokens_per_s(trainer, result)
-    metrics["global_step"] = trainer.state.global_step
-    metrics["nonfinite_steps_skipped"] = stage.skipped_steps
     if eval_ds is not None:
         ev = trainer.evaluate()
         metrics["eval_loss"] = ev["eval_loss"]
@@ -100,7 +87,22 @@ def run(cfg: DictConfig) -> StageResult:
     metrics = numeric_metrics(metrics)
 
     set_use_cache(trainer.model, True)
-    return save_and_commit(stage, trainer, tokenizer, parent, cfg.model.name_or_path, metrics)
+    return save_and_commit(stage, trainer, tokenizer, parent, metrics)
+
+
+def _packing(cfg: DictConfig, model, tokenizer, train_ds, length: int, trainer_cls):
+    """(layout, trainer class, collator, train rows) for stage.packing: [B, L] rows for sdpa/eager attention,
+    one flattened sequence (TRL's own) for flash attention; none without packing."""
+    layout = packed_layout(model.config._attn_implementation) if cfg.stage.packing else None
+    collator = None
+    if layout == ROWS:
+        train_ds = pack_rows(train_ds, length)
+        trainer_cls, collator = row_packed_trainer(trainer_cls), RowPackedCollator(tokenizer.pad_token_id)
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # as TRL does for its own collator
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if layout:
+        log.info("packing: %s (attention: %s)", layout, model.config._attn_implementation)
+    return layout, trainer_cls, collator, train_ds
 
 
 def _tokens_per_s(trainer, result) -> float | None:
@@ -114,7 +116,6 @@ def _tokens_per_s(trainer, result) -> float | None:
 SPEC = StageSpec(
     name="sft", schema=SFTStageConfig, run=run,
     parents=lambda cfg: [("init", cfg.stage.init)] if cfg.stage.init else [],
-    # tiny 1e-3: at 3e-3 whether the tiny model learned each demo operation depended on the seed and the CPU's
-    # kernels (checker 0.00-0.63); at 1e-3 every seed and kernel tried ends at 0.61-0.66 (docs/quality.md)
+    # learning rates: chosen on the demo and the task zoo over seeds and CPU kernels (docs/quality.md)
     lr={"tiny": 1e-3, "full": 2e-5, "adapter": 2e-4}, policy=True,
     headline=("first_loss", "last_loss", "eval_loss", "eval_token_accuracy"))
