@@ -79,18 +79,14 @@ Hydra's own help: --hydra-help. Docs: README.md and docs/ in the repository."""
 def group_options() -> dict[str, list[str]]:
     """Every config group a user selects with `group=option`, with its options: the conf/ groups, the recipes
     (shipped and ./recipes/) and the stages. Read from the files, without importing torch or Hydra."""
-    from pathlib import Path
+    from align.config.paths import config_dir, recipe_dirs
+    from align.config.registry import names
 
-    here = Path(__file__).resolve().parent
-    conf = next(d for d in (here.parent / "conf", here / "conf") if (d / "config.yaml").is_file())
+    conf = config_dir()
     out = {}
     for group in sorted(p for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_")):
-        if group.name == "stage":
-            continue
         out[group.name] = sorted(str(p.relative_to(group).with_suffix("")) for p in group.rglob("*.yaml"))
-    out["recipe"] = sorted({p.stem for d in (here.parent / "recipes", here / "recipe_files", Path.cwd() / "recipes")
-                            if d.is_dir() for p in d.glob("*.yaml")})
-    from align.config.registry import names
+    out["recipe"] = sorted({p.stem for d in recipe_dirs() for p in d.glob("*.yaml")})
 
     out["stage"] = list(names())
     return out
@@ -210,7 +206,7 @@ def _hydra_main(args: list[str], command: str) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from align.config.compose import config_dir
+    from align.config.paths import config_dir
     from align.config.recipes import register
 
     register()

@@ -77,7 +77,7 @@ def tiny_setup(*overrides: str):
     sys.path.insert(0, str(REPO))
     from hydra import compose, initialize_config_dir
 
-    from align.config.compose import config_dir
+    from align.config.paths import config_dir
     from align.config.recipes import register
     from align.models.loading import load_tokenizer
     from align.models.tiny import tiny_model_dir

@@ -40,7 +40,7 @@ def compose(*overrides: str):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from align.config.compose import config_dir
+    from align.config.paths import config_dir
     from align.config.recipes import register
 
     register()

@@ -10,7 +10,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from align.config.compose import config_dir
+from align.config.paths import config_dir
 from conftest import REPO, compose
 
 GROUPS = ["stage", "model", "data", "peft", "deepspeed", "logger"]

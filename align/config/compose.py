@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import typing
 from dataclasses import field
-from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING
@@ -77,12 +76,3 @@ def align_schema() -> type:
     per registered stage, whose unset keys leave the shared value alone."""
     extra = [(name, section, field(default_factory=section)) for name, section in sections().items()]
     return dataclasses.make_dataclass("AlignConfig", extra, bases=(SharedConfig,))
-
-
-def config_dir() -> Path:
-    """conf/ in a source checkout or editable install; align/conf in a wheel."""
-    package = Path(__file__).resolve().parent.parent  # align/
-    for candidate in (package.parent / "conf", package / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"align's conf/ directory was not found next to {package}")

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from align.config.compose import align_schema, section_groups, sections
+from align.config.paths import recipe_dirs
 from align.config.registry import stage_schemas
 
 
@@ -26,17 +27,6 @@ def per_stage_keys() -> tuple[str, ...]:
 
 class RecipeError(ValueError):
     pass
-
-
-def recipe_dirs() -> list[Path]:
-    """The shipped recipes (recipes/ in a checkout, align/recipe_files in a wheel: align/recipes is this module),
-    then ./recipes/."""
-    package = Path(__file__).resolve().parent.parent  # align/
-    dirs = [d for d in (package.parent / "recipes", package / "recipe_files") if d.is_dir()][:1]
-    local = Path.cwd() / "recipes"
-    if local.is_dir() and all(local.resolve() != d.resolve() for d in dirs):
-        dirs.append(local)
-    return dirs
 
 
 def register() -> None:

@@ -63,12 +63,12 @@ def _rows(schema: type, prefix: str) -> list[str]:
 
 def _groups() -> str:
     """Each config group's options (`group=option`) with the first comment line of its YAML file."""
-    from align.config.compose import config_dir
+    from align.config.paths import config_dir
 
     conf = config_dir()
     rows = ["\n## Config groups\n\nPick one option per group (`peft=lora`); the file lists what it changes.\n",
             "| group | option | what |", "|---|---|---|"]
-    for group in sorted(p for p in conf.iterdir() if p.is_dir() and p.name != "stage" and not p.name.startswith("_")):
+    for group in sorted(p for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_")):
         for f in sorted(group.rglob("*.yaml")):
             head = []  # the comment block at the top, up to its first sentence
             for ln in f.read_text().splitlines():

@@ -18,9 +18,9 @@ from align.config.schema import Check
 SECTIONS = ("run", "train", "model", "data", "peft", "deepspeed", "logger")
 
 
-def _fmt(value) -> str:
+def fmt(value) -> str:
     if isinstance(value, (list, ListConfig)):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
+        return "[" + ",".join(fmt(v) for v in value) + "]"
     return "null" if value is None else str(value)
 
 
@@ -47,9 +47,9 @@ def _check_node(node: DictConfig, schema: type, prefix: str) -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         helptext = f.metadata.get("help")
-        out.append(f"{prefix}{name}={_fmt(value)}: must be {check.describe()}"
+        out.append(f"{prefix}{name}={fmt(value)}: must be {check.describe()}"
                    + (f" ({helptext})" if helptext else "")
-                   + f". Fix: set {prefix}{name} to a value {check.describe()}; the default is {_fmt(default)}")
+                   + f". Fix: set {prefix}{name} to a value {check.describe()}; the default is {fmt(default)}")
     return out
 
 

@@ -83,10 +83,9 @@ def run(cfg: DictConfig, task_overrides: list[str], sweep_name: str | None = Non
 
         return export(recipes.strip(cfg))
     recipe = bool(cfg.pipeline.stages)
+    j = job(cfg, sweep_name if recipe else None)  # a recipe's sweep jobs get their own folders; a stage's do not
     if recipe:
         _drop_missing_objective(cfg, sweep_name)
-    j = job(cfg, sweep_name) if recipe else Job(cfg.run.name, cfg.logger.group)  # a recipe's sweep jobs: own folders
-    if recipe:
         _say("recipe %s: %s (run %s)", cfg.pipeline.name, " -> ".join(cfg.pipeline.stages), j.run_name)
         stage_cfgs = [recipes.stage_config(cfg, name, j.run_name) for name in cfg.pipeline.stages]
     else:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig
 from transformers import TrainerCallback
 
 from align.config.registry import StageSpec, init_parent
+from align.config.rules import fmt
 from align.config.schema import NON_NEGATIVE, POSITIVE, Check, StageConfig, keyed, one_of
 from align.data.loader import dpo_datasets
 from align.models.loading import (
@@ -224,8 +225,8 @@ def checks(cfg) -> list[str]:
     if s.loss_weights is not None:
         losses = list(s.loss_type) if isinstance(s.loss_type, ListConfig) else [s.loss_type]
         if len(s.loss_weights) != len(losses):
-            out.append(f"stage.loss_weights=[{','.join(str(w) for w in s.loss_weights)}] needs one weight per "
-                       f"stage.loss_type entry ([{','.join(str(x) for x in losses)}]: {len(losses)})")
+            out.append(f"stage.loss_weights={fmt(s.loss_weights)} needs one weight per stage.loss_type entry "
+                       f"({fmt(losses)}: {len(losses)})")
     if s.precompute_ref_logps and cfg.deepspeed.zero_stage == 3:
         # TRL wraps the policy in a second (inference) ZeRO-3 engine for the precompute pass. Measured on 2 ranks:
         # the training diverges from ZeRO-2's from step 2 on and the saved adapter no longer reproduces the
