@@ -38,6 +38,13 @@ METHODS = {
     "grpo": (["grpo"], ["grpo.train.max_steps=800"]),
     "grpo_t07": (["grpo"], ["grpo.train.max_steps=800", "grpo.temperature=0.7"]),
     "rloo": (["grpo"], ["grpo.train.max_steps=800", "grpo.advantage=rloo"]),
+    # rollouts on vLLM (the environment with vLLM), each correction of the engine/trainer mismatch (docs/rollouts.md)
+    "grpo_vllm_none": (["grpo"], ["grpo.train.max_steps=800", "grpo.rollout.engine=vllm",
+                                  "grpo.rollout.is_correction=none"]),
+    "grpo_vllm_tis": (["grpo"], ["grpo.train.max_steps=800", "grpo.rollout.engine=vllm",
+                                 "grpo.rollout.is_correction=token_tis"]),
+    "grpo_vllm_seq": (["grpo"], ["grpo.train.max_steps=800", "grpo.rollout.engine=vllm",
+                                 "grpo.rollout.is_correction=seq_mask"]),
 }
 RECIPE = "pipeline: {name: quality, stages: [sft, eval]}\neval: {reward: none}\n"
 
@@ -56,10 +63,12 @@ def run(root: Path, task: str, seed: int, method: str, extra: tuple = ()) -> dic
         return None
     metrics = json.loads((root / name / "eval" / "stage.json").read_text())["metrics"]
     policy = stages[-1]
+    trained = json.loads((root / name / policy / "stage.json").read_text())["metrics"]
     return {"task": task, "seed": seed, "method": method, "overrides": list(extra),
             "wall_s": round(time.perf_counter() - t0, 1),
             "sft": metrics["sft/checker_accuracy"], "policy": metrics[f"{policy}/checker_accuracy"],
-            "kl": metrics.get(f"{policy}/kl")}
+            "kl": metrics.get(f"{policy}/kl"),
+            **{k: v for k, v in trained.items() if k.startswith("mismatch/")}}  # rollouts on vLLM: the last step's
 
 
 def spread(values: list[float]) -> str:

@@ -26,10 +26,11 @@ def sft_run(tmp_path_factory):
 
 
 def test_grpo_with_the_checker_as_reward_raises_held_out_accuracy(sft_run):
-    result = run_stage("grpo", sft_run, *GRPO, "train.max_steps=250")
+    result = run_stage("grpo", sft_run, *GRPO, "train.max_steps=100")
     m = result.metrics
-    # measured here at the default lr (1e-4 for the tiny model): 0.59 -> 1.00 on the 64 held-out prompts
-    assert m["eval_checker_accuracy"] >= m["eval_checker_accuracy_before"] + 0.15, m
+    # at the default lr (1e-4 for the tiny model) 250 steps took the 64 held-out prompts from 0.59 to 1.00; the
+    # demo's +25 points are test_demo's and test_vllm's to hold
+    assert m["eval_checker_accuracy"] >= m["eval_checker_accuracy_before"] + 0.05, m
     assert m["reward/checker"] > m["first_reward/checker"], m  # the rollouts' own accuracy rose
     assert "eval_greedy_logratio" not in m and "eval_greedy_logratio_before" not in m  # beta 0 with full weights: no reference loaded
     for key in ("groups/zero_variance_share", "policy/clipfrac", "policy/entropy", "response/length", "samples/s"):
@@ -104,21 +105,18 @@ def test_lora_grpo_reference_is_the_policy_without_its_adapter(sft_run):
     assert (result.out / "model" / "adapter_config.json").is_file()
 
 
-def test_grpo_preempted_then_resumed_ends_with_the_uninterrupted_weights(sft_run, tmp_path, monkeypatch):
+def whole_and_resumed(sft_run, tmp_path, monkeypatch, keys) -> tuple:
+    """The same GRPO run twice from copies of `sft_run`'s SFT: whole, and stopped by SIGTERM after step 3 and
+    then re-run (resumed)."""
     import shutil
     import signal
 
-    from safetensors.torch import load_file
-
-    from align.run.handoff import read_history
     from align.run.preemption import Preempted
     from align.stages import grpo
 
-    keys = [*GRPO, "train.max_steps=5", "stage.eval_prompts=8", "stage.ppo_epochs=2", "stage.beta=0.05"]
     for name in ("a", "b"):
         shutil.copytree(sft_run / "demo" / "sft", tmp_path / name / "demo" / "sft")
     whole = run_stage("grpo", tmp_path / "a", *keys)
-
     original, calls = grpo.GRPOLoop.step, {"n": 0}
 
     def step(self, prompts):
@@ -132,7 +130,16 @@ def test_grpo_preempted_then_resumed_ends_with_the_uninterrupted_weights(sft_run
         m.setattr(grpo.GRPOLoop, "step", step)
         with pytest.raises(Preempted, match=r"grpo: stopped by SIGTERM at step 3"):
             run_stage("grpo", tmp_path / "b", *keys)
-    resumed = run_stage("grpo", tmp_path / "b", *keys)
+    return whole, run_stage("grpo", tmp_path / "b", *keys)
+
+
+def test_grpo_preempted_then_resumed_ends_with_the_uninterrupted_weights(sft_run, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from align.run.handoff import read_history
+
+    keys = [*GRPO, "train.max_steps=5", "stage.eval_prompts=8", "stage.ppo_epochs=2", "stage.beta=0.05"]
+    whole, resumed = whole_and_resumed(sft_run, tmp_path, monkeypatch, keys)
     assert [h["step"] for h in read_history(resumed.out)] == [1, 2, 3, 4, 5]
     a, b = (load_file(str(r.out / "model" / "model.safetensors")) for r in (whole, resumed))
     assert a.keys() == b.keys()

@@ -12,10 +12,10 @@ from conftest import compose
 pytestmark = pytest.mark.demo
 
 # rlvr's GRPO (temperature 0.7) with DPO and RM + PPO added before it; DPO 150 steps (of the data group's 3
-# epochs), the RM at its defaults, PPO 50 steps of 64 prompts (bench/quality.py: 100), GRPO 250 of 800 steps;
-# the checker on 128 held-out prompts
+# epochs), the RM at its defaults, PPO 30 steps of 64 prompts (bench/quality.py: 100), GRPO 150 of 800 steps;
+# the checker on 128 held-out prompts. With PPO 50 and GRPO 250 steps every method reached 1.00 from SFT's 0.44
 SHORT = ["recipe=rlvr", "data=task/sort", "pipeline.stages=[sft,dpo,rm,ppo,grpo,eval]", "dpo.train.max_steps=150",
-         "ppo.train.max_steps=50", "ppo.eval_prompts=0", "grpo.train.max_steps=250", "grpo.eval_prompts=0",
+         "ppo.train.max_steps=30", "ppo.eval_prompts=0", "grpo.train.max_steps=150", "grpo.eval_prompts=0",
          "eval.prompts=128"]
 
 

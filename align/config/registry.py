@@ -47,6 +47,7 @@ class StageSpec:
     policy: bool = False  # its model/ is a policy the eval stage measures
     headline: tuple = ()  # stage.json metrics a summary shows first
     reads_reward: bool = False  # reads the reward group (reward=...): its keys count in the stage's identity
+    reads_rollout: bool = False  # samples with the rollout group (rollout.engine=...): its keys count in its identity
     default_reward: str | None = None  # what reward.kind=auto means for this stage (checker, rm, python)
     trains: bool = True  # False: measures only (eval)
     checks: Callable = no_checks  # checks(cfg) -> problems between its keys (each alone may be fine), with the fix
@@ -106,6 +107,12 @@ def policies() -> tuple[str, ...]:
 def stage_schemas() -> dict[str, type]:
     """name -> the dataclass of its stage.* keys, for every registered stage."""
     return {name: spec.schema for name, spec in registry().items()}
+
+
+def reads_rollout(stage: str | None) -> bool:
+    """Whether the rollout group applies to `stage` (`grpo.rollout.engine=vllm` inside a recipe)."""
+    spec = registry().get(stage)
+    return bool(spec and spec.reads_rollout)
 
 
 def reads_reward(stage: str | None) -> bool:

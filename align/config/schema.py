@@ -1,5 +1,5 @@
 """The config schema: Hydra structured configs, one dataclass per shared group (run, train, model, data, peft,
-deepspeed, logger, reward, pipeline) and the base of every stage's own schema (StageConfig; each stage declares
+deepspeed, logger, reward, rollout, pipeline) and the base of every stage's own schema (StageConfig; each stage declares
 its subclass in its module under align/stages).
 
 Typed fields make Hydra reject `train.lr=abc` or an unknown key with a clear message before anything loads; the
@@ -196,6 +196,41 @@ class RewardConfig:
                                       factory=dict)
 
 
+ROLLOUT_ENGINES = ("auto", "hf", "vllm")
+IS_CORRECTIONS = ("none", "token_tis", "seq_mask")  # align/rl/mismatch.py implements each
+
+
+@dataclass
+class RolloutConfig:
+    """What samples the online stages' rollouts (ppo, grpo) and their held-out eval, and how the update corrects
+    for the sampler's own numerics (docs/rollouts.md)."""
+
+    engine: str = keyed("auto", one_of(*ROLLOUT_ENGINES),
+                        "hf: transformers' generate() on the trained model; vllm: a vLLM engine in each training "
+                        "process, given the policy's weights after every optimizer step; auto: vllm when it is "
+                        "installed and a GPU is present, else hf")
+    gpu_memory_utilization: float = keyed(0.3, Check(0, 1, low_open=True),
+                                          "vllm: the share of the GPU's memory its weights and KV cache may take")
+    tensor_parallel_size: int = keyed(1, AT_LEAST_ONE,
+                                      "vllm: GPUs one engine spans (consecutive ranks sample the same prompts "
+                                      "together); must divide the number of ranks")
+    seed: int | None = keyed(None, NON_NEGATIVE, "vllm: sampling seed (null: train.seed); each rank draws its own "
+                                                 "per-request seeds from it")
+    sleep: str = keyed("auto", one_of("auto", "on", "off"),
+                       "vllm: release its weights and KV cache while the step trains (auto: on a GPU; a CPU "
+                       "engine cannot sleep)")
+    cpu_kv_cache_gb: int = keyed(1, AT_LEAST_ONE, "vllm on a CPU: the KV cache's size in GiB")
+    is_correction: str = keyed("token_tis", one_of(*IS_CORRECTIONS),
+                               "vllm: how the update corrects for the engine's log-probs differing from the trainer's: "
+                               "token_tis weighs each token by min(pi_train/pi_engine, is_token_cap); seq_mask leaves "
+                               "out answers whose sequence ratio is past is_seq_bound; none. hf samples with the "
+                               "trained model itself: nothing to correct")
+    is_token_cap: float = keyed(2.0, Check(low=1), "token_tis: the largest weight of one token")
+    is_seq_bound: float = keyed(2.0, Check(low=1, low_open=True),
+                                "seq_mask: answers whose ratio prod(pi_train/pi_engine) is outside [1/bound, bound] "
+                                "are left out")
+
+
 @dataclass
 class PipelineConfig:
     """What `recipe=NAME` sets: the stages to run in order. Empty: run the single `stage`."""
@@ -218,6 +253,7 @@ class SharedConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 

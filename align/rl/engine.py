@@ -12,6 +12,7 @@ import torch
 
 from align.models import distributed
 from align.models.distributed import device
+
 STATE_TAG = "state"  # DeepSpeed checkpoint tag
 TRAINABLE_FILE = "trainable.safetensors"  # without DeepSpeed: the trained parameters (all, or the adapter)
 OPTIM_FILE = "optimizer.pt"  # optimizer + scheduler state (tensors and numbers: loads with weights_only=True)
@@ -69,9 +70,16 @@ class Trainable:
         else:
             (loss / self.grad_accum).backward()
 
+    @property
+    def updates(self) -> int:
+        """Optimizer steps taken in this process (an inference engine holding the weights of an older one is
+        stale)."""
+        return self.micro // self.grad_accum
+
     def step(self) -> None:
         if self.engine is not None:
             self.engine.step()  # DeepSpeed applies the update at accumulation boundaries
+            self.micro += 1
             for fn in self.after_step:
                 fn()
             return

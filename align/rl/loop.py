@@ -19,7 +19,7 @@ from align.models import distributed
 from align.models.distributed import mean_over_ranks
 from align.models.loading import set_use_cache
 from align.models.metrics import sequence_kl
-from align.rl import rollout
+from align.rl import rollout, vllm_engine
 from align.rl.engine import Trainable, device
 from align.rl.gather import generation_weights, step_weights
 from align.rl.watch import overoptimisation
@@ -56,6 +56,11 @@ class OnlineLoop:
         self.before: dict = {}
         self.warnings: list[dict] = []  # what the watch found (stage.json)
         self._window: bool | None = None  # inside rollout_window: whether ranks generate in lock-step
+        self.vllm = None  # rollout.engine=vllm: the colocated engine that samples
+        if vllm_engine.resolve(cfg.rollout.engine) == "vllm":
+            seed = cfg.train.seed if cfg.rollout.seed is None else cfg.rollout.seed
+            self.vllm = vllm_engine.VLLMEngine(actor.module, tokenizer, cfg.rollout, seed=seed,
+                                                 max_len=self.s.max_prompt_length + self.s.max_new_tokens)
 
     # --- what a stage provides ------------------------------------------------------------------
     def trained(self) -> dict[str, Trainable]:
@@ -112,6 +117,8 @@ class OnlineLoop:
                 self._window = None
 
     def sample(self, prompts: list[list[int]], greedy: bool = False) -> rollout.Batch:
+        if self.vllm is not None:
+            return self.sample_on_engine(prompts, greedy)
         actor = self.actor.module
         set_use_cache(actor, True)
         with self.rollout_window():
@@ -120,6 +127,20 @@ class OnlineLoop:
                                      top_p=self.s.top_p, greedy=greedy, synced_gpus=self._window and self.synced,
                                      device=device())
         set_use_cache(actor, False)
+        return batch
+
+    @torch.no_grad()
+    def sample_on_engine(self, prompts: list[list[int]], greedy: bool) -> rollout.Batch:
+        """Sample on the vLLM engine, first giving it the policy's weights when an optimizer step changed them;
+        a training rollout then lets it sleep (GPU) while the step trains."""
+        if self.vllm.version != self.actor.updates:
+            with self.rollout_window():  # ZeRO-3: the gather for the rollout's passes serves the sync too
+                self.vllm.sync(self.actor.module, self.actor.updates)
+        batch = self.vllm.generate(prompts, pad_id=self.pad, stop_ids=self.stop_ids,
+                                     max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
+                                     top_p=self.s.top_p, greedy=greedy, device=device())
+        if not greedy:
+            self.vllm.sleep()
         return batch
 
     @torch.no_grad()
@@ -226,6 +247,8 @@ class OnlineLoop:
             save_file(rng, str(folder / "rng.safetensors"))
             state = {"step": step, "order": order, "cursor": cursor, "history": history, "train_time": self.train_time,
                      "before": self.before, "skipped": self.skipped, "warnings": self.warnings, **self.extra_state()}
+            if self.vllm is not None:
+                state["engine_calls"] = self.vllm.calls
             (folder / "loop.json").write_text(json.dumps(state))
         checkpointing.commit_when_all_written(folder, self.cfg.train.keep_checkpoints, main, {"global_step": step})
 
@@ -242,6 +265,9 @@ class OnlineLoop:
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available() and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"])
+        if self.vllm is not None:
+            self.vllm.version = None  # the weights loaded are newer than the engine's
+            self.vllm.calls = state.get("engine_calls", 0)
         self.train_time = state["train_time"]
         self.before = state["before"]
         self.skipped = state.get("skipped", 0)

@@ -6,7 +6,6 @@ import torch
 
 from align.rl.masked import masked_mean, masked_var
 
-
 AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")
 
 
@@ -41,14 +40,18 @@ def aggregation_count(mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low: float, clip_high: float,
-                      how: str = "token_mean", norm_length: int | None = None, denominator=None):
+                      how: str = "token_mean", norm_length: int | None = None, denominator=None, weights=None):
     """-min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) per token, aggregated; returns (loss, stats).
-    clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025)."""
+    clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025). `weights` (no gradient) multiply each token's
+    term: the importance weights of a rollout another engine sampled (rl/mismatch.py)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, how, norm_length, denominator)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    loss = aggregate(per_token, mask, how, norm_length, denominator)
     with torch.no_grad():
         stats = {
             "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -58,9 +61,9 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low: float,
     return loss, stats
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float, weights=None):
     """PPO's clipped policy loss, symmetric clip, mean over the batch's response tokens."""
-    return clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range, clip_range)
+    return clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range, clip_range, weights=weights)
 
 
 def value_loss(values, old_values, returns, mask, clip_range_value: float):

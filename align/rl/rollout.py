@@ -20,6 +20,8 @@ class Batch:
     responses: torch.Tensor  # [B, R] sampled ids, pad after the end
     mask: torch.Tensor  # [B, R] 1 up to and including the stop token
     ended: torch.Tensor  # [B] a stop token was generated
+    engine_logp: torch.Tensor | None = None  # [B, R] log-probs of the sampled tokens as the engine sampled them
+    # (rollout.engine=vllm; 0 past the end); None where the trained model itself sampled
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -29,11 +31,14 @@ class Batch:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.mask], dim=1)
 
+    def _fields(self) -> tuple:
+        return self.queries, self.query_mask, self.responses, self.mask, self.ended, self.engine_logp
+
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.queries, self.query_mask, self.responses, self.mask, self.ended)))
+        return Batch(*(None if t is None else t.to(device) for t in self._fields()))
 
     def select(self, idx: torch.Tensor) -> "Batch":
-        return Batch(self.queries[idx], self.query_mask[idx], self.responses[idx], self.mask[idx], self.ended[idx])
+        return Batch(*(None if t is None else t[idx] for t in self._fields()))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-
 STAGE_JSON = "stage.json"
 MODEL_DIR = "model"
 CONFIG_YAML = "config.yaml"
@@ -53,12 +52,14 @@ def identity(cfg: DictConfig) -> dict:
 
 def _hashed(config: dict) -> dict:
     """A resolved config less the keys that do not change what its stage computes."""
-    from align.config.registry import reads_reward, registry
+    from align.config.registry import reads_reward, reads_rollout, registry
 
     for key in (*UNHASHED_KEYS, *registry()):
         config.pop(key, None)
     if not reads_reward(config.get("stage", {}).get("name")):  # the reward group counts where it applies
         config.pop("reward", None)
+    if not reads_rollout(config.get("stage", {}).get("name")):  # so does the rollout group
+        config.pop("rollout", None)
     return config
 
 

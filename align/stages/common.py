@@ -87,7 +87,7 @@ def training_arguments(cfg: DictConfig, run: StageRun, has_eval: bool) -> dict:
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=cfg.model.gradient_checkpointing,
+        **{checkpointing_argument(): cfg.model.gradient_checkpointing},
         report_to=["wandb"] if (cfg.logger.backend == "wandb") else [],
         run_name=cfg.logger.name or f"{cfg.run.name}-{cfg.stage.name}",
         disable_tqdm=False,
@@ -95,6 +95,15 @@ def training_arguments(cfg: DictConfig, run: StageRun, has_eval: bool) -> dict:
         deepspeed=run.ds_config,
     )
     return kwargs
+
+
+def checkpointing_argument() -> str:
+    """TrainingArguments' name for activation checkpointing: activation_checkpointing from transformers 5.20 on
+    (gradient_checkpointing is then a deprecated alias), gradient_checkpointing before."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
 MODEL_LIMIT_UNSET = 10**7  # transformers' stand-in model_max_length when a tokenizer names none

@@ -45,6 +45,7 @@ from align.rl.kl import ESTIMATORS, kl_per_token
 from align.rl.loop import OnlineLoop, on_device_of
 from align.rl.losses import AGGREGATIONS, aggregate, aggregation_count, clipped_surrogate
 from align.rl.masked import masked_mean
+from align.rl.mismatch import correction
 from align.rl.shaping import shape_scores
 from align.run import handoff
 from align.run.stage_run import StageResult, StageRun
@@ -208,7 +209,8 @@ class GRPOLoop(OnlineLoop):
         with self.rollout_window(), torch.no_grad():  # ZeRO-3: one gather for generation and these passes
             batch = self.sample([p.ids for p in items])
             t_gen = time.perf_counter() - t0
-            behaviour = None if single_update and not kl_in_reward else \
+            sampled_elsewhere = batch.engine_logp is not None  # the trainer's log-probs are then needed anyway
+            behaviour = None if single_update and not kl_in_reward and not sampled_elsewhere else \
                 rollout.response_logprobs(self.actor.module, batch, s.temperature)[0]
             ref_logp = self.reference_logprobs(batch, s.temperature) if s.beta > 0 else None
         scored = self.reward(batch, rollout.decode_responses(self.tok, batch), items)
@@ -221,6 +223,10 @@ class GRPOLoop(OnlineLoop):
         valid = scored.valid
         flat = zero_variance(total, G, valid)
         keep = valid & (~flat if s.drop_zero_variance else torch.ones_like(flat))
+        is_w, mismatch = None, {}
+        if sampled_elsewhere:
+            is_w, inside, mismatch = correction(behaviour, batch.engine_logp, mask, self.cfg.rollout)
+            keep = keep & inside.cpu()
         loss_mask = mask * keep.to(mask.device)[:, None].to(mask.dtype)
         with torch.no_grad():
             kl_tokens = kl_per_token(behaviour, ref_logp, "k1") if kl_in_reward else None
@@ -229,7 +235,7 @@ class GRPOLoop(OnlineLoop):
             advantages = token_advantages(seq_adv, loss_mask, s.advantage, kl_tokens, s.beta if kl_in_reward else 0)
         old_logp = None if single_update else behaviour  # one update: its live log-probs are the behaviour's
         return GroupRollout(batch, scored, total, flat, keep, loss_mask, advantages, old_logp, ref_logp, lengths,
-                            t_gen)
+                            t_gen, is_w, mismatch)
 
     def _update(self, r: GroupRollout) -> dict[str, list]:
         """stage.ppo_epochs passes of clipped-surrogate updates over the kept answers, in micro-batches."""
@@ -258,7 +264,8 @@ class GRPOLoop(OnlineLoop):
             logp, entropy = rollout.response_logprobs(self.actor.model, mb, s.temperature, with_entropy=True)
         old = logp.detach() if r.old_logp is None else r.old_logp[idx]
         loss, stats = clipped_surrogate(logp, old, r.advantages[idx], r.loss_mask[idx], s.clip_low, s.clip_high,
-                                        self.agg, s.max_new_tokens, denominator)
+                                        self.agg, s.max_new_tokens, denominator,
+                                        None if r.is_weights is None else r.is_weights[idx])
         if r.ref_logp is not None and self.kl_in == "loss":
             kl = aggregate(kl_per_token(logp, r.ref_logp[idx], s.kl_estimator), r.loss_mask[idx], self.agg,
                            s.max_new_tokens, denominator)
@@ -289,6 +296,7 @@ class GRPOLoop(OnlineLoop):
                "time/generation_share": r.t_gen / step_time, "time/step_s": step_time,
                "samples/s": n / step_time}
         out.update({f"reward/{k}": float(v.mean()) for k, v in scored.components.items()})
+        out.update(online.engine_stats(self.vllm, r.mismatch))
         out.update({k: sum(v) / len(v) for k, v in update.items()})
         out["lr/actor"] = self.actor.lr()
         return mean_over_ranks(out)
@@ -310,6 +318,8 @@ class GroupRollout:
     ref_logp: torch.Tensor | None  # [N, R] the reference's; None with stage.beta=0
     lengths: torch.Tensor  # [N]
     t_gen: float  # seconds spent sampling
+    is_weights: torch.Tensor | None = None  # [N, R] importance weights of an engine's rollout (rl/mismatch.py)
+    mismatch: dict | None = None  # engine vs trainer log-probs of the sampled tokens
 
 
 def window_denominators(loss_mask: torch.Tensor, order: torch.Tensor, micro: int, accum: int, how: str) -> list:
@@ -339,7 +349,7 @@ def _kept_first(keep: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def checks(cfg) -> list[str]:
     """Rules between grpo's keys (align/config/rules.py runs them before anything loads)."""
-    out, s, t = [], cfg.stage, cfg.train
+    out, s, t = online.rollout_problems(cfg), cfg.stage, cfg.train
     mini, samples = t.batch_size * t.grad_accum, s.rollout_batch_size * s.group_size
     if mini > 0 and samples % mini:
         out.append(f"stage.rollout_batch_size x stage.group_size = {samples} responses per step must be a multiple "
@@ -365,6 +375,6 @@ def _parents(cfg) -> list[tuple[str, str | None]]:
 # learning rates: chosen on the task zoo over seeds (docs/quality.md)
 SPEC = StageSpec(
     name="grpo", schema=GRPOStageConfig, run=run, parents=_parents, checks=checks, default_reward=DEFAULT_REWARD,
-    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reads_reward=True,
+    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reads_reward=True, reads_rollout=True,
     headline=("first_reward/total_mean", "reward/total_mean", "eval_checker_accuracy_before",
               "eval_checker_accuracy", "eval_greedy_logratio"))

@@ -93,3 +93,18 @@ def save_and_commit(stage: StageRun, trained: dict, tokenizer, parents: list, ac
         commit_staged(stage, staged, tokenizer, parents, actor_parent, metrics, history=history, extra=extra)
     distributed.barrier()
     return StageResult(stage.out, metrics, trained[handoff.MODEL_DIR][0].module)
+
+
+def engine_stats(engine, mismatch: dict | None) -> dict:
+    """What a step logs about a vLLM rollout: the engine/trainer mismatch of its log-probs, the sync's time."""
+    if engine is None:
+        return {}
+    return {**(mismatch or {}), "time/sync_s": engine.sync_s}
+
+
+def rollout_problems(cfg) -> list[str]:
+    """The rollout group's rules (rollout.engine=vllm without vLLM, a tensor-parallel size that does not divide the
+    ranks), run before anything loads."""
+    from align.rl import vllm_engine
+
+    return vllm_engine.problems(cfg.rollout) if "rollout" in cfg else []

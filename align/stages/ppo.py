@@ -43,6 +43,7 @@ from align.rl.kl import ESTIMATORS, kl_controller
 from align.rl.loop import OnlineLoop, on_device_of
 from align.rl.losses import explained_variance, policy_loss, value_loss
 from align.rl.masked import masked_mean, whiten
+from align.rl.mismatch import correction
 from align.rl.shaping import shape_scores, token_rewards
 from align.run import handoff
 from align.run.stage_run import StageResult, StageRun
@@ -128,13 +129,13 @@ def run(cfg: DictConfig) -> StageResult:
 
 def checks(cfg) -> list[str]:
     """Rules between ppo's keys (align/config/rules.py runs them before anything loads)."""
-    s, t = cfg.stage, cfg.train
+    s, t, out = cfg.stage, cfg.train, online.rollout_problems(cfg)
     mini = t.batch_size * t.grad_accum
     if mini > 0 and s.rollout_batch_size % mini:
-        return [f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of train.batch_size x "
-                f"train.grad_accum = {mini} (one PPO mini-batch); e.g. stage.rollout_batch_size="
-                f"{max(mini, s.rollout_batch_size // mini * mini)}"]
-    return []
+        out.append(f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of train.batch_size x "
+                   f"train.grad_accum = {mini} (one PPO mini-batch); e.g. stage.rollout_batch_size="
+                   f"{max(mini, s.rollout_batch_size // mini * mini)}")
+    return out
 
 
 class Models:
@@ -271,7 +272,12 @@ class PPOLoop(OnlineLoop):
             if s.whiten_advantages:
                 advantages = whiten(advantages, batch.mask)
         stats = self._rollout_stats(batch, raw, scores, kl, group, prompts)
-        return PPORollout(batch, old_logp, old_values, advantages, returns, stats, t_gen)
+        is_w, policy_mask = None, batch.mask
+        if batch.engine_logp is not None:  # sampled by vLLM: its log-probs against the trainer's
+            is_w, inside, mismatch = correction(old_logp, batch.engine_logp, batch.mask, self.cfg.rollout)
+            policy_mask = batch.mask * inside[:, None].to(batch.mask.dtype)
+            stats.update(online.engine_stats(self.vllm, mismatch))
+        return PPORollout(batch, old_logp, old_values, advantages, returns, stats, t_gen, is_w, policy_mask)
 
     def _rollout_stats(self, batch, raw, scores, kl, group, prompts) -> dict:
         mask = batch.mask
@@ -305,7 +311,8 @@ class PPOLoop(OnlineLoop):
                     logp, entropy = rollout.response_logprobs(self.m.actor.model, mb, s.temperature,
                                                               with_entropy=True)
                     vpred = rollout.values(self.m.critic.model, mb)
-                pg_loss, pg_stats = policy_loss(logp, r.old_logp[idx], r.advantages[idx], mb.mask, s.clip_range)
+                pg_loss, pg_stats = policy_loss(logp, r.old_logp[idx], r.advantages[idx], r.policy_mask[idx],
+                                                s.clip_range, None if r.is_weights is None else r.is_weights[idx])
                 vf_loss, vf_stats = value_loss(vpred, r.old_values[idx], r.returns[idx], mb.mask, s.clip_range_value)
                 if not self.finite_on_all_ranks(pg_loss, vf_loss):
                     continue  # this mini-batch's update is dropped on every rank
@@ -332,6 +339,8 @@ class PPORollout:
     returns: torch.Tensor  # [B, R]
     stats: dict
     t_gen: float  # seconds spent sampling
+    is_weights: torch.Tensor | None  # [B, R] importance weights of an engine's rollout (rl/mismatch.py)
+    policy_mask: torch.Tensor  # [B, R] the tokens the policy loss reads (seq_mask leaves answers out)
 
 
 def _parents(cfg) -> list[tuple[str, str | None]]:
@@ -341,6 +350,6 @@ def _parents(cfg) -> list[tuple[str, str | None]]:
 
 SPEC = StageSpec(
     name="ppo", schema=PPOStageConfig, run=run, parents=_parents, checks=checks, default_reward=DEFAULT_REWARD,
-    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reads_reward=True,
+    lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reads_reward=True, reads_rollout=True,
     headline=("first_reward/score_mean", "reward/score_mean", "objective/kl", "eval_reward_mean_before",
               "eval_reward_mean", "eval_checker_accuracy_before", "eval_checker_accuracy"))
