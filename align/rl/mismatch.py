@@ -50,14 +50,6 @@ def is_weights(train_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.
     raise ValueError(f"rollout.is_correction must be one of {', '.join(IS_CORRECTIONS)}, got {how!r}")
 
 
-def masked_share(weights: torch.Tensor | None, mask: torch.Tensor) -> float:
-    """The share of answers whose weights are all zero although they have tokens (seq_mask's left-out answers)."""
-    if weights is None:
-        return 0.0
-    rows = mask.sum(1) > 0
-    return float(((weights.abs().sum(1) == 0) & rows).float().sum() / rows.float().sum().clamp(min=1))
-
-
 def correction(train_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, rollout_cfg):
     """(per-token weights or None, answers kept [B], stats) for one rollout sampled by an engine: the weights
     multiply the policy loss (rollout.is_correction), the answers seq_mask leaves out are dropped from the update's
@@ -67,5 +59,6 @@ def correction(train_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.
     rows = mask.sum(1) > 0
     kept = torch.ones_like(rows) if how != "seq_mask" else (weights.abs().sum(1) > 0) | ~rows
     stats = mismatch_stats(train_logp, engine_logp, mask)
-    stats["mismatch/masked_share"] = masked_share(weights if how == "seq_mask" else None, mask)
+    # the share of answers (with tokens) that seq_mask left out
+    stats["mismatch/masked_share"] = float((~kept & rows).float().sum() / rows.float().sum().clamp(min=1))
     return weights, kept, stats

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from align.models import distributed
-from align.rl.rollout import Batch, left_pad
+from align.rl.rollout import Batch, left_pad, right_pad
 from align.rl.shaping import response_mask
 from align.rl.weights import full_weights
 
@@ -117,8 +118,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts = self._same_across_tp(prompts)
-        mine = slice(0, len(prompts)) if self.tp == 1 else self._my_share
+        prompts, mine = self._same_across_tp(prompts)
         seeds = self._seeds(len(prompts))
         params = [SamplingParams(n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
                                  top_k=0, max_tokens=max_new_tokens, stop_token_ids=list(stop_ids), logprobs=0,
@@ -126,13 +126,10 @@ class VLLMEngine:
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)[mine]
         prompts = prompts[mine]
         ids = [list(o.outputs[0].token_ids)[:max_new_tokens] or [pad_id] for o in outs]
-        logps = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs or [], tok)] for o, tok in zip(outs, ids)]
-        width = max(len(t) for t in ids)
-        responses = torch.full((len(ids), width), pad_id, dtype=torch.long)
-        engine_logp = torch.zeros(len(ids), width)
-        for row, (tok, lp) in enumerate(zip(ids, logps)):
-            responses[row, : len(tok)] = torch.tensor(tok)
-            engine_logp[row, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        logps = [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs or [], tok)] or [0.0]  # as ids: one pad
+                 for o, tok in zip(outs, ids)]
+        responses, _ = right_pad(ids, pad_id)
+        engine_logp = pad_sequence([torch.tensor(lp, dtype=torch.float32) for lp in logps], batch_first=True)
         mask, ended = response_mask(responses, stop_ids)
         responses = responses.masked_fill(mask == 0, pad_id)
         queries, query_mask = left_pad(prompts, pad_id, device or "cpu")
@@ -158,11 +155,11 @@ class VLLMEngine:
         return [torch.tensor([o.prompt_logprobs[i][seq[i]].logprob for i in range(start, len(seq))])
                 for o, seq, start in zip(outs, sequences, starts)]
 
-    def _same_across_tp(self, prompts: list[list[int]]) -> list[list[int]]:
-        """With tensor parallelism the ranks of one engine must submit the same requests: each rank's prompts are
-        gathered within its group, and its own share of the answers is kept (self._my_share)."""
+    def _same_across_tp(self, prompts: list[list[int]]) -> tuple[list[list[int]], slice]:
+        """(the requests to submit, the slice of the answers that are this rank's). With tensor parallelism the
+        ranks of one engine must submit the same requests: each rank's prompts are gathered within its group."""
         if self.tp == 1:
-            return prompts
+            return prompts, slice(0, len(prompts))
         import torch.distributed as dist
 
         rank = distributed.rank()
@@ -171,8 +168,7 @@ class VLLMEngine:
         dist.all_gather_object(everyone, prompts)
         group = everyone[first : first + self.tp]
         start = sum(len(g) for g in group[: rank - first])
-        self._my_share = slice(start, start + len(prompts))
-        return [p for g in group for p in g]
+        return [p for g in group for p in g], slice(start, start + len(prompts))
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -6,7 +6,7 @@ so the whole model is never held twice."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -34,7 +34,9 @@ def _walk(module: torch.nn.Module, prefix: str, dtype) -> Iterator[tuple[str, to
 
 
 def _is_lora(module) -> bool:
-    return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "get_delta_weight")
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)
 
 
 def _merged(layer, prefix: str, dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -78,8 +80,7 @@ def _gathered(params):
     rollout window, gather.py: they must stay gathered after the block), are left alone."""
     sharded = [p for p in params if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
     if not sharded:
-        with nullcontext():
-            yield False
+        yield False
         return
     import deepspeed
 
