@@ -31,6 +31,24 @@ REPO = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("vllm") is None:
     collect_ignore = ["test_vllm.py", "test_vllm_ranks.py"]
 
+# `-n 2 --dist loadfile` hands out files in collection order once xdist's own reordering (by number of tests) is
+# off: the longest files go first (measured times, longest first), so the short ones fill in at the end instead of
+# the demo (7-8 minutes) or the zoo (6) starting last and running alone (measured: 3 minutes of one idle worker)
+LONGEST_FIRST = ("test_demo.py", "test_zoo.py", "test_launch.py", "test_zero_matrix.py",
+                 "test_multirank_reliability.py", "test_ppo.py", "test_grpo.py", "test_reliability.py", "test_rm.py",
+                 "test_families.py", "test_recipes.py", "test_dpo.py", "test_bf16.py",
+                 "test_vllm_ranks.py", "test_vllm.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keeps its order
+
 
 def child_env(**extra: str) -> dict:
     """Environment for a subprocess run of align: offline W&B, and without WANDB_SERVICE, which W&B sets

@@ -100,19 +100,21 @@ def build_tokenizer(family: str, vocab_size: int = VOCAB):
     return tokenizer
 
 
-def build(family: str, out: Path, vocab_size: int = VOCAB, seed: int = 0) -> Path:
+def build(family: str, out: Path, vocab_size: int = VOCAB, seed: int = 0, **shape) -> Path:
     """Write the fixture model of `family` into `out` (a hub-like checkout) and return it. A `vocab_size` above
-    the tokenizer's (Qwen 2.5's 151,936) pads the embeddings and output layer, as the real checkpoints do."""
+    the tokenizer's (Qwen 2.5's 151,936) pads the embeddings and output layer, as the real checkpoints do; `shape`
+    overrides the config's sizes."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = SPEC[family]
     tokenizer = build_tokenizer(family, min(vocab_size, VOCAB))
     vocab = max(len(tokenizer), vocab_size)
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512)
     config = AutoConfig.for_model(
-        spec["arch"], vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        spec["arch"], vocab_size=vocab, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **{**sizes, **shape})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     out.mkdir(parents=True, exist_ok=True)

@@ -146,3 +146,46 @@ def test_preempted_then_resumed_samples_and_ends_as_the_uninterrupted_run(sft_ru
     wa, wb = (load_file(str(r.out / "model" / "model.safetensors")) for r in (whole, resumed))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,vocab", [("chatml", 151936), ("llama3", None), ("mistral", None), ("base", None)])
+def test_each_family_decodes_as_generate_does_with_its_stops_and_in_sync(family, vocab, tmp_path):
+    """Fixtures shaped like Qwen (its 151,936-token padded vocabulary), Llama 3, Mistral and a base model: after a
+    sync the engine's greedy answers are generate()'s token for token, cut at the same stop (the family's end of
+    turn, and a stop met mid-answer), and its log-probs of them are the trainer's."""
+    from families import VOCAB, build
+
+    from align.data.chat import encode_prompt
+    from align.models.loading import load_causal_lm, load_tokenizer
+    from align.rl import rollout
+    from align.rl.vllm_engine import VLLMEngine
+
+    # grouped-query attention kept, heads of 32 (vLLM's CPU attention has no kernel for the fixtures' 16)
+    path = build(family, tmp_path / family, vocab_size=vocab or VOCAB, num_attention_heads=2, num_key_value_heads=1)
+    cfg = compose("stage=grpo", f"model.name_or_path={path}", *VLLM)
+    tok = load_tokenizer(str(path), cfg.model)
+    model = load_causal_lm(str(path), cfg.model, cfg.peft).eval()
+    engine = VLLMEngine(model, tok, cfg.rollout, max_len=256, seed=0)
+    try:
+        engine.sync(model, 0)
+        prompts = [encode_prompt(tok, [{"role": "user", "content": c}])
+                   for c in ("reverse: abc", "upper: dog", "sort: c a b", "the cat sat")]
+        stops = rollout.stop_token_ids(tok, [])
+        keys = dict(pad_id=tok.pad_token_id, max_new_tokens=12, temperature=1.0, top_p=1.0, greedy=True)
+        first = rollout.generate(model, prompts, stop_ids=stops, **keys)
+        answer = first.responses[0, : int(first.mask[0].sum())].tolist()
+        at = next(i for i in range(2, len(answer)) if answer[i] not in answer[:i])  # a token new at i >= 2
+        mid_answer = sorted({*stops, answer[at]})  # stops the first answer there
+        for stop_ids in (stops, mid_answer):
+            hf = rollout.generate(model, prompts, stop_ids=stop_ids, **keys)
+            got = engine.generate(prompts, stop_ids=stop_ids, **keys)
+            assert torch.equal(got.responses, hf.responses), (family, stop_ids, got.responses, hf.responses)
+            assert torch.equal(got.mask, hf.mask) and torch.equal(got.ended, hf.ended), family
+        assert int(hf.mask[0].sum()) == at + 1 and bool(hf.ended[0])  # the mid-answer stop was met and kept
+        seqs = [p + r[: int(m.sum())].tolist() for p, r, m in zip(prompts, hf.responses, hf.mask)]
+        got = engine.sequence_logprobs(seqs, [len(p) for p in prompts])
+        for g, s, p in zip(got, seqs, prompts):
+            assert float((g - trainer_logprobs(model, s, len(p))).abs().max()) < SYNCED, family
+    finally:
+        engine.close()
+    assert not Path(engine.folder).exists()

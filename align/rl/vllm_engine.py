@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -65,6 +66,7 @@ class VLLMEngine:
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             self.dtype = torch.float32
         self.folder, limit = _config_folder(model, tokenizer, self.dtype)
+        self._remove_folder = weakref.finalize(self, shutil.rmtree, self.folder, True)  # at close, collection or exit
         max_len = min(max_len, limit or max_len)  # prompts are cut to what the model's positions allow anyway
         self.tp = rollout_cfg.tensor_parallel_size
         self.sleeps = cuda and rollout_cfg.sleep != "off" or rollout_cfg.sleep == "on"
@@ -171,7 +173,7 @@ class VLLMEngine:
         return [p for g in group for p in g], slice(start, start + len(prompts))
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._remove_folder()
 
 
 def _config_folder(model, tokenizer, dtype) -> tuple[str, int | None]:
