@@ -143,10 +143,12 @@ def time_lora_forms(folder: Path, prompts: int, group: int, tokens: int, rank: i
     gc.collect()
 
     folder_cfg, _ = _config_folder(base, tok, torch.float32)
+    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
     llm = LLM(model=folder_cfg, tokenizer=folder_cfg, dtype=torch.float32, max_model_len=24 + tokens,
               load_format="dummy", seed=0, enforce_eager=True, enable_lora=True, max_lora_rank=rank, max_loras=1,
               generation_config="vllm")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads = set_threads  # as VLLMEngine does: vLLM's CPU worker pins one thread and disables this
+    torch.set_num_threads(threads)
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_weights(base, torch.float32),
                                                  "is_checkpoint_format": True})  # once: the base never changes
     params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=tokens, logprobs=0, detokenize=False,
