@@ -20,28 +20,44 @@ from pathlib import Path
 FAMILIES = ("chatml", "llama3", "mistral", "base")
 VOCAB = 480
 
-CHATML_TEMPLATE = (
+CHATML_TEMPLATE = (  # Qwen 2.5's handling of tool calls and tool turns (grouped into one user turn)
     "{%- if messages[0]['role'] != 'system' -%}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
     "{%- endif -%}"
     "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] -%}"
+    "{{ '<|im_start|>assistant' }}{%- if message['content'] -%}{{ '\\n' + message['content'] }}{%- endif -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{{ call['function']['arguments'] | tojson }}{{ '}\\n</tool_call>' }}"
+    "{%- endfor -%}{{ '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- else -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
-LLAMA3_TEMPLATE = (
+LLAMA3_TEMPLATE = (  # Llama 3.1's: tool results in an `ipython` turn
     "{{- bos_token }}"
     "{%- for message in messages -%}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- set role = 'ipython' if message['role'] == 'tool' else message['role'] -%}"
+    "{{ '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
 )
-MISTRAL_TEMPLATE = (
+MISTRAL_TEMPLATE = (  # v0.3's: [TOOL_CALLS] and [TOOL_RESULTS] blocks (plain text in this small vocabulary)
     "{{- bos_token }}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] -%}"
+    "{{ '[TOOL_CALLS] ' }}{{ message['tool_calls'] | map(attribute='function') | list | tojson }}{{ eos_token }}"
     "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + eos_token }}"
-    "{%- else -%}{{ raise_exception('Only user and assistant roles are supported') }}"
+    "{%- elif message['role'] == 'tool' -%}{{ '[TOOL_RESULTS] ' + message['content'] + ' [/TOOL_RESULTS]' }}"
+    "{%- else -%}{{ raise_exception('Only user, assistant and tool roles are supported') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )

@@ -74,7 +74,7 @@ CASES = {  # id: (arguments, exit code, what the message must say)
     "schema_as_stage": (["stage=sft_schema"], 2, ["stage=sft_schema: there is no stage named 'sft_schema'"]),
     # issue 32: an unknown option of the optional recipe group was ignored, and the default stage=sft trained
     "unknown_recipe": (["recipe=rlhf_pop"], 2, ["recipe=rlhf_pop: there is no recipe named 'rlhf_pop'; choose one of "
-                                                "demo, hpo_dpo, rlhf_dpo, rlhf_ppo, rlvr", "nothing was run"]),
+                                                "agent, demo, hpo_dpo, rlhf_dpo, rlhf_ppo, rlvr", "nothing was run"]),
     "unknown_stage": (["stage=sfft"], 2, ["stage=sfft: there is no stage named 'sfft'; choose one of sft, rm, dpo, "
                                           "ppo, grpo, eval\n"]),
     "unknown_group_option": (["peft=lorra"], 2, ["peft=lorra: there is no peft named 'lorra'; choose one of lora, "
@@ -158,7 +158,7 @@ def test_help_is_align_s_own_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("align: post-training for causal language models")
-    assert "stages:   sft, rm, dpo, ppo, grpo, eval" in out.stdout and "recipes:  demo" in out.stdout
+    assert "stages:   sft, rm, dpo, ppo, grpo, eval" in out.stdout and "recipes:  agent, demo" in out.stdout
     assert "model:" in out.stdout and "qwen2_5_0_5b" in out.stdout
     assert "_schema" not in out.stdout and "???" not in out.stdout and "powered by Hydra" not in out.stdout
     assert out.stdout.rstrip().endswith("no torch")

@@ -109,14 +109,20 @@ def whole_and_resumed(sft_run, tmp_path, monkeypatch, keys) -> tuple:
     """The same GRPO run twice from copies of `sft_run`'s SFT: whole, and stopped by SIGTERM after step 3 and
     then re-run (resumed)."""
     import shutil
+
+    for name in ("a", "b"):
+        shutil.copytree(sft_run / "demo" / "sft", tmp_path / name / "demo" / "sft")
+    whole = run_stage("grpo", tmp_path / "a", *keys)
+    return whole, preempted_then_resumed(monkeypatch, lambda: run_stage("grpo", tmp_path / "b", *keys))
+
+
+def preempted_then_resumed(monkeypatch, run):
+    """run() stopped by SIGTERM after GRPO's step 3, then run() again (it resumes): the second result."""
     import signal
 
     from align.run.preemption import Preempted
     from align.stages import grpo
 
-    for name in ("a", "b"):
-        shutil.copytree(sft_run / "demo" / "sft", tmp_path / name / "demo" / "sft")
-    whole = run_stage("grpo", tmp_path / "a", *keys)
     original, calls = grpo.GRPOLoop.step, {"n": 0}
 
     def step(self, prompts):
@@ -129,8 +135,8 @@ def whole_and_resumed(sft_run, tmp_path, monkeypatch, keys) -> tuple:
     with monkeypatch.context() as m:
         m.setattr(grpo.GRPOLoop, "step", step)
         with pytest.raises(Preempted, match=r"grpo: stopped by SIGTERM at step 3"):
-            run_stage("grpo", tmp_path / "b", *keys)
-    return whole, run_stage("grpo", tmp_path / "b", *keys)
+            run()
+    return run()
 
 
 def test_grpo_preempted_then_resumed_ends_with_the_uninterrupted_weights(sft_run, tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def test_the_wheel_holds_every_file_and_runs_a_stage_in_a_fresh_environment(tmp_
                            capture_output=True, text=True, env=child_env())
     assert where.returncode == 0 and where.stdout.startswith(str(site)), (where.stdout, where.stderr[-2000:])
     help_ = align("--help")
-    assert help_.returncode == 0 and "recipes:  demo" in help_.stdout, help_.stdout
+    assert help_.returncode == 0 and "recipes:  agent, demo" in help_.stdout, help_.stdout
     recipe = align("recipe=rlvr", "--cfg", "job")
     assert recipe.returncode == 0 and "- grpo" in recipe.stdout, recipe.stderr[-2000:]
     run = align("stage=grpo", "train.max_steps=2", "stage.rollout_batch_size=2", "stage.group_size=2",

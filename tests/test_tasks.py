@@ -10,7 +10,7 @@ import pytest
 
 from conftest import compose
 
-TASKS = ("arith", "sort", "json", "recall")
+TASKS = ("arith", "sort", "json", "recall", "calc")
 
 
 def read(task: str, split: str) -> list[dict]:
@@ -32,6 +32,8 @@ GENERATED = {
              "prefs_eval": "9e80523841f59b55"},
     "recall": {"sft": "e3c37f02d41ac136", "prefs": "e5e32288434c6d1d", "sft_eval": "0dedb41495153246",
                "prefs_eval": "41f3d6f5f44f7a3a"},
+    "calc": {"sft": "0db26f1d7c30382f", "prefs": "15e0a4ac690bdbbc", "sft_eval": "880438c3dbe35695",
+             "prefs_eval": "708e095d57843b7a"},
 }
 
 
@@ -75,8 +77,8 @@ def test_pairs_are_right_against_near_miss_and_sft_carries_the_error(task):
     from align.tasks.zoo import CHECKERS, ERROR_SHARE
 
     check = checkers.build(CHECKERS[task])
-    for row in read(task, "prefs")[:500]:
-        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+    for row in read(task, "prefs")[:500]:  # a transcript's answer is its last turn (calc's: after the tool's)
+        chosen, rejected = row["chosen"][-1]["content"], row["rejected"][-1]["content"]
         prompt = row["prompt"][-1]["content"]
         assert check(prompt, chosen, chosen) == 1.0
         assert check(prompt, rejected, chosen) < 1.0, row
@@ -85,18 +87,27 @@ def test_pairs_are_right_against_near_miss_and_sft_carries_the_error(task):
     # the SFT split: answers the checker marks wrong against an independent solver's answer to the same prompt
     wrong = 0
     for row in read(task, "sft"):
-        prompt_turns, answer = row["messages"][:-1], row["messages"][-1]["content"]
+        prompt_turns, answer = zoo_prompt(row), row["messages"][-1]["content"]
         right = _solve(task, prompt_turns)
         wrong += check(prompt_turns[-1]["content"], answer, right) < 1.0
     share = wrong / len(read(task, "sft"))
     # the error applies to about half of the inputs (a carry, a duplicate, an age under 50, a reversal: one in
-    # 3), ERROR_SHARE of those carry it
+    # 3, a first number below 500), ERROR_SHARE of those carry it
     assert 0.1 < share < ERROR_SHARE, (task, share)
+
+
+def zoo_prompt(row: dict) -> list[dict]:
+    from align.tasks.zoo import prompt_turns
+
+    return prompt_turns(row)
 
 
 def _solve(task: str, turns: list[dict]) -> str:
     """The right answer from the prompt alone (an independent solver, not the generator)."""
     text = turns[-1]["content"]
+    if task == "calc":
+        a, b = text.removeprefix("subtract: ").split("-")
+        return str(int(a) - int(b))
     if task == "arith":
         a, b = text.removeprefix("add: ").split("+")
         return str(int(a) + int(b))

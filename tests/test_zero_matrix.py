@@ -198,6 +198,24 @@ def test_dpo_precomputed_reference_on_two_ranks_trains_as_without(tmp_path):
                                                                                  abs=2e-6)
 
 
+def test_multi_turn_grpo_on_two_ranks_under_zero3_takes_its_turns_in_lock_step(tmp_path, ppo_parents):
+    """Episodes against an environment (env=python) on 2 ranks under ZeRO-3, the policy not gathered for the
+    rollout, so the ranks generate in lock-step (synced_gpus): episodes end at different turns on each rank, and a
+    rank whose episodes are done keeps taking turns until the other's are (else the run would hang). The output
+    reloads to the trained model."""
+    from align.run.handoff import read_history
+
+    out, live = run_two_ranks(tmp_path, "grpo", "zero3", "none", "env=python", "env.cls=tests.envs_for_tests:Uneven",
+                              "stage.max_turns=3", "stage.max_episode_tokens=40", "stage.gather_for_rollout=off",
+                              "stage.gather_for_step=off", "train.logging_steps=1", parents=ppo_parents)
+    check_output(out, "grpo", "zero3", "none", live)
+    history = read_history(out)
+    # episodes of one step end at different turns (an untrained policy's turn may also run out of tokens: its episode
+    # ends there); the run finishing at all is the lock-step holding
+    assert len(history) == 2 and any(1 < h["episode/turns"] < 3 for h in history), history
+    assert all(h["env/errors"] == 0 for h in history)
+
+
 # --- the whole matrix: python -m pytest -m matrix -n 2 tests/test_zero_matrix.py ------------------------
 
 @pytest.mark.matrix

@@ -14,9 +14,10 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from align.config.registry import reads_reward, reads_rollout, stage_schemas
+from align.config.registry import reads_env, reads_reward, reads_rollout, stage_schemas
 from align.config.schema import (
     DataConfig,
+    EnvConfig,
     ModelConfig,
     PeftConfig,
     RewardConfig,
@@ -32,11 +33,12 @@ SECTION_GROUPS = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig
 def section_groups(stage: str) -> dict[str, type]:
     """The groups a recipe may set per stage. The reward group joins them for the stages that read it, unless the
     stage has a key of that name (ppo's stage.reward, its reward model: there the group is set for the recipe); the
-    rollout group joins them for the stages that sample with it."""
+    rollout group joins them for the stages that sample with it, the env group for those that run episodes."""
     own = stage_schemas().get(stage)
     clash = own is not None and "reward" in {f.name for f in dataclasses.fields(own)}
     return {**SECTION_GROUPS, **({"reward": RewardConfig} if reads_reward(stage) and not clash else {}),
-            **({"rollout": RolloutConfig} if reads_rollout(stage) else {})}
+            **({"rollout": RolloutConfig} if reads_rollout(stage) else {}),
+            **({"env": EnvConfig} if reads_env(stage) else {})}
 
 
 def _overlay(schema: type, name: str, extra: dict[str, type] | None = None) -> type:

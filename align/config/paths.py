@@ -30,3 +30,27 @@ def recipe_dirs() -> list[Path]:
     if local.is_dir() and all(local.resolve() != d.resolve() for d in dirs):
         dirs.append(local)
     return dirs
+
+
+def user_object(spec: str | None, key: str, example: str, kind: str):
+    """`module:Name` (the value of `key`, e.g. reward.fn) imported from the working directory or PYTHONPATH, or
+    ValueError naming the key and the fix. `kind` says what Name is (function, class)."""
+    import importlib
+    import os
+    import sys
+
+    if not spec or ":" not in spec:
+        raise ValueError(f"{key} must be module:{kind if kind == 'function' else 'Class'} (e.g. {key}={example}), "
+                         f"got {spec!r}")
+    module_name, name = spec.split(":", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{key}={spec}: cannot import {module_name!r} ({e}); put {module_name}.py in the working "
+                         "directory or on PYTHONPATH") from e
+    found = getattr(module, name, None)
+    if not callable(found):
+        raise ValueError(f"{key}={spec}: {module_name} has no {kind} {name!r}")
+    return found

@@ -29,10 +29,28 @@ class RecipeError(ValueError):
     pass
 
 
+OPEN_DICTS = ("reward.weights", "env.kwargs")  # maps of the user's own names: `reward.weights={checker: 1.0}`
+
+
+def open_dicts(schema: DictConfig) -> DictConfig:
+    """The schema with its free-form maps open to new keys (struct mode, which Hydra turns on, would refuse
+    `reward.weights={checker: 1.0}` from the command line), in the shared groups and in every stage's section."""
+    for path in OPEN_DICTS:
+        for prefix in ("", *(f"{stage}." for stage in sections())):
+            node = OmegaConf.select(schema, prefix + path, default=None)
+            if isinstance(node, DictConfig):
+                OmegaConf.set_struct(node, False)
+            elif prefix and OmegaConf.select(schema, prefix + path.rsplit(".", 1)[0], default=None) is not None:
+                # a section's map is unset (MISSING) until given: its group's node takes the new keys instead;
+                # a misspelt key there is still caught (rules.unknown_keys checks every key against the schema)
+                OmegaConf.set_struct(OmegaConf.select(schema, prefix + path.rsplit(".", 1)[0]), False)
+    return schema
+
+
 def register() -> None:
     """The schema, each stage's options of the `stage` group, and the recipes, in Hydra's ConfigStore."""
     cs = ConfigStore.instance()
-    cs.store(name="align_schema", node=align_schema())
+    cs.store(name="align_schema", node=open_dicts(OmegaConf.structured(align_schema())))
     for name, schema in stage_schemas().items():  # `stage=NAME` selects the stage's schema with its defaults
         cs.store(group="stage", name=name, node=schema(name=name))
     register_recipes(cs)

@@ -48,6 +48,7 @@ class StageSpec:
     headline: tuple = ()  # stage.json metrics a summary shows first
     reads_reward: bool = False  # reads the reward group (reward=...): its keys count in the stage's identity
     reads_rollout: bool = False  # samples with the rollout group (rollout.engine=...): its keys count in its identity
+    reads_env: bool = False  # runs episodes against the env group (env=python): its keys count in its identity
     default_reward: str | None = None  # what reward.kind=auto means for this stage (checker, rm, python)
     trains: bool = True  # False: measures only (eval)
     checks: Callable = no_checks  # checks(cfg) -> problems between its keys (each alone may be fine), with the fix
@@ -113,6 +114,12 @@ def reads_rollout(stage: str | None) -> bool:
     """Whether the rollout group applies to `stage` (`grpo.rollout.engine=vllm` inside a recipe)."""
     spec = registry().get(stage)
     return bool(spec and spec.reads_rollout)
+
+
+def reads_env(stage: str | None) -> bool:
+    """Whether the env group applies to `stage` (`grpo.env.timeout_s=5` inside a recipe)."""
+    spec = registry().get(stage)
+    return bool(spec and spec.reads_env)
 
 
 def reads_reward(stage: str | None) -> bool:

@@ -1,5 +1,5 @@
 """The config schema: Hydra structured configs, one dataclass per shared group (run, train, model, data, peft,
-deepspeed, logger, reward, rollout, pipeline) and the base of every stage's own schema (StageConfig; each stage declares
+deepspeed, logger, reward, rollout, env, pipeline) and the base of every stage's own schema (StageConfig; each stage declares
 its subclass in its module under align/stages).
 
 Typed fields make Hydra reject `train.lr=abc` or an unknown key with a clear message before anything loads; the
@@ -71,7 +71,7 @@ def keyed(default, check: Check | None = None, help: str = "", factory=None):
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 CHECKERS = ("demo", "exact", "regex", "json")  # data.checker: align/tasks/checkers.py implements each
-REWARD_COMPONENTS = ("checker", "rm", "python")  # what reward=weighted sums (align/rewards)
+REWARD_COMPONENTS = ("checker", "rm", "python", "env")  # what reward=weighted sums (align/rewards)
 REWARD_KINDS = ("auto", *REWARD_COMPONENTS, "weighted")
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "query_response")
 
@@ -189,11 +189,28 @@ class StageConfig:
 class RewardConfig:
     kind: str = keyed("auto", one_of(*REWARD_KINDS),
                       "what scores a response in ppo and grpo: the data's task checker, a reward model, your "
-                      "function, or a weighted sum; auto: the stage's own default (its StageSpec.default_reward)")
+                      "function, the environment's reward (env=python), or a weighted sum; auto: the stage's own "
+                      "default (its StageSpec.default_reward; grpo with an environment: env)")
     model: str | None = keyed(None, help="reward=rm: a reward model directory; null: the run's rm (ppo: stage.reward)")
     fn: str | None = keyed(None, help="reward=python: module:function, called as fn(prompts, completions, **fields)")
-    weights: dict[str, float] = keyed(None, help="reward=weighted: {checker: 1.0, rm: 0.5, python: 1.0}",
+    weights: dict[str, float] = keyed(None, help="reward=weighted: {checker: 1.0, rm: 0.5, python: 1.0, env: 1.0}",
                                       factory=dict)
+
+
+ENV_KINDS = ("none", "python")
+
+
+@dataclass
+class EnvConfig:
+    """What an episode runs against in stage=grpo (docs/environments.md): none, one answer per prompt; python, a
+    class of yours that answers the model's turns (a tool) until the episode is done."""
+
+    kind: str = keyed("none", one_of(*ENV_KINDS), "none: one answer per prompt; python: multi-turn episodes with env.cls")
+    cls: str | None = keyed(None, help="env=python: module:Class, importable from the working directory or "
+                                       "PYTHONPATH; one instance per episode, Class(**env.kwargs)")
+    kwargs: dict[str, Any] = keyed(None, help="keyword arguments of env.cls", factory=dict)
+    timeout_s: float = keyed(30.0, POSITIVE, "the longest one reset() or step() call may take; past it the episode "
+                                             "fails (stops the run, or is dropped and counted with data.on_error=skip)")
 
 
 ROLLOUT_ENGINES = ("auto", "hf", "vllm")
@@ -254,6 +271,7 @@ class SharedConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 

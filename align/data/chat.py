@@ -13,15 +13,15 @@ from align.data.errors import RowProblem
 IGNORE_INDEX = -100
 
 # Used only for tokenizers that ship no chat template (base models); saved with the model.
-DEFAULT_CHAT_TEMPLATE = (
+DEFAULT_CHAT_TEMPLATE = (  # literal text in expressions: the whitespace control of the tags must not eat it
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
-    "### Assistant:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{{ '### Assistant:\\n' + message['content'] + eos_token + '\\n\\n' }}"
     "{%- else -%}"
-    "### {{ message['role'] | capitalize }}:\n{{ message['content'] }}\n\n"
+    "{{ '### ' + message['role'] | capitalize + ':\\n' + message['content'] + '\\n\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}### Assistant:\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '### Assistant:\\n' }}{%- endif -%}"
 )
 
 

@@ -1,12 +1,15 @@
 """Every common instruction format, turned into one canonical row: a list of chat messages.
 
-Canonical SFT row: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
-with at least one non-empty assistant turn. The format is detected per row from its fields, or
+Canonical SFT row: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}``
+with at least one assistant turn that has content or tool calls. An assistant turn's ``tool_calls`` (the form
+transformers' chat templates take: ``[{"type": "function", "function": {"name": ..., "arguments": {...}}}]``) and a
+tool turn's ``tool_call_id`` / ``name`` are kept for the chat template to render. The format is detected per row from its fields, or
 forced with ``data.format=<name>``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from align.data.errors import RowProblem
@@ -50,13 +53,50 @@ def _messages_list(value, label: str, role_key: str, content_key: str, role_map:
             raise RowProblem(f"field '{where}' is {type(turn).__name__}, expected an object",
                              f"make each turn a {{'{role_key}': ..., '{content_key}': ...}} object")
         role = _string(turn, role_key, label=f"{where}.{role_key}")
-        content = _string(turn, content_key, label=f"{where}.{content_key}")
         mapped = (role_map or {r: r for r in ROLES}).get(role.lower() if role_map else role)
         if mapped is None:
             allowed = sorted(role_map) if role_map else list(ROLES)
             raise RowProblem(f"field '{where}.{role_key}' is {role!r}, not a known role",
                              f"use one of {', '.join(allowed)}")
-        out.append({"role": mapped, "content": content})
+        calls = _tool_calls(turn, where) if mapped == "assistant" else None
+        message = {"role": mapped, "content": _string(turn, content_key, label=f"{where}.{content_key}",
+                                                      required=calls is None) or ""}
+        if calls is not None:
+            message["tool_calls"] = calls
+        for key in TOOL_TURN_KEYS if mapped == "tool" else ():
+            if turn.get(key) is not None:
+                message[key] = _string(turn, key, label=f"{where}.{key}")
+        out.append(message)
+    return out
+
+
+TOOL_TURN_KEYS = ("tool_call_id", "name")  # kept on a tool turn for the templates that render them
+
+
+def _tool_calls(turn: dict, where: str) -> list[dict] | None:
+    """An assistant turn's tool calls in transformers' form, or None; a call's arguments may be a dict or JSON text."""
+    calls = turn.get("tool_calls")
+    if calls is None:
+        return None
+    fix = "give tool_calls as [{'type': 'function', 'function': {'name': ..., 'arguments': {...}}}]"
+    if not isinstance(calls, list) or not calls:
+        raise RowProblem(f"field '{where}.tool_calls' is {type(calls).__name__}, expected a non-empty list", fix)
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RowProblem(f"field '{where}.tool_calls[{i}]' has no function name", fix)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                raise RowProblem(f"field '{where}.tool_calls[{i}].function.arguments' is not JSON ({e})", fix) from e
+        if not isinstance(arguments, dict):
+            raise RowProblem(f"field '{where}.tool_calls[{i}].function.arguments' is {type(arguments).__name__}, "
+                             "expected an object", fix)
+        out.append({**call, "type": call.get("type", "function"),
+                    "function": {"name": function["name"], "arguments": arguments}})
     return out
 
 
@@ -64,7 +104,7 @@ def _check_assistant_turns(messages: list[dict], label: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
         raise RowProblem(f"'{label}' has no assistant turn", "every training conversation needs an assistant answer")
     for i, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise RowProblem(f"empty assistant turn ('{label}[{i}]')", "remove the row or fill in the answer")
     return messages
 

@@ -167,7 +167,8 @@ def _encode_prompt_row(tokenizer, row: dict, max_length: int) -> dict:
         raise RowProblem(f"the prompt is {len(ids)} tokens, not below stage.max_prompt_length={max_length}",
                          "raise stage.max_prompt_length or shorten the prompt")
     return {"prompt_ids": ids, "prompt_text": prompt_text(row["prompt"]), "reference": row["reference"],
-            "fields": row.get("fields", "{}")}
+            "fields": row.get("fields", "{}"), "messages": json.dumps(row["prompt"]),
+            "where": f"{row.get('_source', '?')} row {row.get('_row', '?')}"}
 
 
 def eval_prompts(data_cfg, tokenizer, max_length: int, max_chat_length: int, seed: int):
@@ -176,8 +177,7 @@ def eval_prompts(data_cfg, tokenizer, max_length: int, max_chat_length: int, see
     def encode(row):
         out = {**_encode_prompt_row(tokenizer, row, max_length), "input_ids": [], "labels": []}
         if row["reference"] is not None:
-            chat = [*row["prompt"], {"role": "assistant", "content": row["reference"]}]
-            out.update(encode_chat(tokenizer, chat, max_chat_length))
+            out.update(encode_chat(tokenizer, [*row["prompt"], *row["answer"]], max_chat_length))
         return out
 
     return _eval_only(data_cfg, "sft", lambda raw: to_prompt(raw, data_cfg.format), encode, seed)

@@ -11,14 +11,15 @@ from align.data.preferences import to_preference
 
 
 def to_prompt(row: dict, fmt: str = "auto") -> dict:
-    """{"prompt": messages, "reference": the row's answer or None}: the turns before the last assistant
-    turn of an SFT row (reference: that turn), the prompt of a preference pair (reference: chosen), or a
-    row that only has `prompt` (a string or a message list; no reference). Task checkers use the
-    reference."""
-    reference = None
+    """{"prompt": messages, "reference": the row's answer or None, "answer": the answer's turns or None}: an SFT
+    row's turns before its answer (the last assistant turn, with the tool calls and tool turns that lead to it:
+    an episode starts where the model first speaks), the prompt of a preference pair (answer: chosen), or a row
+    that only has `prompt` (a string or a message list; no reference). Task checkers read the reference: the
+    answer's last assistant turn."""
+    reference, answer = None, None
     if "chosen" in row or "rejected" in row:
         pair = to_preference(row)
-        prompt = pair["prompt"]
+        prompt, answer = pair["prompt"], pair["chosen"]
         reference = _last_assistant(pair["chosen"])
     elif "prompt" in row and "completion" not in row:
         raw = row["prompt"]
@@ -29,14 +30,25 @@ def to_prompt(row: dict, fmt: str = "auto") -> dict:
             prompt = [{"role": "system", "content": system}, *prompt]
     else:
         messages = to_messages(row, fmt)
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prompt = messages[:last]
-        reference = messages[last]["content"]
+        start = answer_start(messages)
+        prompt, answer = messages[:start], messages[start:]
+        reference = _last_assistant(answer)
     if not prompt or prompt[-1]["role"] == "assistant":
         raise RowProblem("no prompt to answer (the row has no user turn before the answer)",
                          "give each row a user turn, or a `prompt` field")
     fields = {k: v for k, v in row.items() if k not in CONVERSATION_KEYS and not k.startswith("_")}
-    return {"prompt": prompt, "reference": reference, "fields": json.dumps(fields, default=str)}
+    return {"prompt": prompt, "reference": reference, "answer": answer, "fields": json.dumps(fields, default=str)}
+
+
+def answer_start(messages: list[dict]) -> int:
+    """Where a conversation's answer starts: its last assistant turn, or the first of the assistant and tool turns
+    that lead up to it (a tool-use transcript's calls and results)."""
+    start = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    while start > 0 and messages[start - 1]["role"] in ("assistant", "tool"):
+        start -= 1
+    while messages[start]["role"] != "assistant":  # an answer starts with the model's turn
+        start += 1
+    return start
 
 
 # the keys a row's conversation is read from; the others reach a python reward function (reward=python)
@@ -65,10 +77,17 @@ class Prompt:
     text: str
     reference: str | None = None
     fields: str = "{}"
+    messages: str = "[]"  # the prompt's turns as JSON (an environment's reset() reads them)
+    where: str = ""  # the data file and 1-based row, for messages about this prompt
+
+    def row(self) -> dict:
+        """The data row as an environment's reset() receives it: its prompt turns, reference and other fields."""
+        return {"prompt": json.loads(self.messages), "reference": self.reference, **json.loads(self.fields or "{}")}
 
 
 def prompt_records(ds) -> list[Prompt]:
     """The Prompt of each row of a prompt dataset (align.data.loader.prompt_datasets); [] for none."""
     if ds is None:
         return []
-    return [Prompt(row["prompt_ids"], row["prompt_text"], row["reference"], row.get("fields") or "{}") for row in ds]
+    return [Prompt(row["prompt_ids"], row["prompt_text"], row["reference"], row.get("fields") or "{}",
+                   row.get("messages") or "[]", row.get("where") or "") for row in ds]

@@ -6,7 +6,9 @@
   python    reward.fn=module:function, importable from the working directory or PYTHONPATH, called as
             fn(prompts, completions, **fields) -> list[float]: the last user turns, the decoded responses, and
             the data rows' other fields as lists (`reference` among them: the row's answer, or None)
-  weighted  reward.weights={checker: 1.0, rm: 0.5, python: 1.0}: the weighted sum of the named components
+  env       the environment's reward at the end of each episode (env=python, stage=grpo): what reward=auto means
+            there; the other components then score the episode's last model turn
+  weighted  reward.weights={checker: 1.0, rm: 0.5, python: 1.0, env: 1.0}: the weighted sum of the named components
 
 Each component is logged on its own (reward/<name>). A python function that raises, returns the wrong number
 of values or a non-finite one stops the run naming the function and the prompt; with data.on_error=skip the
@@ -15,12 +17,9 @@ response is left out of the update instead, and counted (reward/errors).
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,20 +67,12 @@ def components_of(reward_cfg, auto: str = "checker") -> dict[str, float]:
 
 def load_function(spec: str):
     """`module:function` from the working directory or PYTHONPATH."""
-    if not spec or ":" not in spec:
-        raise RewardError(f"reward.fn must be module:function (e.g. reward.fn=my_rewards:score), got {spec!r}")
-    module_name, name = spec.split(":", 1)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    from align.config.paths import user_object
+
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise RewardError(f"reward.fn={spec}: cannot import {module_name!r} ({e}); put {module_name}.py in the working "
-                          "directory or on PYTHONPATH") from e
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise RewardError(f"reward.fn={spec}: {module_name} has no function {name!r}")
-    return fn
+        return user_object(spec, "reward.fn", "my_rewards:score", "function")
+    except ValueError as e:
+        raise RewardError(str(e)) from e.__cause__
 
 
 @dataclass
@@ -167,11 +158,14 @@ class Reward:
             return
         self.components["rm"] = lambda batch, responses, prompts: (rm_score(batch).float().cpu(), None)
 
-    def __call__(self, batch, responses: list[str], prompts: list[Prompt]) -> Scored:
+    def __call__(self, batch, responses: list[str], prompts: list[Prompt],
+                 given: dict[str, tuple] | None = None) -> Scored:
+        """Every component's scores of the responses, and the weighted total; `given`: components already scored
+        elsewhere, {name: (scores, valid)} (the environment's rewards of a step's episodes)."""
         n = len(responses)
         scores, valid, errors = {}, torch.ones(n, dtype=torch.bool), 0
-        for name, component in self.components.items():
-            scores[name], ok = component(batch, responses, prompts)
+        results = [(name, c(batch, responses, prompts)) for name, c in self.components.items()]
+        for name, (scores[name], ok) in [*results, *(given or {}).items()]:
             if ok is not None:
                 errors += int((~ok).sum())
                 valid &= ok
@@ -181,11 +175,15 @@ class Reward:
         return Scored(total, scores, valid, errors)
 
 
-def build(reward_cfg, data_cfg, rm_score=None, auto: str = "checker") -> Reward:
+def build(reward_cfg, data_cfg, rm_score=None, auto: str = "checker", env: bool = False) -> Reward:
     """The Reward of a config; `rm_score` scores a rollout batch with the loaded reward model (when rm is used;
-    the loop may bind it later with Reward.bind_rm). The data's checker, when it has one, is always evaluated
-    (logged as reward/checker) even when not rewarded."""
+    the loop may bind it later with Reward.bind_rm); `env`: the stage runs episodes, whose environment gives the env
+    component at each call. The data's checker, when it has one, is always evaluated (logged as reward/checker) even
+    when not rewarded."""
     weights = components_of(reward_cfg, auto)
+    if "env" in weights and not env:
+        raise RewardError("reward=env (or an env weight) scores with an environment's reward: set env=python "
+                          "env.cls=module:Class, or choose another reward")
     checker = checkers.from_config(data_cfg)
     if "checker" in weights and checker is None:
         raise RewardError(f"reward=checker needs a task checker, and data.checker={data_cfg.checker} names none for "

@@ -60,7 +60,7 @@ class OnlineLoop:
         if vllm_engine.resolve(cfg.rollout.engine) == "vllm":
             seed = cfg.train.seed if cfg.rollout.seed is None else cfg.rollout.seed
             self.vllm = vllm_engine.VLLMEngine(actor.module, tokenizer, cfg.rollout, seed=seed,
-                                                 max_len=self.s.max_prompt_length + self.s.max_new_tokens)
+                                                 max_len=self.s.max_prompt_length + self.longest_rollout())
 
     # --- what a stage provides ------------------------------------------------------------------
     def trained(self) -> dict[str, Trainable]:
@@ -79,6 +79,16 @@ class OnlineLoop:
     def eval_scores(self, batch: rollout.Batch, responses: list[str], prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         """Per-response scores of a greedy eval batch beside the checker's (e.g. the reward model's)."""
         return {}
+
+    def longest_rollout(self) -> int:
+        """The most tokens a rollout adds after its prompt (an episode's turns, with a stage that runs them)."""
+        return self.s.max_new_tokens
+
+    def answer(self, prompts: list[Prompt]) -> tuple[rollout.Batch, list[str], dict]:
+        """Greedy answers to held-out prompts: the batch, each answer's text (what the checker reads), and per-answer
+        scores of the stage's own beside the eval's (a stage running episodes: the environment's reward)."""
+        batch = self.sample([p.ids for p in prompts], greedy=True)
+        return batch, rollout.decode_responses(self.tok, batch), {}
 
     @property
     def has_reference(self) -> bool:
@@ -116,30 +126,35 @@ class OnlineLoop:
             finally:
                 self._window = None
 
-    def sample(self, prompts: list[list[int]], greedy: bool = False) -> rollout.Batch:
+    def sample(self, prompts: list[list[int]], greedy: bool = False, max_new_tokens: int | None = None,
+               more_turns: bool = False) -> rollout.Batch:
+        """One answer per prompt (at most `max_new_tokens`, stage.max_new_tokens by default), from generate() or the
+        vLLM engine; `more_turns`: the rollout goes on (an episode's next turn), so the engine stays awake."""
+        max_new_tokens = max_new_tokens or self.s.max_new_tokens
         if self.vllm is not None:
-            return self.sample_on_engine(prompts, greedy)
+            return self.sample_on_engine(prompts, greedy, max_new_tokens, more_turns)
         actor = self.actor.module
         set_use_cache(actor, True)
         with self.rollout_window():
             batch = rollout.generate(actor, prompts, pad_id=self.pad, stop_ids=self.stop_ids,
-                                     max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
+                                     max_new_tokens=max_new_tokens, temperature=self.s.temperature,
                                      top_p=self.s.top_p, greedy=greedy, synced_gpus=self._window and self.synced,
                                      device=device())
         set_use_cache(actor, False)
         return batch
 
     @torch.no_grad()
-    def sample_on_engine(self, prompts: list[list[int]], greedy: bool) -> rollout.Batch:
+    def sample_on_engine(self, prompts: list[list[int]], greedy: bool, max_new_tokens: int,
+                         more_turns: bool = False) -> rollout.Batch:
         """Sample on the vLLM engine, first giving it the policy's weights when an optimizer step changed them;
         a training rollout then lets it sleep (GPU) while the step trains."""
         if self.vllm.version != self.actor.updates:
             with self.rollout_window():  # ZeRO-3: the gather for the rollout's passes serves the sync too
                 self.vllm.sync(self.actor.module, self.actor.updates)
         batch = self.vllm.generate(prompts, pad_id=self.pad, stop_ids=self.stop_ids,
-                                     max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
+                                     max_new_tokens=max_new_tokens, temperature=self.s.temperature,
                                      top_p=self.s.top_p, greedy=greedy, device=device())
-        if not greedy:
+        if not greedy and not more_turns:
             self.vllm.sleep()
         return batch
 
@@ -284,14 +299,13 @@ class OnlineLoop:
         scores: dict[str, list] = {}
         for i in range(0, len(prompts), chunk):
             with self.rollout_window():
-                batch = self.sample([p.ids for p in prompts[i : i + chunk]], greedy=True)
+                batch, text, own = self.answer(prompts[i : i + chunk])
                 if self.has_reference:  # log pi - log pi_ref summed over the greedy answer: not a KL estimate
                     # (answers are not sampled), so not named one; the sampled estimate is the eval stage's kl
                     logp, _ = rollout.response_logprobs(self.actor.module, batch)
                     scores.setdefault("greedy_logratio", []).append(
                         sequence_kl(logp, self.reference_logprobs(batch, 1.0), batch.mask))
-            text = rollout.decode_responses(self.tok, batch)
-            for k, v in self.eval_scores(batch, text, prompts[i : i + chunk]).items():
+            for k, v in {**own, **self.eval_scores(batch, text, prompts[i : i + chunk])}.items():
                 scores.setdefault(k, []).append(v)
             rows.append((batch.mask.sum(1).float(), batch.ended.float()))
             responses += text

@@ -18,10 +18,12 @@ class Batch:
     queries: torch.Tensor  # [B, Q] left-padded prompt ids
     query_mask: torch.Tensor  # [B, Q]
     responses: torch.Tensor  # [B, R] sampled ids, pad after the end
-    mask: torch.Tensor  # [B, R] 1 up to and including the stop token
-    ended: torch.Tensor  # [B] a stop token was generated
+    mask: torch.Tensor  # [B, R] 1 on the tokens the policy wrote: up to and including the stop token
+    ended: torch.Tensor  # [B] a stop token was generated (an episode: its last model turn ended with one)
     engine_logp: torch.Tensor | None = None  # [B, R] log-probs of the sampled tokens as the engine sampled them
     # (rollout.engine=vllm; 0 past the end); None where the trained model itself sampled
+    present: torch.Tensor | None = None  # [B, R] 1 on every real token: a multi-turn episode's environment turns
+    # too (context, not trained: mask is 0 there); None: the same as mask (one answer)
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -29,10 +31,10 @@ class Batch:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.query_mask, self.mask], dim=1)
+        return torch.cat([self.query_mask, self.mask if self.present is None else self.present], dim=1)
 
     def _fields(self) -> tuple:
-        return self.queries, self.query_mask, self.responses, self.mask, self.ended, self.engine_logp
+        return self.queries, self.query_mask, self.responses, self.mask, self.ended, self.engine_logp, self.present
 
     def to(self, device) -> "Batch":
         return Batch(*(None if t is None else t.to(device) for t in self._fields()))

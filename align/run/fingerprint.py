@@ -67,4 +67,12 @@ def inputs(cfg) -> dict:
     name = cfg.model.name_or_path
     local = of_path(name)
     out["model"] = local or f"{name}@{cfg.model.revision or 'main'}"
+    env = cfg.get("env")
+    if env is not None and env.kind != "none":  # editing the environment's code re-runs the stage
+        from align.config.registry import reads_env
+        from align.envs import module_file
+
+        if reads_env(cfg.stage.name):
+            code = module_file(env.cls)
+            out["env"] = _file(Path(code)) if code else env.cls
     return out

@@ -52,7 +52,7 @@ def identity(cfg: DictConfig) -> dict:
 
 def _hashed(config: dict) -> dict:
     """A resolved config less the keys that do not change what its stage computes."""
-    from align.config.registry import reads_reward, reads_rollout, registry
+    from align.config.registry import reads_env, reads_reward, reads_rollout, registry
 
     for key in (*UNHASHED_KEYS, *registry()):
         config.pop(key, None)
@@ -60,6 +60,8 @@ def _hashed(config: dict) -> dict:
         config.pop("reward", None)
     if not reads_rollout(config.get("stage", {}).get("name")):  # so does the rollout group
         config.pop("rollout", None)
+    if not reads_env(config.get("stage", {}).get("name")):  # and the env group
+        config.pop("env", None)
     return config
 
 

@@ -9,6 +9,10 @@ For every policy — the run's outputs of every stage whose StageSpec says polic
   win_rate          share of prompts whose greedy answer the judge scores above the baseline's (ties: half)
   kl                KL(policy || baseline) per response, estimated on `stage.kl_samples` sampled answers
 
+With an environment (env=python), each greedy answer is a whole episode against it (align/rl/episodes.py): the
+checker reads its last model turn, and the environment's reward (env_reward), turns and tool calls per episode and
+the mean of each `info` value it reports (env/<name>) are added.
+
 and for the judge its pair accuracy on held-out preference pairs (`rm_accuracy`). Results go to
 stage.json (`<policy>/<metric>`) and results.md. Every rank computes the same numbers; rank 0 writes.
 """
@@ -26,10 +30,12 @@ from align.config.registry import StageSpec
 from align.config.registry import policies as registry_policies
 from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, StageConfig, keyed
 from align.data.loader import eval_pairs, eval_prompts
+from align.data.prompts import prompt_records
 from align.models.loading import load_pretrained, load_reward_model, load_tokenizer, resolve_name
 from align.models.metrics import IGNORE_INDEX, labelled_nll, pair_accuracy, perplexity, sequence_kl, win_rate
 from align.rl import rollout
 from align.rl.engine import device
+from align.rl.episodes import EpisodeRunner, summary
 from align.rl.logprobs import causal_lm_parts, token_logprobs
 from align.run import handoff, tracking
 from align.run.stage_run import StageResult, StageRun
@@ -52,8 +58,11 @@ class EvalStageConfig(StageConfig):
     max_new_tokens: int = keyed(64, AT_LEAST_ONE, "longest answer in tokens")
     kl_samples: int = keyed(1, AT_LEAST_ONE, "sampled responses per prompt for the KL estimate")
     batch_size: int = keyed(64, AT_LEAST_ONE, "prompts per forward/generate call")
+    max_turns: int = keyed(4, AT_LEAST_ONE, "env=python: the most model turns of one episode")
+    max_episode_tokens: int = keyed(256, AT_LEAST_ONE, "env=python: the most tokens after the prompt in one episode")
 
-COLUMNS = ("checker_accuracy", "reward_mean", "win_rate", "kl", "perplexity")
+COLUMNS = ("checker_accuracy", "env_reward", "episode/turns", "episode/tool_calls", "reward_mean", "win_rate", "kl",
+           "perplexity")
 NO_ADAPTER = OmegaConf.create({"method": "none"})
 
 
@@ -85,9 +94,9 @@ def run(cfg: DictConfig) -> StageResult:
         model = ev.load(parent)
         r = {"perplexity": ev.perplexity(model, rows)}
         batches = ev.answer(model, asked, greedy=True)
+        r.update(ev.episode_metrics)
         if checker is not None:
-            texts = [t for b in batches for t in rollout.decode_responses(tokenizer, b)]
-            r["checker_accuracy"] = checkers.accuracy(checker, [x["prompt_text"] for x in asked], texts,
+            r["checker_accuracy"] = checkers.accuracy(checker, [x["prompt_text"] for x in asked], ev.texts,
                                                       [x["reference"] for x in asked])
         if judge_model is not None:
             scores = ev.scores(judge_model, batches)
@@ -168,9 +177,18 @@ class Evaluator:
     """The model calls of the eval stage, batched, on this rank's device."""
 
     def __init__(self, cfg: DictConfig, tokenizer):
-        self.cfg, self.s, self.dev = cfg, cfg.stage, device()
+        self.cfg, self.s, self.dev, self.tok = cfg, cfg.stage, device(), tokenizer
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = rollout.stop_token_ids(tokenizer, [])
+        self.episodes = None  # env=python: every answer is an episode against the environment
+        if "env" in cfg and cfg.env.kind != "none":
+            self.episodes = EpisodeRunner(cfg.env, tokenizer, max_turns=self.s.max_turns,
+                                          max_episode_tokens=self.s.max_episode_tokens,
+                                          max_new_tokens=self.s.max_new_tokens,
+                                          max_prompt_length=self.s.max_prompt_length,
+                                          skip_errors=cfg.data.on_error == "skip")
+        self.texts: list[str] = []  # the last answer() call's answers (an episode's: its last model turn)
+        self.episode_metrics: dict[str, float] = {}  # the last answer() call's episodes summarised
 
     def load(self, parent: handoff.Parent, classifier: bool = False):
         """A policy (causal LM), or with `classifier` a judge; adapters merged into their base."""
@@ -188,10 +206,24 @@ class Evaluator:
 
     @torch.no_grad()
     def answer(self, model, rows: list[dict], greedy: bool) -> list[rollout.Batch]:
-        return [rollout.generate(model, [r["prompt_ids"] for r in chunk], pad_id=self.pad, stop_ids=self.stop_ids,
-                                 max_new_tokens=self.s.max_new_tokens, temperature=1.0, top_p=1.0, greedy=greedy,
-                                 device=self.dev)
+        """An answer (with an environment: an episode) to each row's prompt, by chunks of stage.batch_size."""
+        def sample(prompts: list[list[int]], greedy: bool, max_new_tokens: int) -> rollout.Batch:
+            return rollout.generate(model, prompts, pad_id=self.pad, stop_ids=self.stop_ids,
+                                    max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, greedy=greedy,
+                                    device=self.dev)
+
+        if self.episodes is None:
+            batches = [sample([r["prompt_ids"] for r in chunk], greedy, self.s.max_new_tokens)
+                       for chunk in self._chunks(rows)]
+            self.texts = [t for b in batches for t in rollout.decode_responses(self.tok, b)]
+            return batches
+        runs = [self.episodes.run(sample, prompt_records(chunk), greedy, device=self.dev)
                 for chunk in self._chunks(rows)]
+        self.texts = [t for run in runs for t in run.answers]
+        rewards = torch.cat([run.rewards for run in runs])
+        self.episode_metrics = {"env_reward": float(rewards.mean()),
+                                **summary([e for run in runs for e in run.items])}
+        return [run.batch for run in runs]
 
     @torch.no_grad()
     def scores(self, judge, batches: list[rollout.Batch]) -> torch.Tensor:
@@ -252,6 +284,6 @@ def _parents(cfg) -> list[tuple[str, str | None]]:
 
 
 SPEC = StageSpec(
-    name="eval", schema=EvalStageConfig, run=run, parents=_parents, trains=False,
+    name="eval", schema=EvalStageConfig, run=run, parents=_parents, trains=False, reads_env=True,
     headline=("sft/checker_accuracy", "dpo/checker_accuracy", "ppo/checker_accuracy", "grpo/checker_accuracy",
               "dpo/win_rate", "ppo/win_rate", "grpo/win_rate", "dpo/kl", "ppo/kl", "grpo/kl", "rm_accuracy"))

@@ -38,9 +38,17 @@ from align.models.loading import (
     load_tokenizer,
     resolve_name,
 )
-from align.rl import rollout
+from align.rl import rollout, vllm_engine
 from align.rl.advantages import ADVANTAGES, group_advantages, overlong_penalty, token_advantages, zero_variance
-from align.rl.engine import Trainable, checkpointing_active, enable_checkpointing, frozen, frozen_reward_model
+from align.rl.engine import (
+    Trainable,
+    checkpointing_active,
+    device,
+    enable_checkpointing,
+    frozen,
+    frozen_reward_model,
+)
+from align.rl.episodes import EpisodeRunner, Episodes
 from align.rl.kl import ESTIMATORS, kl_per_token
 from align.rl.loop import OnlineLoop, on_device_of
 from align.rl.losses import AGGREGATIONS, aggregate, aggregation_count, clipped_surrogate
@@ -83,6 +91,28 @@ class GRPOStageConfig(OnlineStageConfig):
     kl_estimator: str = keyed("k3", one_of(*ESTIMATORS), "per-token KL estimator; in the loss k2 or k3 (k1's "
                               "expected gradient there is zero)")
     ppo_epochs: int = keyed(1, AT_LEAST_ONE, "passes over each rollout batch")
+    # multi-turn episodes (env=python)
+    max_turns: int = keyed(4, AT_LEAST_ONE, "env=python: the most model turns of one episode")
+    max_episode_tokens: int = keyed(256, AT_LEAST_ONE, "env=python: the most tokens after the prompt in one episode, "
+                                                       "the model's turns and the environment's together; "
+                                                       "stage.max_new_tokens bounds each model turn")
+
+
+def runs_episodes(cfg) -> bool:
+    return "env" in cfg and cfg.env.kind != "none"
+
+
+def default_reward(cfg) -> str:
+    """What reward=auto means: the environment's reward when the stage runs episodes, else the data's checker."""
+    return "env" if runs_episodes(cfg) else DEFAULT_REWARD
+
+
+def episode_runner(cfg, tokenizer) -> EpisodeRunner:
+    s = cfg.stage
+    return EpisodeRunner(cfg.env, tokenizer, max_turns=s.max_turns, max_episode_tokens=s.max_episode_tokens,
+                         max_new_tokens=s.max_new_tokens, max_prompt_length=s.max_prompt_length,
+                         skip_errors=cfg.data.on_error == "skip",
+                         return_logp=vllm_engine.resolve(cfg.rollout.engine) == "vllm")
 
 
 def grpo_kl_in(stage) -> str:
@@ -96,13 +126,14 @@ def run(cfg: DictConfig) -> StageResult:
     s = cfg.stage
     stage = StageRun(cfg)
     parent, source = start_from(cfg, "sft", s.init)
-    uses_rm = "rm" in rewards.components_of(cfg.reward, DEFAULT_REWARD)
+    uses_rm = "rm" in rewards.components_of(cfg.reward, default_reward(cfg))
     rm_parent = handoff.find_parent(cfg, "rm", cfg.reward.model) if uses_rm else None
     if uses_rm and rm_parent is None:
         raise handoff.HandoffError(f"reward=rm needs a reward model: run `python -m align stage=rm run.name="
                                    f"{cfg.run.name}` first, or pass reward.model=PATH")
     # built once, before any model loads (a bad reward is refused here); the loop binds its rm component
-    reward = rewards.build(cfg.reward, cfg.data, rm_score=(lambda b: None) if uses_rm else None, auto=DEFAULT_REWARD)
+    reward = rewards.build(cfg.reward, cfg.data, rm_score=(lambda b: None) if uses_rm else None,
+                           auto=default_reward(cfg), env=runs_episodes(cfg))
 
     tokenizer = load_tokenizer(resolve_name(source), cfg.model)
     train_ds, eval_ds, report = prompt_datasets(cfg.data, tokenizer, s.max_prompt_length, cfg.train.seed)
@@ -117,7 +148,8 @@ def run(cfg: DictConfig) -> StageResult:
 
     policy, reference, peft = _load_policy(cfg, stage, source, updates)
     rm = _load_rm(cfg, stage, rm_parent, tokenizer) if uses_rm else None
-    loop = GRPOLoop(cfg, policy, reference, peft, tokenizer, reward, rm)
+    loop = GRPOLoop(cfg, policy, reference, peft, tokenizer, reward, rm,
+                    episode_runner(cfg, tokenizer) if runs_episodes(cfg) else None)
 
     stage.prepare_checkpoints()
     stage.start_logging()
@@ -167,11 +199,16 @@ def _load_rm(cfg, stage: StageRun, rm_parent, tokenizer):
 class GRPOLoop(OnlineLoop):
     name = "grpo"
     progress_keys = ("reward/total_mean", "groups/zero_variance_share")
-    log_keys = ("reward/total_mean", "reward/checker", "reward/rm", "reward/python", "groups/zero_variance_share",
-                "objective/kl", "policy/entropy", "policy/clipfrac", "response/length", "time/generation_share")
+    log_keys = ("reward/total_mean", "reward/checker", "reward/rm", "reward/python", "reward/env",
+                "groups/zero_variance_share", "objective/kl", "policy/entropy", "policy/clipfrac", "response/length",
+                "episode/turns", "episode/tool_calls", "env/errors", "time/generation_share", "time/env_share")
 
-    def __init__(self, cfg, policy: Trainable, reference, peft: bool, tokenizer, reward: rewards.Reward, rm=None):
+    def __init__(self, cfg, policy: Trainable, reference, peft: bool, tokenizer, reward: rewards.Reward, rm=None,
+                 episodes: EpisodeRunner | None = None):
+        self.episodes = episodes  # env=python: each prompt is a multi-turn episode
         super().__init__(cfg, policy, reference, peft, tokenizer, reward.checker)
+        # seq_* aggregations divide by the longest possible answer: an episode's tokens when it runs them
+        self.longest = self.longest_rollout()
         self.rm = rm
         self.reward = reward
         if rm is not None:
@@ -188,6 +225,25 @@ class GRPOLoop(OnlineLoop):
         model, mean, std = self.rm
         raw = on_device_of(model, batch, lambda b: rollout.sequence_scores(model, b))
         return shape_scores(raw, batch.ended, mean=mean, std=std)
+
+    def longest_rollout(self) -> int:
+        return self.s.max_episode_tokens if self.episodes is not None else self.s.max_new_tokens
+
+    def run_episodes(self, prompts: list[Prompt], greedy: bool) -> Episodes:
+        """The prompts' episodes, every turn sampled with the loop's sampler; the engine sleeps once they are done."""
+        out = self.episodes.run(lambda contexts, g, n: self.sample(contexts, g, n, more_turns=True), prompts,
+                                greedy, device=device())
+        if self.vllm is not None and not greedy:
+            self.vllm.sleep()
+        return out
+
+    def answer(self, prompts: list[Prompt]):
+        if self.episodes is None:
+            return super().answer(prompts)
+        out = self.run_episodes(prompts, greedy=True)
+        own = {"env_reward": out.rewards, "turns": torch.tensor([float(e.turns) for e in out.items]),
+               "tool_calls": torch.tensor([float(e.tool_calls) for e in out.items])}
+        return out.batch, out.answers, own
 
     def eval_scores(self, batch, responses, items) -> dict:
         if self.rm is None:
@@ -207,13 +263,17 @@ class GRPOLoop(OnlineLoop):
         single_update = s.ppo_epochs == 1 and n == self.cfg.train.batch_size * self.cfg.train.grad_accum
         kl_in_reward = s.beta > 0 and self.kl_in == "reward"
         with self.rollout_window(), torch.no_grad():  # ZeRO-3: one gather for generation and these passes
-            batch = self.sample([p.ids for p in items])
+            episodes = self.run_episodes(items, greedy=False) if self.episodes is not None else None
+            batch = episodes.batch if episodes is not None else self.sample([p.ids for p in items])
             t_gen = time.perf_counter() - t0
             sampled_elsewhere = batch.engine_logp is not None  # the trainer's log-probs are then needed anyway
             behaviour = None if single_update and not kl_in_reward and not sampled_elsewhere else \
                 rollout.response_logprobs(self.actor.module, batch, s.temperature)[0]
             ref_logp = self.reference_logprobs(batch, s.temperature) if s.beta > 0 else None
-        scored = self.reward(batch, rollout.decode_responses(self.tok, batch), items)
+        if episodes is None:
+            scored = self.reward(batch, rollout.decode_responses(self.tok, batch), items)
+        else:  # the environment's reward beside the group's other components, which read each last model turn
+            scored = self.reward(batch, episodes.answers, items, {"env": (episodes.rewards, episodes.valid)})
         mask = batch.mask
         total = scored.total.clone()
         lengths = mask.sum(1).cpu()
@@ -235,7 +295,7 @@ class GRPOLoop(OnlineLoop):
             advantages = token_advantages(seq_adv, loss_mask, s.advantage, kl_tokens, s.beta if kl_in_reward else 0)
         old_logp = None if single_update else behaviour  # one update: its live log-probs are the behaviour's
         return GroupRollout(batch, scored, total, flat, keep, loss_mask, advantages, old_logp, ref_logp, lengths,
-                            t_gen, is_w, mismatch)
+                            t_gen, is_w, mismatch, episodes.stats() if episodes is not None else None)
 
     def _update(self, r: GroupRollout) -> dict[str, list]:
         """stage.ppo_epochs passes of clipped-surrogate updates over the kept answers, in micro-batches."""
@@ -264,11 +324,11 @@ class GRPOLoop(OnlineLoop):
             logp, entropy = rollout.response_logprobs(self.actor.model, mb, s.temperature, with_entropy=True)
         old = logp.detach() if r.old_logp is None else r.old_logp[idx]
         loss, stats = clipped_surrogate(logp, old, r.advantages[idx], r.loss_mask[idx], s.clip_low, s.clip_high,
-                                        self.agg, s.max_new_tokens, denominator,
+                                        self.agg, self.longest, denominator,
                                         None if r.is_weights is None else r.is_weights[idx])
         if r.ref_logp is not None and self.kl_in == "loss":
             kl = aggregate(kl_per_token(logp, r.ref_logp[idx], s.kl_estimator), r.loss_mask[idx], self.agg,
-                           s.max_new_tokens, denominator)
+                           self.longest, denominator)
             loss = loss + s.beta * kl
             stats["loss/kl"] = kl.detach()
         if not self.finite_on_all_ranks(loss):
@@ -297,6 +357,10 @@ class GRPOLoop(OnlineLoop):
                "samples/s": n / step_time}
         out.update({f"reward/{k}": float(v.mean()) for k, v in scored.components.items()})
         out.update(online.engine_stats(self.vllm, r.mismatch))
+        if r.episodes is not None:  # turns, tool calls, env errors; the rollout's time in the environment
+            out.update(r.episodes)
+            out["time/env_share"] = r.episodes["time/env_s"] / step_time
+            out["time/generation_share"] = max(r.t_gen - r.episodes["time/env_s"], 0.0) / step_time
         out.update({k: sum(v) / len(v) for k, v in update.items()})
         out["lr/actor"] = self.actor.lr()
         return mean_over_ranks(out)
@@ -320,6 +384,7 @@ class GroupRollout:
     t_gen: float  # seconds spent sampling
     is_weights: torch.Tensor | None = None  # [N, R] importance weights of an engine's rollout (rl/mismatch.py)
     mismatch: dict | None = None  # engine vs trainer log-probs of the sampled tokens
+    episodes: dict | None = None  # env=python: the episodes' stats (turns, tool calls, errors, time in the env)
 
 
 def window_denominators(loss_mask: torch.Tensor, order: torch.Tensor, micro: int, accum: int, how: str) -> list:
@@ -355,6 +420,8 @@ def checks(cfg) -> list[str]:
         out.append(f"stage.rollout_batch_size x stage.group_size = {samples} responses per step must be a multiple "
                    f"of train.batch_size x train.grad_accum = {mini} (one optimizer step); e.g. train.batch_size="
                    f"{math.gcd(samples, t.batch_size)}")
+    if runs_episodes(cfg):
+        out += _episode_problems(cfg)
     kl_in = grpo_kl_in(s)
     if kl_in == "reward" and s.advantage != "reinforce_pp":
         out.append(f"stage.kl_in=reward with stage.advantage={s.advantage}: the KL would enter neither the "
@@ -367,8 +434,26 @@ def checks(cfg) -> list[str]:
     return out
 
 
+def _episode_problems(cfg) -> list[str]:
+    """env=python's rules: a class that loads, and the keys that mean one answer per prompt."""
+    from align.envs import EnvError, load_class
+
+    out, s = [], cfg.stage
+    try:
+        load_class(cfg.env.cls)
+    except EnvError as e:
+        out.append(str(e))
+    if s.overlong_buffer > 0:
+        out.append("stage.overlong_buffer (DAPO's overlong penalty) measures one answer against stage.max_new_tokens; "
+                   "an episode has several turns. Fix: stage.overlong_buffer=0 with env=python")
+    if s.max_new_tokens > s.max_episode_tokens:
+        out.append(f"stage.max_new_tokens={s.max_new_tokens} (one model turn) is over stage.max_episode_tokens="
+                   f"{s.max_episode_tokens} (the whole episode). Fix: raise stage.max_episode_tokens")
+    return out
+
+
 def _parents(cfg) -> list[tuple[str, str | None]]:
-    rm = [("rm", cfg.reward.model)] if "rm" in rewards.components_of(cfg.reward, DEFAULT_REWARD) else []
+    rm = [("rm", cfg.reward.model)] if "rm" in rewards.components_of(cfg.reward, default_reward(cfg)) else []
     return [("sft", cfg.stage.init)] + rm
 
 
@@ -376,5 +461,6 @@ def _parents(cfg) -> list[tuple[str, str | None]]:
 SPEC = StageSpec(
     name="grpo", schema=GRPOStageConfig, run=run, parents=_parents, checks=checks, default_reward=DEFAULT_REWARD,
     lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reads_reward=True, reads_rollout=True,
+    reads_env=True,
     headline=("first_reward/total_mean", "reward/total_mean", "eval_checker_accuracy_before",
-              "eval_checker_accuracy", "eval_greedy_logratio"))
+              "eval_checker_accuracy", "eval_env_reward_before", "eval_env_reward", "eval_greedy_logratio"))

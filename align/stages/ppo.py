@@ -130,6 +130,9 @@ def run(cfg: DictConfig) -> StageResult:
 def checks(cfg) -> list[str]:
     """Rules between ppo's keys (align/config/rules.py runs them before anything loads)."""
     s, t, out = cfg.stage, cfg.train, online.rollout_problems(cfg)
+    if "env" in cfg and cfg.env.kind != "none":
+        out.append(f"env={cfg.env.kind}: multi-turn episodes run in stage=grpo (PPO's critic values one answer per "
+                   "prompt). Fix: stage=grpo, or env=none")
     mini = t.batch_size * t.grad_accum
     if mini > 0 and s.rollout_batch_size % mini:
         out.append(f"stage.rollout_batch_size={s.rollout_batch_size} must be a multiple of train.batch_size x "

@@ -16,10 +16,10 @@ from typing import Callable
 from align.config.paths import cache_root
 
 
-def generated(name: str, write: Callable[[Path], None], source: str) -> Path:
-    """The folder of task `name`'s files; `write(folder)` makes them, `source` (the generator module's file) keys
+def generated(name: str, write: Callable[[Path], None], *sources: str) -> Path:
+    """The folder of task `name`'s files; `write(folder)` makes them, `sources` (the generator modules' files) key
     the folder."""
-    version = hashlib.sha256(Path(source).read_bytes()).hexdigest()[:12]
+    version = hashlib.sha256(b"".join(Path(s).read_bytes() for s in sources)).hexdigest()[:12]
     target = cache_root() / "tasks" / f"{name}-{version}"
     if target.is_dir():
         return target

@@ -9,6 +9,9 @@ are correct; a checker (`data.checker`) scores answers against the row's referen
   json    fields of a sentence as JSON, -> {"name": "Ana", "age": 31, "city": "Lima"}; error: age quoted as a
           string (the json checker gives such an answer 2/3)
   recall  two turns: "remember: kqdm" / "ok" / "reverse it" -> "mdqk"; error: the word not reversed
+  calc    three-digit subtraction with a calculator tool (align/tasks/calc.py): "subtract: 347-829" -> a call
+          "calc(347-829)", the tool's "-482", the answer "-482"; error: the numbers swapped in the call when the
+          first is below 500. Its environment is align.tasks.calc:Calculator (recipe=agent)
 
 Each task's files are generated from fixed seeds on first use into the cache (align/tasks/files.py);
 `python -m align.tasks.zoo DIR` writes every task's into DIR/<name>/.
@@ -30,10 +33,15 @@ CITIES = ("Lima", "Oslo", "Rome", "Kyiv", "Doha", "Baku", "Riga", "Bern", "Lome"
 
 class Example:
     """One input: its prompt turns, the right answer, the erroneous one (or None when the error does not
-    apply), and a near miss for the rejected side of a pair."""
+    apply), and a near miss for the rejected side of a pair. An answer is a string (one assistant turn) or the
+    turns of a transcript (a tool's task: the calls, the tool's turns, the final answer)."""
 
-    def __init__(self, turns: list[dict], right: str, wrong: str | None, near: str):
+    def __init__(self, turns: list[dict], right, wrong, near):
         self.turns, self.right, self.wrong, self.near = turns, right, wrong, near
+
+
+def answer_turns(answer) -> list[dict]:
+    return answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
 
 
 def _user(text: str) -> list[dict]:
@@ -84,18 +92,26 @@ def recall(rng: random.Random) -> Example:
     return Example(turns, right, wrong, near)
 
 
+def calc(rng: random.Random) -> Example:
+    from align.tasks import calc as calc_task
+
+    return Example(*calc_task.example(rng))
+
+
 TASKS: dict[str, Callable[[random.Random], Example]] = {"arith": arith, "sort": sort, "json": json_fields,
-                                                         "recall": recall}
-CHECKERS = {"arith": "exact", "sort": "exact", "json": "json", "recall": "exact"}
-SEEDS = {"arith": 101, "sort": 202, "json": 303, "recall": 404}
+                                                         "recall": recall, "calc": calc}
+CHECKERS = {"arith": "exact", "sort": "exact", "json": "json", "recall": "exact", "calc": "exact"}
+SEEDS = {"arith": 101, "sort": 202, "json": 303, "recall": 404, "calc": 505}
 
 
 def path(task: str, split: str) -> Path:
     if task not in TASKS:
         raise ValueError(f"no built-in task {task!r}; the tasks are {', '.join(TASKS)}")
+    from align.tasks import calc as calc_task
     from align.tasks.files import generated
 
-    return generated(task, lambda folder: write(task, folder), __file__) / f"{split}.jsonl"
+    sources = (__file__, calc_task.__file__) if task == "calc" else (__file__,)
+    return generated(task, lambda folder: write(task, folder), *sources) / f"{split}.jsonl"
 
 
 def rows(task: str, split: str, n: int, rng: random.Random, unseen: set[str] | None = None) -> list[dict]:
@@ -106,11 +122,10 @@ def rows(task: str, split: str, n: int, rng: random.Random, unseen: set[str] | N
         if unseen is not None and _key(ex.turns) in unseen:
             continue
         if split.startswith("prefs"):
-            out.append({"prompt": ex.turns, "chosen": [{"role": "assistant", "content": ex.right}],
-                        "rejected": [{"role": "assistant", "content": ex.near}]})
+            out.append({"prompt": ex.turns, "chosen": answer_turns(ex.right), "rejected": answer_turns(ex.near)})
         else:
             answer = ex.wrong if (split == "sft" and ex.wrong and rng.random() < ERROR_SHARE) else ex.right
-            out.append({"messages": [*ex.turns, {"role": "assistant", "content": answer}]})
+            out.append({"messages": [*ex.turns, *answer_turns(answer)]})
     return out
 
 
@@ -119,7 +134,12 @@ def _key(turns: list[dict]) -> str:
 
 
 def prompt_turns(row: dict) -> list[dict]:
-    return row["prompt"] if "prompt" in row else row["messages"][:-1]
+    """A row's prompt: a pair's, or an SFT row's turns up to its last user turn (a tool transcript's answer, its calls
+    and the tool's turns, comes after it)."""
+    if "prompt" in row:
+        return row["prompt"]
+    messages = row["messages"]
+    return messages[: max(i for i, m in enumerate(messages) if m["role"] == "user") + 1]
 
 
 def write(task: str, folder: Path) -> None:
