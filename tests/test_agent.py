@@ -15,7 +15,7 @@ import torch
 from conftest import compose
 from test_ppo import run_stage
 
-# the recipe shorter: one epoch of SFT (0.535 on seed 42; the recipe's three: 0.56-0.59) and 60 GRPO steps (its reward
+# the recipe shorter: one epoch of SFT (0.535 on seed 42; the recipe's three: 0.57-0.59) and 60 GRPO steps (its reward
 # reaches 1.0 by about step 50; bench/agent.py, docs/quality.md)
 FAST = ["sft.train.epochs=1", "grpo.train.max_steps=60"]
 ENV_FILE = '''
