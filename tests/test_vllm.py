@@ -131,6 +131,21 @@ def test_grpo_on_vllm_beats_sft_on_the_demo(sft_run, tmp_path):
     assert m["mismatch/masked_share"] == 0.0 and abs(m["mismatch/ratio_mean"] - 1) < 1e-4
 
 
+def test_multi_turn_episodes_on_the_engine_are_scored_by_the_trainer_with_its_log_probs(sft_run, tmp_path):
+    """Episodes against an environment (env=python) sampled turn by turn on the engine: the engine's log-probs of the
+    model's tokens, stitched across turns, equal the trainer's over the whole episode (the environment's tokens in
+    between are context for both), at every step."""
+    import shutil
+
+    shutil.copytree(sft_run / "demo" / "sft", tmp_path / "demo" / "sft")
+    result = run_stage("grpo", tmp_path, *GRPO, "train.max_steps=3", "train.lr=3e-3", *VLLM, "env=python",
+                       "env.cls=envs_for_tests:Uneven", "stage.max_turns=3", "stage.max_episode_tokens=40",
+                       "reward=checker")
+    steps = history(result.out)
+    assert max(h["mismatch/abs_logp_diff_max"] for h in steps) < SYNCED, steps
+    assert all(1 < h["episode/turns"] < 3 and h["episode/tool_calls"] > 0 for h in steps), steps
+
+
 def test_preempted_then_resumed_samples_and_ends_as_the_uninterrupted_run(sft_run, tmp_path, monkeypatch):
     """Same machine: the resumed run draws the uninterrupted run's sampling seeds (their call count is in the
     checkpoint), so its rollouts, rewards and final weights are the same."""
