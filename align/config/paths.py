@@ -36,15 +36,12 @@ def user_object(spec: str | None, key: str, example: str, kind: str):
     """`module:Name` (the value of `key`, e.g. reward.fn) imported from the working directory or PYTHONPATH, or
     ValueError naming the key and the fix. `kind` says what Name is (function, class)."""
     import importlib
-    import os
-    import sys
 
     if not spec or ":" not in spec:
         raise ValueError(f"{key} must be module:{kind if kind == 'function' else 'Class'} (e.g. {key}={example}), "
                          f"got {spec!r}")
     module_name, name = spec.split(":", 1)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    working_directory_on_path()
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -54,3 +51,12 @@ def user_object(spec: str | None, key: str, example: str, kind: str):
     if not callable(found):
         raise ValueError(f"{key}={spec}: {module_name} has no {kind} {name!r}")
     return found
+
+
+def working_directory_on_path() -> None:
+    """Make the user's modules in the working directory importable (reward.fn, env.cls), as `python -m` would."""
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import sys
 
 ENV_ROLES = ("tool", "user")  # the roles of the turns an environment may add
 OPENING_ROLES = ("system", "user", "assistant", "tool")
@@ -52,10 +51,11 @@ def load_class(spec: str | None):
 
 def module_file(spec: str | None) -> str | None:
     """The file that defines env.cls's module (its content is part of the stage's identity), None when not found."""
+    from align.config.paths import working_directory_on_path
+
     if not spec or ":" not in spec:
         return None
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    working_directory_on_path()
     try:
         found = importlib.util.find_spec(spec.split(":", 1)[0])
     except (ImportError, ValueError):

@@ -44,7 +44,6 @@ class Episode:
     ended: bool = False  # the last model turn ended with a stop token
     finished: bool = False
     error: str | None = None
-    env_s: float = 0.0
     info: dict[str, list[float]] = field(default_factory=dict)  # what step() reported in `info`, by name
 
 
@@ -82,6 +81,15 @@ def summary(items: list[Episode]) -> dict:
 
 class EpisodeRunner:
     """Runs a step's episodes: the environment class, the tokenizer and the limits, from the stage's config."""
+
+    @classmethod
+    def for_stage(cls, cfg, tokenizer, return_logp: bool = False) -> "EpisodeRunner":
+        """The runner of a stage that runs episodes (grpo, eval): its env group and its stage.max_turns,
+        max_episode_tokens, max_new_tokens and max_prompt_length; data.on_error=skip drops failed episodes."""
+        s = cfg.stage
+        return cls(cfg.env, tokenizer, max_turns=s.max_turns, max_episode_tokens=s.max_episode_tokens,
+                   max_new_tokens=s.max_new_tokens, max_prompt_length=s.max_prompt_length,
+                   skip_errors=cfg.data.on_error == "skip", return_logp=return_logp)
 
     def __init__(self, env_cfg, tokenizer, *, max_turns: int, max_episode_tokens: int, max_new_tokens: int,
                  max_prompt_length: int, skip_errors: bool, return_logp: bool = False):
@@ -188,12 +196,10 @@ class EpisodeRunner:
         call = self._reset if turn == 0 else self._step
 
         def target(e: Episode):
-            start = time.perf_counter()
             try:
                 results[e.index] = (True, call(e))
             except BaseException as exc:  # noqa: BLE001 - the user's environment: reported with its row and turn
                 results[e.index] = (False, exc)
-            e.env_s += time.perf_counter() - start
 
         threads = [threading.Thread(target=target, args=(e,), daemon=True) for e in episodes]
         start = time.monotonic()

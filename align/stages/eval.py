@@ -182,11 +182,7 @@ class Evaluator:
         self.stop_ids = rollout.stop_token_ids(tokenizer, [])
         self.episodes = None  # env=python: every answer is an episode against the environment
         if "env" in cfg and cfg.env.kind != "none":
-            self.episodes = EpisodeRunner(cfg.env, tokenizer, max_turns=self.s.max_turns,
-                                          max_episode_tokens=self.s.max_episode_tokens,
-                                          max_new_tokens=self.s.max_new_tokens,
-                                          max_prompt_length=self.s.max_prompt_length,
-                                          skip_errors=cfg.data.on_error == "skip")
+            self.episodes = EpisodeRunner.for_stage(cfg, tokenizer)
         self.texts: list[str] = []  # the last answer() call's answers (an episode's: its last model turn)
         self.episode_metrics: dict[str, float] = {}  # the last answer() call's episodes summarised
 

@@ -107,14 +107,6 @@ def default_reward(cfg) -> str:
     return "env" if runs_episodes(cfg) else DEFAULT_REWARD
 
 
-def episode_runner(cfg, tokenizer) -> EpisodeRunner:
-    s = cfg.stage
-    return EpisodeRunner(cfg.env, tokenizer, max_turns=s.max_turns, max_episode_tokens=s.max_episode_tokens,
-                         max_new_tokens=s.max_new_tokens, max_prompt_length=s.max_prompt_length,
-                         skip_errors=cfg.data.on_error == "skip",
-                         return_logp=vllm_engine.resolve(cfg.rollout.engine) == "vllm")
-
-
 def grpo_kl_in(stage) -> str:
     """Where GRPO's KL term goes, `auto` resolved: the reward for reinforce_pp, the loss for the other kinds."""
     if stage.kl_in != "auto":
@@ -148,8 +140,9 @@ def run(cfg: DictConfig) -> StageResult:
 
     policy, reference, peft = _load_policy(cfg, stage, source, updates)
     rm = _load_rm(cfg, stage, rm_parent, tokenizer) if uses_rm else None
-    loop = GRPOLoop(cfg, policy, reference, peft, tokenizer, reward, rm,
-                    episode_runner(cfg, tokenizer) if runs_episodes(cfg) else None)
+    on_engine = vllm_engine.resolve(cfg.rollout.engine) == "vllm"  # the engine's log-probs are kept per turn
+    episodes = EpisodeRunner.for_stage(cfg, tokenizer, return_logp=on_engine) if runs_episodes(cfg) else None
+    loop = GRPOLoop(cfg, policy, reference, peft, tokenizer, reward, rm, episodes)
 
     stage.prepare_checkpoints()
     stage.start_logging()
