@@ -3,7 +3,8 @@
 Canonical SFT row: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}``
 with at least one assistant turn that has content or tool calls. An assistant turn's ``tool_calls`` (the form
 transformers' chat templates take: ``[{"type": "function", "function": {"name": ..., "arguments": {...}}}]``) and a
-tool turn's ``tool_call_id`` / ``name`` are kept for the chat template to render. The format is detected per row from its fields, or
+tool turn's ``tool_call_id`` / ``name`` are kept for the chat template to render. The format is detected per row
+from its fields, or
 forced with ``data.format=<name>``.
 """
 

@@ -198,7 +198,8 @@ class GRPOLoop(OnlineLoop):
 
     def __init__(self, cfg, policy: Trainable, reference, peft: bool, tokenizer, reward: rewards.Reward, rm=None,
                  episodes: EpisodeRunner | None = None):
-        self.episodes = episodes  # env=python: each prompt is a multi-turn episode
+        self.episodes = episodes  # env=python: each prompt is a multi-turn episode (set first: the base class sizes
+        # the vLLM engine's context by longest_rollout(), which reads it)
         super().__init__(cfg, policy, reference, peft, tokenizer, reward.checker)
         # seq_* aggregations divide by the longest possible answer: an episode's tokens when it runs them
         self.longest = self.longest_rollout()
