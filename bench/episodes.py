@@ -1,7 +1,9 @@
 """What multi-turn episodes cost in generation against single-turn rollouts of the same length (docs/environments.md):
 the same model, the same prompts, the same number of tokens written by the model, in one batched call (one turn)
 or in T turns with the environment's answer between them (align/rl/episodes.py: one batched generation per turn,
-the environment's turns rendered by the chat template and appended, the context prefilled again each turn).
+the environment's turns rendered by the chat template and appended). Each episode count is measured twice in the
+same run: every turn prefilling its whole context again, and the turns after the first reusing the KV cache of the
+previous turn (align/rl/turn_cache.py, what the stages do).
 
     python bench/episodes.py [--sizes tiny,100m] [--episodes 32] [--tokens 48] [--turns 2,3,4] [--repeats 3]
 
@@ -31,16 +33,16 @@ class Echo:
 '''
 
 
-def fixed_length(model, pad: int, stop: int):
+def fixed_length(model, pad: int, stop: int, reuse: bool = True):
     """A sampler that writes exactly `n` tokens per context (generate() with no stop), the last replaced by the end of
-    turn, as if the model had stopped there."""
+    turn, as if the model had stopped there; `reuse`: turns reuse the previous turn's KV cache."""
     import torch
 
     from align.rl import rollout
 
-    def sample(contexts, greedy, n):
+    def sample(contexts, greedy, n, turns=None):
         batch = rollout.generate(model, contexts, pad_id=pad, stop_ids=[], max_new_tokens=n, temperature=1.0,
-                                 top_p=1.0, device=torch.device("cpu"))
+                                 top_p=1.0, device=torch.device("cpu"), turns=turns if reuse else None)
         batch.responses[:, -1] = stop
         batch.ended[:] = True
         return batch
@@ -62,6 +64,7 @@ def measure(folder: Path, episodes: int, tokens: int, turns: list[int], repeats:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     params = sum(p.numel() for p in model.parameters())
     sample = fixed_length(model, tok.pad_token_id, tok.eos_token_id)
+    again = fixed_length(model, tok.pad_token_id, tok.eos_token_id, reuse=False)
     messages = [[{"role": "user", "content": f"subtract: {100 + 7 * i}-{900 - 11 * i}"}] for i in range(episodes)]
     prompts = [Prompt(encode_prompt(tok, m), m[0]["content"], None, "{}", json.dumps(m), f"bench row {i + 1}")
                for i, m in enumerate(messages)]
@@ -74,8 +77,10 @@ def measure(folder: Path, episodes: int, tokens: int, turns: list[int], repeats:
                                skip_errors=False)
         done = runner.run(sample, prompts)
         written = int(done.batch.mask.sum()) // episodes
+        prefill = median_time(lambda: runner.run(again, prompts), repeats)
         seconds = median_time(lambda: runner.run(sample, prompts), repeats)
-        out["turns"][t] = {"s": seconds, "model_tokens": written, "ratio": seconds / single}
+        out["turns"][t] = {"s": seconds, "model_tokens": written, "ratio": seconds / single, "reused": done.reused,
+                           "prefill_s": prefill, "prefill_ratio": prefill / single}
     return out
 
 
@@ -88,14 +93,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     turns = [int(t) for t in args.turns.split(",")]
-    print(f"| model | single turn: {args.tokens} tokens | " + " | ".join(f"{t} turns of {args.tokens // t}" for t in turns)
-          + " |")
-    print("|---|---|" + "---|" * len(turns))
+    print(f"| model | one turn of {args.tokens} | " + " | ".join(f"{t} turns of {args.tokens // t}: prefilled again | "
+                                                                f"cache reused" for t in turns) + " |")
+    print("|---|---|" + "---|---|" * len(turns))
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             r = measure(model_dir(size, Path(tmp)), args.episodes, args.tokens, turns, args.repeats, Path(tmp))
-            cells = [f"{r['turns'][t]['s']:.2f} s ({r['turns'][t]['ratio']:.2f}x, {r['turns'][t]['model_tokens']} "
-                     "model tokens)" for t in turns]
+            cells = [f"{c['prefill_s']:.2f} s ({c['prefill_ratio']:.2f}x) | {c['s']:.2f} s ({c['ratio']:.2f}x; "
+                     f"{c['reused']:.0%} of context reused)" for c in (r["turns"][t] for t in turns)]
             print(f"| {size} ({r['params_m']:.1f}M) | {r['single_s']:.2f} s | " + " | ".join(cells) + " |", flush=True)
 
 

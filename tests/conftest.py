@@ -36,7 +36,7 @@ if importlib.util.find_spec("vllm") is None:
 # the demo (7-8 minutes) or the zoo (6) starting last and running alone (measured: 3 minutes of one idle worker)
 LONGEST_FIRST = ("test_demo.py", "test_zoo.py", "test_agent.py", "test_launch.py", "test_zero_matrix.py",
                  "test_multirank_reliability.py", "test_ppo.py", "test_grpo.py", "test_reliability.py", "test_rm.py",
-                 "test_families.py", "test_recipes.py", "test_dpo.py", "test_bf16.py",
+                 "test_families.py", "test_recipes.py", "test_dpo.py", "test_kto.py", "test_bf16.py",
                  "test_vllm_ranks.py", "test_vllm.py")
 
 

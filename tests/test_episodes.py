@@ -39,7 +39,7 @@ class Script:
         self.tok, self.turns, self.calls = tok, turns_by_question, []
         self.stop, self.asked = tok.eos_token_id, dict.fromkeys(turns_by_question, 0)
 
-    def __call__(self, contexts, greedy, max_new_tokens):
+    def __call__(self, contexts, greedy, max_new_tokens, turns=None):
         self.calls.append(len(contexts))
         outs = []
         for ctx in contexts:

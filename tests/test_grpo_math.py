@@ -70,6 +70,71 @@ def test_aggregations_and_asymmetric_clip_by_hand():
     close(sym, (-1.2 + 0.8) / 2)
 
 
+def surrogate_grads(advantage: float, clip_low: float, clip_high: float, **kwargs):
+    """(loss, clipfrac, d loss / d logp) of one answer of two tokens: pi = (0.5, 0.2) against pi_old = (0.4, 0.4),
+    token ratios 1.25 and 0.5."""
+    logp = torch.log(torch.tensor([[0.5, 0.2]])).requires_grad_(True)
+    old = torch.log(torch.tensor([[0.4, 0.4]]))
+    loss, stats = clipped_surrogate(logp, old, torch.full((1, 2), advantage), torch.ones(1, 2), clip_low, clip_high,
+                                    **kwargs)
+    loss.backward()
+    return loss.item(), stats["policy/clipfrac"].item(), logp.grad[0].tolist()
+
+
+def test_gspo_sequence_ratio_by_hand():
+    s = math.sqrt(1.25 * 0.5)  # the answer's ratio: exp(mean of its log-ratios) = 0.790569
+    # inside the clip: each token's gradient is -A * s (its ratio's value is s), over the answer's 2 tokens
+    loss, clipfrac, grad = surrogate_grads(1.0, 0.3, 0.3, level="sequence", how="seq_mean")
+    close([loss, clipfrac], [-s, 0.0])
+    close(grad, [-s / 2, -s / 2])
+    # GSPO's 3e-4 / 4e-4 with A = -1: the answer is clipped whole (both tokens, no gradient)...
+    loss, clipfrac, grad = surrogate_grads(-1.0, 3e-4, 4e-4, level="sequence", how="seq_mean")
+    close([loss, clipfrac], [1 - 3e-4, 1.0])
+    close(grad, [0.0, 0.0])
+    # ...where token ratios clip only the second token (0.5 below 0.8; 1.25 is not above 1.28)
+    loss, clipfrac, grad = surrogate_grads(-1.0, 0.2, 0.28)
+    close([loss, clipfrac], [(1.25 + 0.8) / 2, 0.5])
+    close(grad, [1.25 / 2, 0.0])
+
+
+def test_cispo_clips_the_weight_and_keeps_every_tokens_gradient_by_hand():
+    # no lower bound (clip_low 1.0), 1.28 above: neither weight is clipped; loss -sum(w * A * log pi) / 2
+    loss, clipfrac, grad = surrogate_grads(1.0, 1.0, 0.28, kind="cispo")
+    close(loss, -(1.25 * math.log(0.5) + 0.5 * math.log(0.2)) / 2)
+    close([clipfrac], [0.0])
+    close(grad, [-1.25 / 2, -0.5 / 2])
+    # both weights clipped (to 1.2 and 0.8), both tokens still learn; PPO's clip drops the first token's gradient
+    loss, clipfrac, grad = surrogate_grads(1.0, 0.2, 0.2, kind="cispo")
+    close([clipfrac], [1.0])
+    close(grad, [-1.2 / 2, -0.8 / 2])
+    _, _, ppo = surrogate_grads(1.0, 0.2, 0.2)
+    close(ppo, [0.0, -0.5 / 2])
+    with pytest.raises(ValueError, match="stage.policy_loss must be one of clip, cispo"):
+        surrogate_grads(1.0, 0.2, 0.2, kind="gspo")
+    with pytest.raises(ValueError, match="stage.ratio_level must be one of token, sequence"):
+        surrogate_grads(1.0, 0.2, 0.2, level="answer")
+
+
+def test_clip_and_aggregation_defaults_follow_the_loss():
+    from types import SimpleNamespace
+
+    from align.stages.grpo import clip_range, loss_aggregation
+
+    def stage(**kw):
+        keys = dict(policy_loss="clip", ratio_level="token", clip_low=None, clip_high=None, loss_agg="auto",
+                    advantage="grpo")
+        return SimpleNamespace(**{**keys, **kw})
+
+    assert clip_range(stage()) == (0.2, 0.28)
+    assert clip_range(stage(ratio_level="sequence")) == (3e-4, 4e-4)
+    assert clip_range(stage(policy_loss="cispo")) == (1.0, 0.28)
+    assert clip_range(stage(policy_loss="cispo", clip_high=2.0)) == (1.0, 2.0)  # a set value wins
+    assert loss_aggregation(stage()) == "token_mean"
+    assert loss_aggregation(stage(ratio_level="sequence")) == "seq_mean"
+    assert loss_aggregation(stage(advantage="dr_grpo", ratio_level="sequence")) == "seq_sum"
+    assert loss_aggregation(stage(ratio_level="sequence", loss_agg="token_mean")) == "token_mean"
+
+
 def test_overoptimisation_watch_by_hand():
     from align.rl.watch import overoptimisation
 

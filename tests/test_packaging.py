@@ -54,12 +54,14 @@ def test_the_wheel_holds_every_file_and_runs_a_stage_in_a_fresh_environment(tmp_
     assert installed < 2**20, f"the installed package is {installed / 2**20:.2f} MB"
     assert not [n for n in names if n.endswith(".jsonl")]  # no data ships: the tasks write theirs on first use
 
+    fresh = {k: v for k, v in child_env().items() if k != "PYTHONPATH"}  # nothing of this checkout on the path
+
     def align(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(python), "-m", "align", *args], cwd=tmp_path, env=child_env(), capture_output=True,
+        return subprocess.run([str(python), "-m", "align", *args], cwd=tmp_path, env=fresh, capture_output=True,
                               text=True, timeout=600)
 
     where = subprocess.run([str(python), "-c", "import align.rewards, align; print(align.__file__)"], cwd=tmp_path,
-                           capture_output=True, text=True, env=child_env())
+                           capture_output=True, text=True, env=fresh)
     assert where.returncode == 0 and where.stdout.startswith(str(site)), (where.stdout, where.stderr[-2000:])
     help_ = align("--help")
     assert help_.returncode == 0 and "recipes:  agent, demo" in help_.stdout, help_.stdout

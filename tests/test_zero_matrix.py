@@ -131,8 +131,8 @@ def test_sft_loss_curve_is_the_same_on_one_process_and_on_two_ranks_under_zero2_
                  load_file(str(tmp_path / "zero3.safetensors"))["logits"])
 
 
-@pytest.mark.parametrize("stage,zero,peft", [("rm", "zero3", "lora"), ("ppo", "zero3", "lora"),
-                                             ("dpo", "zero3", "qlora"), ("grpo", "zero3", "lora")])
+@pytest.mark.parametrize("stage,zero,peft", [("ppo", "zero3", "lora"), ("dpo", "zero3", "qlora"),
+                                             ("grpo", "zero3", "lora")])  # rm: over a LoRA SFT, below
 def test_zero3_outputs_reload_with_the_in_memory_logits(tmp_path, ppo_parents, stage, zero, peft):
     # PPO also with its memory knobs: checkpointed actor/critic, the reward model's shards offloaded to the CPU
     extra = PPO_KNOBS if stage in ("ppo", "grpo") else []
@@ -168,17 +168,19 @@ def test_a_zero3_ppo_step_with_its_models_gathered_once_trains_as_layer_by_layer
         torch.testing.assert_close(adapters["on"][name], weight, rtol=0, atol=1e-4)
 
 
-def test_a_lora_sft_then_a_lora_dpo_under_zero3_on_two_ranks(tmp_path):
-    """The README's multi-GPU line after a LoRA SFT: `launch/sft.sh deepspeed=zero3 peft=lora`, then `launch/dpo.sh`
-    with the same overrides. DPO's arguments register ZeRO-3 before its model loads, so the base is built
-    partitioned, and merging the parent's adapter into it failed ("The size of tensor a (0) must match the size of
-    tensor b (128)"); the parent is now merged in whole weights on one process, written, and loaded partitioned.
-    The DPO output reloads (on the SFT adapter on the base) with the in-memory logits."""
+def test_a_lora_sft_then_a_lora_rm_and_a_lora_dpo_under_zero3_on_two_ranks(tmp_path):
+    """The README's multi-GPU lines after a LoRA SFT: `launch/sft.sh deepspeed=zero3 peft=lora`, then `launch/rm.sh`
+    and `launch/dpo.sh` with the same overrides. DPO's arguments register ZeRO-3 before its model loads, so the base
+    is built partitioned, and merging the parent's adapter into it failed ("The size of tensor a (0) must match the
+    size of tensor b (128)"); the parent is now merged in whole weights on one process, written, and loaded
+    partitioned. The RM failed loading the SFT's causal-LM adapter onto the classifier. Both outputs reload (on the
+    SFT adapter on the base) with the in-memory logits, and a saved adapter is not empty (TRL #4416)."""
     run_two_ranks(tmp_path, "sft", "zero3", "lora")
-    out, live = run_two_ranks(tmp_path, "dpo", "zero3", "lora")
-    check_output(out, "dpo", "zero3", "lora", live)
-    record = stage_record(out.parent.parent, stage="dpo")
-    assert [p["stage"] for p in record["parents"]] == ["sft"]
+    for stage in ("rm", "dpo"):
+        out, live = run_two_ranks(tmp_path, stage, "zero3", "lora")
+        check_output(out, stage, "zero3", "lora", live)
+        record = stage_record(out.parent.parent, stage=stage)
+        assert [p["stage"] for p in record["parents"]] == ["sft"], stage
     from align.config.paths import cache_root
 
     assert not any((cache_root() / "merged-parents").glob("*"))  # the merged copy is gone

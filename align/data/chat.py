@@ -182,15 +182,14 @@ def encode_pair(tokenizer, row: dict, max_length: int) -> dict:
     return out
 
 
-def encode_prompt_completions(tokenizer, row: dict, max_length: int) -> dict:
-    """prompt_ids, chosen_ids, rejected_ids for DPO: the completions are what follows the shared prompt
-    tokens (the end-of-turn token included), cut so prompt + completion fits max_length."""
+def encode_prompt_completions(tokenizer, row: dict, max_length: int, keys: tuple = ("chosen", "rejected")) -> dict:
+    """prompt_ids and <key>_ids (chosen_ids, rejected_ids for DPO): the completions are what follows the shared
+    prompt tokens (the end-of-turn token included), cut so prompt + completion fits max_length."""
     if not row["prompt"]:
-        raise RowProblem("the pair has no prompt (chosen and rejected share no leading turns)",
-                         "give a `prompt` column, or conversations that share their opening turns")
+        raise RowProblem("the row has no prompt (no turns before the answer)",
+                         "give a `prompt` column, or conversations whose answer follows a user turn")
     prompt_ids = encode_prompt(tokenizer, row["prompt"])
-    full = {key: tokenize(tokenizer, render(tokenizer, row["prompt"] + row[key]))["input_ids"]
-            for key in ("chosen", "rejected")}
+    full = {key: tokenize(tokenizer, render(tokenizer, row["prompt"] + row[key]))["input_ids"] for key in keys}
     # tokenizers may merge across the prompt/answer boundary: keep the prefix both renderings share
     shared = min(_common_prefix(prompt_ids, ids) for ids in full.values())
     if shared >= max_length:
@@ -199,6 +198,8 @@ def encode_prompt_completions(tokenizer, row: dict, max_length: int) -> dict:
     out = {"prompt_ids": prompt_ids[:shared]}
     for key, ids in full.items():
         out[f"{key}_ids"] = ids[shared:max_length]
+    if len(keys) == 1:
+        return out
     if out["chosen_ids"] == out["rejected_ids"]:
         raise RowProblem(f"chosen and rejected are identical after truncation to train.max_length={max_length}",
                          "raise train.max_length")

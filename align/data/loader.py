@@ -14,6 +14,7 @@ from pathlib import Path
 
 from align.data.chat import encode_chat, encode_pair, encode_prompt, encode_prompt_completions
 from align.data.errors import DataError, RowErrors, RowProblem
+from align.data.feedback import encode_feedback, to_feedback
 from align.data.formats import to_messages
 from align.data.preferences import to_preference
 from align.data.prompts import prompt_text, to_prompt
@@ -150,6 +151,13 @@ def dpo_datasets(data_cfg, tokenizer, max_length: int, seed: int):
                       lambda row: encode_prompt_completions(tokenizer, row, max_length), seed)
 
 
+def feedback_datasets(data_cfg, tokenizer, max_length: int, seed: int):
+    """Tokenized train/eval datasets (prompt_ids, completion_ids, label) for KTO, and the report: labelled answers,
+    or preference pairs as two rows each (the demo and the zoo: their preference splits)."""
+    return _tokenized(data_cfg, "preference", lambda raw: to_feedback(raw, data_cfg.format),
+                      lambda row: encode_feedback(tokenizer, row, max_length), seed)
+
+
 def prompt_datasets(data_cfg, tokenizer, max_length: int, seed: int):
     """Tokenized train/eval prompts (prompt_ids, ending with the assistant header) for PPO, and the report.
     The demo uses the prompts of its SFT splits (its checker needs no reference); a zoo task those of its
@@ -196,11 +204,13 @@ def _eval_only(data_cfg, kind: str, convert, encode_row, seed: int):
 
 
 def _encode_rows(rows: list[dict], encode_row, report: DataReport) -> list[dict]:
-    """encode_row of each canonical row; a row it rejects goes to the report (file and row named)."""
+    """encode_row of each canonical row (a list: several rows); a row it rejects goes to the report (file and row
+    named)."""
     out = []
     for row in rows:
         try:
-            out.append(encode_row(row))
+            encoded = encode_row(row)
+            out.extend(encoded if isinstance(encoded, list) else [encoded])
         except RowProblem as problem:
             report.errors.handle(row["_source"], row["_row"], problem)
     return out

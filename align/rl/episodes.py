@@ -22,9 +22,11 @@ from align.data.chat import _turn_end_in, encode_prompt, render
 from align.data.prompts import Prompt
 from align.models import distributed
 from align.rl.rollout import Batch, left_pad, right_pad
+from align.rl.turn_cache import TurnCache
 
-# sample(contexts, greedy, max_new_tokens) -> Batch: the loop's sampler (generate() or the vLLM engine)
-Sampler = Callable[[list[list[int]], bool, int], Batch]
+# sample(contexts, greedy, max_new_tokens, turns) -> Batch: the loop's sampler (generate() or the vLLM engine); turns:
+# the step's TurnCache, naming the episode of each context (generate() reuses the previous turn's KV cache)
+Sampler = Callable[[list[list[int]], bool, int, TurnCache], Batch]
 
 
 @dataclass
@@ -57,10 +59,12 @@ class Episodes:
     valid: torch.Tensor  # [N] bool: False where the environment failed and data.on_error=skip dropped it
     items: list[Episode]
     env_s: float = 0.0  # wall time in the environment's calls (they run at once: not the sum of each one's)
+    reused: float = 0.0  # the share of the turns' context tokens taken from the previous turn's KV cache
 
     def stats(self) -> dict:
-        """A step's episodes summarised (summary()), and the time spent in the environment."""
-        return {**summary(self.items), "time/env_s": self.env_s}
+        """A step's episodes summarised (summary()), the time spent in the environment, and the share of context
+        tokens the turns after the first did not prefill again (generate(); 0 on vLLM, whose cache is its own)."""
+        return {**summary(self.items), "time/env_s": self.env_s, "episode/context_reused": self.reused}
 
 
 def summary(items: list[Episode]) -> dict:
@@ -107,19 +111,24 @@ class EpisodeRunner:
         episodes = [Episode(p, i) for i, p in enumerate(prompts)]
         self.env_s = 0.0
         self._parallel(episodes, turn=0)
+        turns = TurnCache()
         for turn in range(1, self.max_turns + 1):
             active = [e for e in episodes if not e.finished]
             # several ranks may generate in lock-step (ZeRO-3): every rank takes as many turns as the busiest one
             if not distributed.all_reduce_scalar(float(bool(active)), "max"):
                 break
-            self._model_turn(sample, active or episodes[:1], greedy, write=bool(active))
+            self._model_turn(sample, active or episodes[:1], greedy, write=bool(active), turns=turns)
             self._parallel(active, turn)
-        return self._collect(episodes, device)
+        out = self._collect(episodes, device)
+        out.reused = turns.reused / max(turns.reused + turns.prefilled, 1)
+        return out
 
     # --- the model's turn ---------------------------------------------------------------------
-    def _model_turn(self, sample: Sampler, active: list[Episode], greedy: bool, write: bool) -> None:
+    def _model_turn(self, sample: Sampler, active: list[Episode], greedy: bool, write: bool,
+                    turns: TurnCache) -> None:
         room = [self.budget - len(e.ids) for e in active]
-        batch = sample([e.prompt_ids + e.ids for e in active], greedy, max(1, min(self.per_turn, max(room))))
+        batch = sample([e.prompt_ids + e.ids for e in active], greedy, max(1, min(self.per_turn, max(room))),
+                       turns.rows([e.index for e in active]))
         if not write:  # a rank with nothing left, keeping pace with the others
             return
         for row, (e, left) in enumerate(zip(active, room)):

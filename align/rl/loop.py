@@ -22,6 +22,7 @@ from align.models.metrics import sequence_kl
 from align.rl import rollout, vllm_engine
 from align.rl.engine import Trainable, device
 from align.rl.gather import generation_weights, step_weights
+from align.rl.turn_cache import TurnCache
 from align.rl.watch import overoptimisation
 from align.run import checkpointing, tracking
 from align.run.preemption import Preempted, SignalFlag, TrainingDiverged
@@ -127,9 +128,10 @@ class OnlineLoop:
                 self._window = None
 
     def sample(self, prompts: list[list[int]], greedy: bool = False, max_new_tokens: int | None = None,
-               more_turns: bool = False) -> rollout.Batch:
+               more_turns: bool = False, turns: TurnCache | None = None) -> rollout.Batch:
         """One answer per prompt (at most `max_new_tokens`, stage.max_new_tokens by default), from generate() or the
-        vLLM engine; `more_turns`: the rollout goes on (an episode's next turn), so the engine stays awake."""
+        vLLM engine; `more_turns`: the rollout goes on (an episode's next turn), so the engine stays awake; `turns`:
+        generate() reuses the KV cache of the episodes' previous turn."""
         max_new_tokens = max_new_tokens or self.s.max_new_tokens
         if self.vllm is not None:
             return self.sample_on_engine(prompts, greedy, max_new_tokens, more_turns)
@@ -139,7 +141,7 @@ class OnlineLoop:
             batch = rollout.generate(actor, prompts, pad_id=self.pad, stop_ids=self.stop_ids,
                                      max_new_tokens=max_new_tokens, temperature=self.s.temperature,
                                      top_p=self.s.top_p, greedy=greedy, synced_gpus=self._window and self.synced,
-                                     device=device())
+                                     device=device(), turns=turns)
         set_use_cache(actor, False)
         return batch
 

@@ -39,22 +39,51 @@ def aggregation_count(mask: torch.Tensor, how: str) -> torch.Tensor:
     return maskf.sum() if how == "token_mean" else (maskf.sum(dim=1) > 0).sum().float()
 
 
-def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low: float, clip_high: float,
-                      how: str = "token_mean", norm_length: int | None = None, denominator=None, weights=None):
-    """-min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A) per token, aggregated; returns (loss, stats).
-    clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025). `weights` (no gradient) multiply each token's
-    term: the importance weights of a rollout another engine sampled (rl/mismatch.py)."""
+RATIO_LEVELS = ("token", "sequence")
+POLICY_LOSSES = ("clip", "cispo")
+
+
+def log_ratios(logprobs, old_logprobs, mask, level: str = "token") -> torch.Tensor:
+    """log(pi / pi_old) per token. `sequence`: GSPO's (Zheng et al. 2025) length-normalised sequence ratio, the mean
+    of the answer's token log-ratios, as the value of each of its tokens, each token's gradient its own log-prob's
+    (GSPO-token: with one advantage per answer, the same update as GSPO's)."""
     log_ratio = logprobs - old_logprobs
+    if level == "token":
+        return log_ratio
+    if level != "sequence":
+        raise ValueError(f"stage.ratio_level must be one of {', '.join(RATIO_LEVELS)}, got {level!r}")
+    per_answer = masked_mean(log_ratio, mask, dim=1).detach()
+    return per_answer[:, None] + logprobs - logprobs.detach()
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low: float, clip_high: float,
+                      how: str = "token_mean", norm_length: int | None = None, denominator=None, weights=None,
+                      level: str = "token", kind: str = "clip"):
+    """The policy loss per token, aggregated; returns (loss, stats).
+
+    clip: -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A), PPO's; clip_high > clip_low is DAPO's
+    clip-higher (Yu et al. 2025). cispo: -sg(clip(ratio, 1 - clip_low, 1 + clip_high)) * A * log pi (MiniMax-M1's
+    CISPO): the ratio is clipped as a weight and every token keeps its gradient. `level`: the ratio of each token,
+    or of its answer (log_ratios). `weights` (no gradient) multiply each token's term: the importance weights of a
+    rollout another engine sampled (rl/mismatch.py)."""
+    log_ratio = log_ratios(logprobs, old_logprobs, mask, level)
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    bounded = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    if kind == "clip":
+        unclipped, clipped = -advantages * ratio, -advantages * bounded
+        per_token = torch.maximum(unclipped, clipped)
+        was_clipped = clipped > unclipped
+    elif kind == "cispo":
+        per_token = -advantages * bounded.detach() * logprobs
+        was_clipped = bounded != ratio
+    else:
+        raise ValueError(f"stage.policy_loss must be one of {', '.join(POLICY_LOSSES)}, got {kind!r}")
     if weights is not None:
         per_token = per_token * weights.detach()
     loss = aggregate(per_token, mask, how, norm_length, denominator)
     with torch.no_grad():
         stats = {
-            "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "policy/clipfrac": masked_mean(was_clipped.float(), mask),
             "policy/approx_kl": masked_mean(0.5 * log_ratio**2, mask),
             "policy/ratio_mean": masked_mean(ratio, mask),
         }

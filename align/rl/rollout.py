@@ -11,6 +11,7 @@ import torch
 
 from align.rl.logprobs import causal_lm_parts, token_logprobs, transformers_model
 from align.rl.shaping import last_index, response_mask
+from align.rl.turn_cache import TurnCache, cache_kwarg
 
 
 @dataclass
@@ -88,14 +89,19 @@ def stop_token_ids(tokenizer, extra: list[str]) -> list[int]:
 @torch.no_grad()
 def generate(actor, prompts: list[list[int]], *, pad_id: int, stop_ids: list[int], max_new_tokens: int,
              temperature: float, top_p: float, greedy: bool = False, synced_gpus: bool = False,
-             device=None) -> Batch:
-    """Sample (or decode greedily) one response per prompt with the KV cache; cut each at its first stop."""
+             device=None, turns: TurnCache | None = None) -> Batch:
+    """Sample (or decode greedily) one response per prompt with the KV cache; cut each at its first stop.
+    `turns`: an episode's turns after the first reuse the cache of its previous turn (align/rl/turn_cache.py)."""
     device = device or next(actor.parameters()).device
     queries, query_mask = left_pad(prompts, pad_id, device)
     kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    if turns is not None:
+        cache = kwargs[cache_kwarg(actor)] = turns.prefix(actor, prompts, queries.shape[1])
     out = actor.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=max_new_tokens,
                          eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True, synced_gpus=synced_gpus,
                          **kwargs)
+    if turns is not None:
+        turns.keep(cache, out, prompts, queries.shape[1])
     responses = out[:, queries.shape[1]:]
     if responses.shape[1] == 0:
         responses = torch.full((len(prompts), 1), pad_id, dtype=torch.long, device=device)

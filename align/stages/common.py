@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from align.config import registry
-from align.models.loading import is_builtin_tiny, point_adapter_at, resolve_dtype
+from align.models.loading import describe, is_builtin_tiny, load_for_adapter_trainer, point_adapter_at, resolve_dtype
 from align.run import handoff, tracking
 from align.run.stage_run import StageResult, StageRun
 
@@ -107,6 +107,21 @@ def checkpointing_argument() -> str:
 
 
 MODEL_LIMIT_UNSET = 10**7  # transformers' stand-in model_max_length when a tokenizer names none
+
+
+def policy_and_reference(cfg: DictConfig, source: str):
+    """(policy, reference or None, PEFT config or None) for a TRL preference trainer (dpo, kto): under LoRA the
+    reference is the policy with its adapter off, with precomputed log-probs there is none, otherwise a frozen copy."""
+    model, peft_config = load_for_adapter_trainer(source, cfg.model, cfg.peft)
+    ref_model = None
+    if peft_config is None and not cfg.stage.get("precompute_ref_logps", False):
+        ref_model, _ = load_for_adapter_trainer(source, cfg.model, cfg.peft)
+        ref_model.requires_grad_(False)
+        ref_model.eval()
+    log.info("policy from %s: %s; reference: %s", source, describe(model),
+             "the same weights, adapter off" if peft_config is not None else
+             "precomputed log-probs" if ref_model is None else "a frozen copy")
+    return model, ref_model, peft_config
 
 
 def max_length(cfg: DictConfig, tokenizer) -> int:

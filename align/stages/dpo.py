@@ -24,18 +24,12 @@ from align.config.registry import StageSpec, init_parent
 from align.config.rules import fmt
 from align.config.schema import NON_NEGATIVE, POSITIVE, Check, StageConfig, keyed, one_of
 from align.data.loader import dpo_datasets
-from align.models.loading import (
-    cast_trainable,
-    describe,
-    load_for_adapter_trainer,
-    load_tokenizer,
-    resolve_name,
-    set_use_cache,
-)
+from align.models.loading import cast_trainable, load_tokenizer, resolve_name, set_use_cache
 from align.run.stage_run import StageResult, StageRun
 from align.stages.common import (
     max_length,
     numeric_metrics,
+    policy_and_reference,
     save_and_commit,
     start_from,
     trainer_metrics,
@@ -121,7 +115,7 @@ def run(cfg: DictConfig) -> StageResult:
         disable_dropout=True,
         dataset_num_proc=None,
     )
-    model, ref_model, peft_config = _load_models(cfg, source)
+    model, ref_model, peft_config = policy_and_reference(cfg, source)
 
     stage.start_logging()
     watch = DisplacementWatch(cfg.stage.beta, cfg.stage.displacement_bound)
@@ -146,21 +140,6 @@ def run(cfg: DictConfig) -> StageResult:
     set_use_cache(trainer.model, True)
     return save_and_commit(stage, trainer, tokenizer, parent, metrics,
                            warnings=watch.warnings)
-
-
-def _load_models(cfg: DictConfig, source: str):
-    """(policy, reference or None, PEFT config or None): under LoRA the reference is the policy with its adapter
-    off, with precomputed log-probs there is none, otherwise a frozen copy."""
-    model, peft_config = load_for_adapter_trainer(source, cfg.model, cfg.peft)
-    ref_model = None
-    if peft_config is None and not cfg.stage.precompute_ref_logps:
-        ref_model, _ = load_for_adapter_trainer(source, cfg.model, cfg.peft)
-        ref_model.requires_grad_(False)
-        ref_model.eval()
-    log.info("policy from %s: %s; reference: %s", source, describe(model),
-             "the same weights, adapter off" if peft_config is not None else
-             "precomputed log-probs" if ref_model is None else "a frozen copy")
-    return model, ref_model, peft_config
 
 
 def displacement(chosen_shifts: list[float], margins: list[float], bound: float | None) -> str | None:

@@ -203,10 +203,10 @@ class Evaluator:
     @torch.no_grad()
     def answer(self, model, rows: list[dict], greedy: bool) -> list[rollout.Batch]:
         """An answer (with an environment: an episode) to each row's prompt, by chunks of stage.batch_size."""
-        def sample(prompts: list[list[int]], greedy: bool, max_new_tokens: int) -> rollout.Batch:
+        def sample(prompts: list[list[int]], greedy: bool, max_new_tokens: int, turns=None) -> rollout.Batch:
             return rollout.generate(model, prompts, pad_id=self.pad, stop_ids=self.stop_ids,
                                     max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, greedy=greedy,
-                                    device=self.dev)
+                                    device=self.dev, turns=turns)
 
         if self.episodes is None:
             batches = [sample([r["prompt_ids"] for r in chunk], greedy, self.s.max_new_tokens)

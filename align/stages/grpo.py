@@ -4,8 +4,9 @@ Each step: `stage.rollout_batch_size` prompts per rank, each answered `stage.gro
 -> every response scored by the reward group (reward=checker by default: the data's task checker) -> DAPO's
 overlong penalty and the missing-EOS penalty -> one advantage per response from its group (stage.advantage:
 grpo, dr_grpo, rloo, reinforce_pp; align/rl/advantages.py) -> groups whose rewards are all equal left out
-(counted) -> `stage.ppo_epochs` passes of the clipped surrogate (clip_low / clip_high) over micro-batches,
-aggregated per stage.loss_agg, with beta * KL(policy || reference) in the loss or in the reward.
+(counted) -> `stage.ppo_epochs` passes of the policy loss (stage.policy_loss: PPO's clipped surrogate or CISPO's
+clipped weight; stage.ratio_level: token ratios or GSPO's sequence ratio) over micro-batches, aggregated per
+stage.loss_agg, with beta * KL(policy || reference) in the loss or in the reward.
 
 Models: the policy and its frozen reference from the run's sft (with LoRA the reference is the policy with
 its adapter off); with stage.beta=0 and full weights no reference is loaded at all. A reward model only
@@ -51,7 +52,8 @@ from align.rl.engine import (
 from align.rl.episodes import EpisodeRunner, Episodes
 from align.rl.kl import ESTIMATORS, kl_per_token
 from align.rl.loop import OnlineLoop, on_device_of
-from align.rl.losses import AGGREGATIONS, aggregate, aggregation_count, clipped_surrogate
+from align.rl.losses import AGGREGATIONS, POLICY_LOSSES, RATIO_LEVELS, aggregate, aggregation_count
+from align.rl.losses import clipped_surrogate
 from align.rl.masked import masked_mean
 from align.rl.mismatch import correction
 from align.rl.shaping import shape_scores
@@ -80,9 +82,18 @@ class GRPOStageConfig(OnlineStageConfig):
                            "grpo: group mean/std; dr_grpo: no std, no length normalisation; rloo: leave-one-out; "
                            "reinforce_pp: group mean, per-token KL in the reward, batch-whitened")
     loss_agg: str = keyed("auto", one_of("auto", *AGGREGATIONS),
-                          "auto: seq_sum (sum / max_new_tokens) for dr_grpo, token_mean otherwise")
-    clip_low: float = keyed(0.2, POSITIVE, "ratio clip below 1")
-    clip_high: float = keyed(0.28, POSITIVE, "ratio clip above 1 (DAPO's clip-higher when above clip_low)")
+                          "auto: seq_sum (sum / max_new_tokens) for dr_grpo, seq_mean with ratio_level=sequence, "
+                          "token_mean otherwise")
+    policy_loss: str = keyed("clip", one_of(*POLICY_LOSSES),
+                             "clip: PPO's clipped surrogate; cispo: the ratio clipped as a weight on every token's "
+                             "log-prob gradient, no token dropped (CISPO)")
+    ratio_level: str = keyed("token", one_of(*RATIO_LEVELS),
+                             "token: each token's importance ratio; sequence: the answer's length-normalised ratio, "
+                             "clipped per answer (GSPO)")
+    clip_low: float | None = keyed(None, POSITIVE, "ratio clip below 1; null: 0.2, or 3e-4 with ratio_level=sequence "
+                                                   "(GSPO's), or 1.0 with policy_loss=cispo (no lower bound)")
+    clip_high: float | None = keyed(None, POSITIVE, "ratio clip above 1 (DAPO's clip-higher when above clip_low); "
+                                                    "null: 0.28, or 4e-4 with ratio_level=sequence (GSPO's)")
     drop_zero_variance: bool = keyed(True, help="leave out groups whose rewards are all equal (DAPO); counted")
     beta: float = keyed(0.0, NON_NEGATIVE, "KL(policy || reference) coefficient; 0: no reference pass at all")
     kl_in: str = keyed("auto", one_of("auto", "loss", "reward"),
@@ -105,6 +116,26 @@ def runs_episodes(cfg) -> bool:
 def default_reward(cfg) -> str:
     """What reward=auto means: the environment's reward when the stage runs episodes, else the data's checker."""
     return "env" if runs_episodes(cfg) else DEFAULT_REWARD
+
+
+def clip_range(stage) -> tuple[float, float]:
+    """(clip_low, clip_high), null resolved: CISPO's weight has no lower bound (its paper tuned only the upper one);
+    a sequence ratio (GSPO) moves far less than a token's, and its paper clips it at 3e-4 / 4e-4."""
+    if stage.policy_loss == "cispo":
+        low, high = 1.0, 0.28
+    elif stage.ratio_level == "sequence":
+        low, high = 3e-4, 4e-4
+    else:
+        low, high = 0.2, 0.28
+    return (low if stage.clip_low is None else stage.clip_low, high if stage.clip_high is None else stage.clip_high)
+
+
+def loss_aggregation(stage) -> str:
+    """stage.loss_agg, auto resolved: Dr. GRPO's constant normaliser; GSPO's mean over each answer, then answers."""
+    if stage.loss_agg != "auto":
+        return stage.loss_agg
+    return "seq_sum" if stage.advantage == "dr_grpo" else "seq_mean" if stage.ratio_level == "sequence" else \
+        "token_mean"
 
 
 def grpo_kl_in(stage) -> str:
@@ -208,7 +239,7 @@ class GRPOLoop(OnlineLoop):
         if rm is not None:
             reward.bind_rm(self.rm_score)
         s = self.s
-        self.agg = s.loss_agg if s.loss_agg != "auto" else ("seq_sum" if s.advantage == "dr_grpo" else "token_mean")
+        self.agg, self.clip = loss_aggregation(s), clip_range(s)
         self.kl_in = grpo_kl_in(s)
 
     def frozen_models(self) -> tuple:
@@ -225,8 +256,10 @@ class GRPOLoop(OnlineLoop):
 
     def run_episodes(self, prompts: list[Prompt], greedy: bool) -> Episodes:
         """The prompts' episodes, every turn sampled with the loop's sampler; the engine sleeps once they are done."""
-        out = self.episodes.run(lambda contexts, g, n: self.sample(contexts, g, n, more_turns=True), prompts,
-                                greedy, device=device())
+        def sample(contexts, g, n, turns):
+            return self.sample(contexts, g, n, more_turns=True, turns=turns)
+
+        out = self.episodes.run(sample, prompts, greedy, device=device())
         if self.vllm is not None and not greedy:
             self.vllm.sleep()
         return out
@@ -317,9 +350,9 @@ class GRPOLoop(OnlineLoop):
         with checkpointing_active(self.actor.model):
             logp, entropy = rollout.response_logprobs(self.actor.model, mb, s.temperature, with_entropy=True)
         old = logp.detach() if r.old_logp is None else r.old_logp[idx]
-        loss, stats = clipped_surrogate(logp, old, r.advantages[idx], r.loss_mask[idx], s.clip_low, s.clip_high,
-                                        self.agg, self.longest, denominator,
-                                        None if r.is_weights is None else r.is_weights[idx])
+        loss, stats = clipped_surrogate(logp, old, r.advantages[idx], r.loss_mask[idx], *self.clip, self.agg,
+                                        self.longest, denominator, None if r.is_weights is None else r.is_weights[idx],
+                                        level=s.ratio_level, kind=s.policy_loss)
         if r.ref_logp is not None and self.kl_in == "loss":
             kl = aggregate(kl_per_token(logp, r.ref_logp[idx], s.kl_estimator), r.loss_mask[idx], self.agg,
                            self.longest, denominator)
