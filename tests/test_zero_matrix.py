@@ -29,6 +29,7 @@ STAGE_ARGS = {
     "sft": ["train.max_steps=3", "data.max_rows=64"],
     "rm": ["train.max_steps=3", "data.max_rows=64"],
     "dpo": ["train.max_steps=3", "data.max_rows=64"],
+    "kto": ["train.max_steps=3", "data.max_rows=64"],
     "ppo": ["train.max_steps=2", "stage.rollout_batch_size=4", "stage.ppo_epochs=1", "stage.eval_prompts=8",
             "stage.max_new_tokens=8"],
     "grpo": ["train.max_steps=2", "stage.rollout_batch_size=2", "stage.group_size=2", "stage.eval_prompts=8",
@@ -168,15 +169,15 @@ def test_a_zero3_ppo_step_with_its_models_gathered_once_trains_as_layer_by_layer
         torch.testing.assert_close(adapters["on"][name], weight, rtol=0, atol=1e-4)
 
 
-def test_a_lora_sft_then_a_lora_rm_and_a_lora_dpo_under_zero3_on_two_ranks(tmp_path):
-    """The README's multi-GPU lines after a LoRA SFT: `launch/sft.sh deepspeed=zero3 peft=lora`, then `launch/rm.sh`
-    and `launch/dpo.sh` with the same overrides. DPO's arguments register ZeRO-3 before its model loads, so the base
+def test_a_lora_sft_then_a_lora_rm_dpo_and_kto_under_zero3_on_two_ranks(tmp_path):
+    """The README's multi-GPU lines after a LoRA SFT: `launch/sft.sh deepspeed=zero3 peft=lora`, then `launch/rm.sh`,
+    `launch/dpo.sh` and `launch/kto.sh` with the same overrides. DPO's arguments register ZeRO-3 before its model loads, so the base
     is built partitioned, and merging the parent's adapter into it failed ("The size of tensor a (0) must match the
     size of tensor b (128)"); the parent is now merged in whole weights on one process, written, and loaded
-    partitioned. The RM failed loading the SFT's causal-LM adapter onto the classifier. Both outputs reload (on the
+    partitioned. The RM failed loading the SFT's causal-LM adapter onto the classifier. Each output reloads (on the
     SFT adapter on the base) with the in-memory logits, and a saved adapter is not empty (TRL #4416)."""
     run_two_ranks(tmp_path, "sft", "zero3", "lora")
-    for stage in ("rm", "dpo"):
+    for stage in ("rm", "dpo", "kto"):
         out, live = run_two_ranks(tmp_path, stage, "zero3", "lora")
         check_output(out, stage, "zero3", "lora", live)
         record = stage_record(out.parent.parent, stage=stage)
