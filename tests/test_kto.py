@@ -88,9 +88,9 @@ def test_kto_on_the_demo_pairs_moves_chosen_answers_above_rejected_ones(demo_kto
     assert m["first_loss"] == pytest.approx(0.5, abs=1e-5)
     assert m["desirable_weight"] == m["undesirable_weight"] == 1.0
     assert m["data/desirable_rows"] * 2 == m["data/train_rows"]
-    # measured: eval loss 0.467, margin 0.31 (rewards -0.72 / -1.03: both answers fell, the rejected further)
-    assert m["eval_loss"] < 0.49 and m["train_loss"] < m["first_loss"], m
-    assert m["eval_rewards_desirable"] > m["eval_rewards_undesirable"] and m["eval_margin"] > 0.15, m
+    # measured: eval loss 0.439, margin 0.86 (rewards -2.17 / -3.03: both answers fell, the rejected further)
+    assert m["eval_loss"] < 0.47 and m["train_loss"] < m["first_loss"], m
+    assert m["eval_rewards_desirable"] > m["eval_rewards_undesirable"] and m["eval_margin"] > 0.4, m
     record = json.loads((demo_kto.out / "stage.json").read_text())
     assert record["stage"] == "kto" and record["task"] == "causal_lm"
     # read back by plain transformers: on held-out pairs the chosen answer gained on the rejected one
@@ -98,7 +98,7 @@ def test_kto_on_the_demo_pairs_moves_chosen_answers_above_rejected_ones(demo_kto
     start = AutoModelForCausalLM.from_pretrained(resolve_name("builtin:tiny")).eval()
     rows = eval_pairs(demo_kto.out / "model")
     after, before = pair_margins(model, rows), pair_margins(start, rows)
-    # measured over the 300 held-out pairs: mean margin 0.11 -> 3.08 nats, median gain 0.98, chosen ahead 57% -> 60%
+    # measured over the 300 held-out pairs: mean margin 0.11 -> 2.85 nats, median gain 1.03, chosen ahead 57% -> 59%
     assert after.mean() > before.mean() + 1.5 and (after - before).median() > 0.3, (after.mean(), before.mean())
     assert (after > 0).float().mean() > (before > 0).float().mean()
     assert math.isfinite(m["eval_kl"])
