@@ -83,6 +83,7 @@ class TurnCache:
             k, v = (t.index_select(0, source_rows.to(t.device)) for t in (layer.keys, layer.values))
             at = index.to(k.device)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
             fresh.update(torch.gather(k, 2, at), torch.gather(v, 2, at), i)
+        self._cache, self._held = None, {}  # gathered: the previous turn's cache is freed before generate() grows this
         self._count(contexts, sum(max(0, common - (width - len(c))) for c in contexts))
         return fresh
 
