@@ -7,8 +7,8 @@ turn), then the environment's turns. For each episode, the new context is compar
 the common prefix is reused: the rows are gathered into the new left-padded layout (a token keeps its position:
 positions follow the attention mask, not the slot), and generate() runs on the rest. Where the layouts leave no
 common prefix, or the model's cache does not hold every token (a sliding window that has dropped some, linear
-attention), the turn is prefilled whole, as before. Reuse is exact up to float summation order: a greedy episode writes the same tokens
-(tests/test_turn_cache.py).
+attention), the turn is prefilled whole, as before. Reuse is exact up to float summation order: a greedy episode
+writes the same tokens (tests/test_turn_cache.py).
 
 The vLLM engine has its own prefix cache and does not use this one.
 """
