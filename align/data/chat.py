@@ -191,22 +191,21 @@ def encode_prompt_completions(tokenizer, row: dict, max_length: int, keys: tuple
     prompt_ids = encode_prompt(tokenizer, row["prompt"])
     full = {key: tokenize(tokenizer, render(tokenizer, row["prompt"] + row[key]))["input_ids"] for key in keys}
     # tokenizers may merge across the prompt/answer boundary: keep the prefix both renderings share
-    shared = min(_common_prefix(prompt_ids, ids) for ids in full.values())
+    shared = min(common_prefix(prompt_ids, ids) for ids in full.values())
     if shared >= max_length:
         raise RowProblem(f"the prompt alone is {shared} tokens, over train.max_length={max_length}",
                          "raise train.max_length or shorten the prompt")
     out = {"prompt_ids": prompt_ids[:shared]}
     for key, ids in full.items():
         out[f"{key}_ids"] = ids[shared:max_length]
-    if len(keys) == 1:
-        return out
-    if out["chosen_ids"] == out["rejected_ids"]:
+    if len(keys) == 2 and out[f"{keys[0]}_ids"] == out[f"{keys[1]}_ids"]:
         raise RowProblem(f"chosen and rejected are identical after truncation to train.max_length={max_length}",
                          "raise train.max_length")
     return out
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

@@ -26,6 +26,11 @@ ENV_ROLES = ("tool", "user")  # the roles of the turns an environment may add
 OPENING_ROLES = ("system", "user", "assistant", "tool")
 
 
+def selected(cfg) -> bool:
+    """The run's config picks an environment (env=python): its stages run episodes against it."""
+    return "env" in cfg and cfg.env.kind != "none"
+
+
 class EnvError(RuntimeError):
     """An environment failed (raised, timed out, returned something align cannot use): the message names the env,
     the data row and the turn."""

@@ -19,6 +19,8 @@ import inspect
 
 import torch
 
+from align.data.chat import common_prefix
+
 
 def cache_kwarg(model) -> str:
     """The name generate() takes a cache under: `cache` from transformers 5.2x, `past_key_values` before."""
@@ -34,14 +36,6 @@ def _whole(cache) -> bool:
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.is_initialized
                                 and layer.keys.shape[-2] == layer.get_seq_length() for layer in layers)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class TurnCache:
@@ -69,7 +63,7 @@ class TurnCache:
         if self._cache is None or any(h is None for h in held) or not _whole(self._cache):
             self._count(contexts, 0)
             return fresh
-        reusable = [_common_prefix(ids, ctx) for (_, _, ids), ctx in zip(held, contexts)]
+        reusable = [common_prefix(ids, ctx) for (_, _, ids), ctx in zip(held, contexts)]
         # slots [0, common) can come from the cache in every row; at least one token is fed
         common = min(min(width - len(c) + k for c, k in zip(contexts, reusable)), width - 1)
         if common <= 0 or len(fresh.layers) not in (0, len(self._cache.layers)):

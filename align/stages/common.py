@@ -124,6 +124,22 @@ def policy_and_reference(cfg: DictConfig, source: str):
     return model, ref_model, peft_config
 
 
+def preference_metrics(trainer, names: dict, evaluate: bool) -> dict:
+    """A TRL preference trainer's statistics (dpo, kto) under align's names (`names`: TRL's -> ours): train_<ours> at
+    the last logged training step, train_first_margin at the first that logged a margin (margins should grow), and
+    with `evaluate` eval_loss and eval_<ours> from a final evaluation."""
+    steps = [h for h in trainer.state.log_history if "loss" in h and any(theirs in h for theirs in names)]
+    out = {f"train_{ours}": steps[-1][theirs] for theirs, ours in names.items() if theirs in steps[-1]} if steps else {}
+    margins = [h["rewards/margins"] for h in steps if "rewards/margins" in h]
+    if margins:
+        out["train_first_margin"] = margins[0]
+    if evaluate:
+        ev = trainer.evaluate()
+        out["eval_loss"] = ev.get("eval_loss")
+        out.update({f"eval_{ours}": ev[f"eval_{theirs}"] for theirs, ours in names.items() if f"eval_{theirs}" in ev})
+    return out
+
+
 def max_length(cfg: DictConfig, tokenizer) -> int:
     """train.max_length, capped at the model's own limit (its tokenizer's model_max_length): the default 2048
     must not ask a 512-position model for positions it does not have."""

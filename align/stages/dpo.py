@@ -30,6 +30,7 @@ from align.stages.common import (
     max_length,
     numeric_metrics,
     policy_and_reference,
+    preference_metrics,
     save_and_commit,
     start_from,
     trainer_metrics,
@@ -127,12 +128,7 @@ def run(cfg: DictConfig) -> StageResult:
     result = stage.train(trainer)
 
     metrics = trainer_metrics(stage, trainer, result)
-    metrics.update(_last_logged(trainer.state.log_history))
-    if eval_ds is not None:
-        ev = trainer.evaluate()
-        metrics["eval_loss"] = ev.get("eval_loss")
-        metrics.update({f"eval_{ours}": ev[f"eval_{theirs}"] for theirs, ours in METRICS.items()
-                        if f"eval_{theirs}" in ev})
+    metrics.update(preference_metrics(trainer, METRICS, evaluate=eval_ds is not None))
     metrics.update(watch.metrics())
     metrics.update(report.metrics())
     metrics = numeric_metrics(metrics)
@@ -186,16 +182,6 @@ class DisplacementWatch(TrainerCallback):
         if not self.shifts:
             return {}
         return {"train_chosen_logp_change": self.shifts[-1], "train_min_chosen_logp_change": min(self.shifts)}
-
-
-def _last_logged(log_history: list[dict]) -> dict:
-    """The DPO statistics of the first and last logged training step (margins should grow)."""
-    steps = [h for h in log_history if "rewards/margins" in h and "loss" in h]
-    if not steps:
-        return {}
-    out = {f"train_{ours}": steps[-1][theirs] for theirs, ours in METRICS.items() if theirs in steps[-1]}
-    out["train_first_margin"] = steps[0]["rewards/margins"]
-    return out
 
 
 def checks(cfg) -> list[str]:

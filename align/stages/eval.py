@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from align import envs
 from align.config.registry import StageSpec
 from align.config.registry import policies as registry_policies
 from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, StageConfig, keyed
@@ -86,17 +87,17 @@ def run(cfg: DictConfig) -> StageResult:
     base_model = ev.load(baseline) if baseline else None
     base_scores = None
     if judge_model is not None and base_model is not None:
-        base_scores = ev.scores(judge_model, ev.answer(base_model, asked, greedy=True))
+        base_scores = ev.scores(judge_model, ev.answer(base_model, asked, greedy=True)[0])
 
     results: dict[str, dict] = {}
     for label, parent in policies:
         log.info("eval: %s (%s)", label, parent.model)
         model = ev.load(parent)
         r = {"perplexity": ev.perplexity(model, rows)}
-        batches = ev.answer(model, asked, greedy=True)
-        r.update(ev.episode_metrics)
+        batches, texts, episode_metrics = ev.answer(model, asked, greedy=True)
+        r.update(episode_metrics)
         if checker is not None:
-            r["checker_accuracy"] = checkers.accuracy(checker, [x["prompt_text"] for x in asked], ev.texts,
+            r["checker_accuracy"] = checkers.accuracy(checker, [x["prompt_text"] for x in asked], texts,
                                                       [x["reference"] for x in asked])
         if judge_model is not None:
             scores = ev.scores(judge_model, batches)
@@ -181,10 +182,8 @@ class Evaluator:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = rollout.stop_token_ids(tokenizer, [])
         self.episodes = None  # env=python: every answer is an episode against the environment
-        if "env" in cfg and cfg.env.kind != "none":
+        if envs.selected(cfg):
             self.episodes = EpisodeRunner.for_stage(cfg, tokenizer)
-        self.texts: list[str] = []  # the last answer() call's answers (an episode's: its last model turn)
-        self.episode_metrics: dict[str, float] = {}  # the last answer() call's episodes summarised
 
     def load(self, parent: handoff.Parent, classifier: bool = False):
         """A policy (causal LM), or with `classifier` a judge; adapters merged into their base."""
@@ -201,8 +200,10 @@ class Evaluator:
         return [items[i : i + step] for i in range(0, len(items), step)]
 
     @torch.no_grad()
-    def answer(self, model, rows: list[dict], greedy: bool) -> list[rollout.Batch]:
-        """An answer (with an environment: an episode) to each row's prompt, by chunks of stage.batch_size."""
+    def answer(self, model, rows: list[dict], greedy: bool) -> tuple[list[rollout.Batch], list[str], dict]:
+        """An answer (with an environment: an episode) to each row's prompt, by chunks of stage.batch_size: the
+        batches, each answer's text (an episode's: its last model turn) and, with an environment, the episodes
+        summarised."""
         def sample(prompts: list[list[int]], greedy: bool, max_new_tokens: int, turns=None) -> rollout.Batch:
             return rollout.generate(model, prompts, pad_id=self.pad, stop_ids=self.stop_ids,
                                     max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, greedy=greedy,
@@ -211,15 +212,12 @@ class Evaluator:
         if self.episodes is None:
             batches = [sample([r["prompt_ids"] for r in chunk], greedy, self.s.max_new_tokens)
                        for chunk in self._chunks(rows)]
-            self.texts = [t for b in batches for t in rollout.decode_responses(self.tok, b)]
-            return batches
+            return batches, [t for b in batches for t in rollout.decode_responses(self.tok, b)], {}
         runs = [self.episodes.run(sample, prompt_records(chunk), greedy, device=self.dev)
                 for chunk in self._chunks(rows)]
-        self.texts = [t for run in runs for t in run.answers]
         rewards = torch.cat([run.rewards for run in runs])
-        self.episode_metrics = {"env_reward": float(rewards.mean()),
-                                **summary([e for run in runs for e in run.items])}
-        return [run.batch for run in runs]
+        summarised = {"env_reward": float(rewards.mean()), **summary([e for run in runs for e in run.items])}
+        return [run.batch for run in runs], [t for run in runs for t in run.answers], summarised
 
     @torch.no_grad()
     def scores(self, judge, batches: list[rollout.Batch]) -> torch.Tensor:
@@ -230,7 +228,7 @@ class Evaluator:
         torch.manual_seed(self.cfg.train.seed)  # the same sampled answers whenever the stage runs
         per_response = []
         for _ in range(max(1, samples)):
-            for batch in self.answer(model, rows, greedy=False):
+            for batch in self.answer(model, rows, greedy=False)[0]:
                 logp, _ = rollout.response_logprobs(model, batch)
                 ref, _ = rollout.response_logprobs(reference, batch)
                 per_response.append(sequence_kl(logp, ref, batch.mask).cpu())

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from align import rewards
+from align import envs, rewards
 from align.config.registry import StageSpec
 from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Check, keyed, one_of
 from align.data.loader import prompt_datasets
@@ -109,13 +109,9 @@ class GRPOStageConfig(OnlineStageConfig):
                                                        "stage.max_new_tokens bounds each model turn")
 
 
-def runs_episodes(cfg) -> bool:
-    return "env" in cfg and cfg.env.kind != "none"
-
-
 def default_reward(cfg) -> str:
     """What reward=auto means: the environment's reward when the stage runs episodes, else the data's checker."""
-    return "env" if runs_episodes(cfg) else DEFAULT_REWARD
+    return "env" if envs.selected(cfg) else DEFAULT_REWARD
 
 
 def clip_range(stage) -> tuple[float, float]:
@@ -156,7 +152,7 @@ def run(cfg: DictConfig) -> StageResult:
                                    f"{cfg.run.name}` first, or pass reward.model=PATH")
     # built once, before any model loads (a bad reward is refused here); the loop binds its rm component
     reward = rewards.build(cfg.reward, cfg.data, rm_score=(lambda b: None) if uses_rm else None,
-                           auto=default_reward(cfg), env=runs_episodes(cfg))
+                           auto=default_reward(cfg), env=envs.selected(cfg))
 
     tokenizer = load_tokenizer(resolve_name(source), cfg.model)
     train_ds, eval_ds, report = prompt_datasets(cfg.data, tokenizer, s.max_prompt_length, cfg.train.seed)
@@ -172,7 +168,7 @@ def run(cfg: DictConfig) -> StageResult:
     policy, reference, peft = _load_policy(cfg, stage, source, updates)
     rm = _load_rm(cfg, stage, rm_parent, tokenizer) if uses_rm else None
     on_engine = vllm_engine.resolve(cfg.rollout.engine) == "vllm"  # the engine's log-probs are kept per turn
-    episodes = EpisodeRunner.for_stage(cfg, tokenizer, return_logp=on_engine) if runs_episodes(cfg) else None
+    episodes = EpisodeRunner.for_stage(cfg, tokenizer, return_logp=on_engine) if envs.selected(cfg) else None
     loop = GRPOLoop(cfg, policy, reference, peft, tokenizer, reward, rm, episodes)
 
     stage.prepare_checkpoints()
@@ -447,7 +443,7 @@ def checks(cfg) -> list[str]:
         out.append(f"stage.rollout_batch_size x stage.group_size = {samples} responses per step must be a multiple "
                    f"of train.batch_size x train.grad_accum = {mini} (one optimizer step); e.g. train.batch_size="
                    f"{math.gcd(samples, t.batch_size)}")
-    if runs_episodes(cfg):
+    if envs.selected(cfg):
         out += _episode_problems(cfg)
     kl_in = grpo_kl_in(s)
     if kl_in == "reward" and s.advantage != "reinforce_pp":
@@ -463,12 +459,10 @@ def checks(cfg) -> list[str]:
 
 def _episode_problems(cfg) -> list[str]:
     """env=python's rules: a class that loads, and the keys that mean one answer per prompt."""
-    from align.envs import EnvError, load_class
-
     out, s = [], cfg.stage
     try:
-        load_class(cfg.env.cls)
-    except EnvError as e:
+        envs.load_class(cfg.env.cls)
+    except envs.EnvError as e:
         out.append(str(e))
     if s.overlong_buffer > 0:
         out.append("stage.overlong_buffer (DAPO's overlong penalty) measures one answer against stage.max_new_tokens; "

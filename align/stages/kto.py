@@ -24,6 +24,7 @@ from align.stages.common import (
     max_length,
     numeric_metrics,
     policy_and_reference,
+    preference_metrics,
     save_and_commit,
     start_from,
     trainer_metrics,
@@ -101,10 +102,12 @@ def run(cfg: DictConfig) -> StageResult:
     train_ds, eval_ds, report = feedback_datasets(cfg.data, tokenizer, length, cfg.train.seed)
     # KTOTrainer reads rows in order (each batch's KL term pairs its own prompts and answers): shuffled here, seeded
     train_ds = train_ds.shuffle(seed=cfg.train.seed).flatten_indices()
-    good, bad = class_weights(train_ds["label"], cfg.stage.desirable_weight, cfg.stage.undesirable_weight)
+    labels = train_ds["label"]
+    desirable = sum(labels)
+    good, bad = class_weights(labels, cfg.stage.desirable_weight, cfg.stage.undesirable_weight)
     log.info("data: %d train answers (%d desirable, weight %.3g; %d undesirable, weight %.3g), %d eval; %s",
-             report.train_rows, sum(train_ds["label"]), good, report.train_rows - sum(train_ds["label"]), bad,
-             report.eval_rows, report.errors.summary())
+             report.train_rows, desirable, good, report.train_rows - desirable, bad, report.eval_rows,
+             report.errors.summary())
 
     stage.prepare_checkpoints()
     args = KTOConfig(**training_arguments(cfg, stage, eval_ds is not None), max_length=length, beta=cfg.stage.beta,
@@ -120,29 +123,11 @@ def run(cfg: DictConfig) -> StageResult:
     result = stage.train(trainer)
 
     metrics = trainer_metrics(stage, trainer, result)
-    metrics.update(_first_and_last_logged(trainer.state.log_history))
-    if eval_ds is not None:
-        ev = trainer.evaluate()
-        metrics["eval_loss"] = ev.get("eval_loss")
-        metrics.update({f"eval_{ours}": ev[f"eval_{theirs}"] for theirs, ours in METRICS.items()
-                        if f"eval_{theirs}" in ev})
-    metrics.update({"desirable_weight": good, "undesirable_weight": bad,
-                    "data/desirable_rows": sum(train_ds["label"])})
+    metrics.update(preference_metrics(trainer, METRICS, evaluate=eval_ds is not None))
+    metrics.update({"desirable_weight": good, "undesirable_weight": bad, "data/desirable_rows": desirable})
     metrics.update(report.metrics())
     set_use_cache(trainer.model, True)
     return save_and_commit(stage, trainer, tokenizer, parent, numeric_metrics(metrics))
-
-
-def _first_and_last_logged(log_history: list[dict]) -> dict:
-    """KTO's statistics at the last logged training step, and the first step's margin (it should grow)."""
-    steps = [h for h in log_history if "loss" in h and "kl" in h]
-    if not steps:
-        return {}
-    out = {f"train_{ours}": steps[-1][theirs] for theirs, ours in METRICS.items() if theirs in steps[-1]}
-    margins = [h["rewards/margins"] for h in steps if "rewards/margins" in h]
-    if margins:
-        out["train_first_margin"] = margins[0]
-    return out
 
 
 def checks(cfg) -> list[str]:

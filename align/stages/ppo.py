@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from align import rewards
+from align import envs, rewards
 from align.config.registry import StageSpec
 from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, keyed, one_of
 from align.data.loader import prompt_datasets
@@ -130,7 +130,7 @@ def run(cfg: DictConfig) -> StageResult:
 def checks(cfg) -> list[str]:
     """Rules between ppo's keys (align/config/rules.py runs them before anything loads)."""
     s, t, out = cfg.stage, cfg.train, online.rollout_problems(cfg)
-    if "env" in cfg and cfg.env.kind != "none":
+    if envs.selected(cfg):
         out.append(f"env={cfg.env.kind}: multi-turn episodes run in stage=grpo (PPO's critic values one answer per "
                    "prompt). Fix: stage=grpo, or env=none")
     mini = t.batch_size * t.grad_accum
