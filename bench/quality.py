@@ -33,11 +33,19 @@ TASKS = ["demo", "sort", "json", "recall", "arith"]
 METHODS = {
     "dpo": (["dpo"], []),
     "dpo_sigmoid": (["dpo"], ["dpo.loss_type=[sigmoid]"]),
+    "simpo": (["dpo"], ["dpo.loss_type=simpo"]),  # reference-free, from the SFT
+    "simpo_sft": (["dpo"], ["dpo.loss_type=[simpo,sft]"]),
+    "orpo": (["dpo"], ["dpo.loss_type=orpo"]),
+    "kto": (["kto"], ["kto.train.epochs=1"]),
     "ppo": (["rm", "ppo"], ["ppo.train.max_steps=100"]),
     "ppo_kl005": (["rm", "ppo"], ["ppo.train.max_steps=100", "ppo.kl_coef=0.05"]),
     "grpo": (["grpo"], ["grpo.train.max_steps=800"]),
     "grpo_t07": (["grpo"], ["grpo.train.max_steps=800", "grpo.temperature=0.7"]),
     "rloo": (["grpo"], ["grpo.train.max_steps=800", "grpo.advantage=rloo"]),
+    "grpo_dynamic": (["grpo"], ["grpo.train.max_steps=800", "grpo.dynamic_sampling=4"]),  # DAPO's dynamic sampling
+    # sparse signal (a deliberately weak SFT, docs/quality.md): 300 steps without and with dynamic sampling
+    "grpo_300": (["grpo"], ["grpo.train.max_steps=300"]),
+    "grpo_300_dynamic": (["grpo"], ["grpo.train.max_steps=300", "grpo.dynamic_sampling=4"]),
     # rollouts on vLLM (the environment with vLLM), each correction of the engine/trainer mismatch (docs/rollouts.md)
     "grpo_vllm_none": (["grpo"], ["grpo.train.max_steps=800", "grpo.rollout.engine=vllm",
                                   "grpo.rollout.is_correction=none"]),

@@ -172,7 +172,7 @@ def test_displacement_warning_from_a_run_that_provokes_it(tmp_path, caplog):
     warnings = json.loads((plain.out / "stage.json").read_text())["warnings"]
     assert [w["kind"] for w in warnings] == ["likelihood_displacement"], plain.metrics
     assert warnings[0]["chosen_logp_change"] < -2.0 and warnings[0]["margin"] > 0
-    assert "stage.loss_type=[sigmoid,sft]" in warnings[0]["message"]
+    assert "sft in stage.loss_type: [sigmoid,sft] is the default" in warnings[0]["message"]
     assert any("likelihood displacement" in r.getMessage() for r in caplog.records)
 
     default = dpo(runs, "train.max_steps=60", "train.lr=1e-3", "train.logging_steps=10", "run.force=true",

@@ -157,9 +157,13 @@ def test_grpo_preempted_then_resumed_ends_with_the_uninterrupted_weights(sft_run
 
     from align.run.handoff import read_history
 
-    keys = [*GRPO, "train.max_steps=5", "stage.eval_prompts=8", "stage.ppo_epochs=2", "stage.beta=0.05"]
+    # with dynamic sampling, which draws more prompts within a step: the resumed run draws the same ones
+    keys = [*GRPO, "train.max_steps=5", "stage.eval_prompts=8", "stage.ppo_epochs=2", "stage.beta=0.05",
+            "stage.dynamic_sampling=2"]
     whole, resumed = whole_and_resumed(sft_run, tmp_path, monkeypatch, keys)
-    assert [h["step"] for h in read_history(resumed.out)] == [1, 2, 3, 4, 5]
+    history = read_history(resumed.out)
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5]
+    assert max(h["sampling/rounds"] for h in history[3:]) > 1  # a step after the resume drew more prompts
     a, b = (load_file(str(r.out / "model" / "model.safetensors")) for r in (whole, resumed))
     assert a.keys() == b.keys()
     for k in a:
@@ -189,3 +193,19 @@ def test_overoptimisation_warning_reaches_the_console_and_stage_json(sft_run, mo
     assert [(w["kind"], w["step"]) for w in warnings] == [("over_optimisation", 6)]
     assert "rose by 0.300" in warnings[0]["message"] and "fell by 0.150" in warnings[0]["message"]
     assert "over-optimisation" in caplog.text
+
+
+def test_dynamic_sampling_fills_each_step_with_groups_that_carry_signal(sft_run):
+    """stage.dynamic_sampling: steps that sampled flat groups sample fresh prompts again, and the batch that trains
+    holds more groups with signal than what was sampled (a group's rewards differ)."""
+    from align.run.handoff import read_history
+
+    result = run_stage("grpo", sft_run, *GRPO, "train.max_steps=8", "stage.eval_prompts=8", "run.name=dynamic",
+                       f"stage.init={sft_run / 'demo' / 'sft'}", "stage.dynamic_sampling=3")
+    history = read_history(result.out)
+    rounds = [h["sampling/rounds"] for h in history]
+    with_signal = sum(h["groups/with_signal"] for h in history) / len(history)
+    sampled_signal = sum(1 - h["groups/zero_variance_share"] for h in history) / len(history)
+    assert max(rounds) > 1 and max(rounds) <= 4, rounds
+    assert with_signal > sampled_signal + 0.05 and with_signal > 0.9, (with_signal, sampled_signal)
+    assert sum(h["groups/dropped"] for h in history) < sum(8 * h["groups/zero_variance_share"] for h in history)

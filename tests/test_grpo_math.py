@@ -135,6 +135,31 @@ def test_clip_and_aggregation_defaults_follow_the_loss():
     assert loss_aggregation(stage(ratio_level="sequence", loss_agg="token_mean")) == "token_mean"
 
 
+def test_dynamic_sampling_fills_the_batch_with_groups_with_signal_by_hand():
+    from align.rl import dynamic
+
+    # groups of 2 rows; round one: groups 0 (flat), 1 (signal); round two: groups 2 (signal), 3 (flat)
+    flat = torch.tensor([True, True, False, False, False, False, True, True])
+    has = dynamic.signal(flat, 2)
+    assert has.tolist() == [False, True, True, False]
+    assert dynamic.fill(has, 2).tolist() == [1, 2]  # the two with signal, in sampling order
+    assert dynamic.fill(has, 3).tolist() == [1, 2, 0]  # short of signal: flat ones fill the row count
+    assert dynamic.rows_of(torch.tensor([1, 2]), 2).tolist() == [2, 3, 4, 5]
+
+
+def test_batches_of_two_rounds_concatenate_with_their_padding_by_hand():
+    from align.rl.rollout import Batch
+
+    a = Batch(torch.tensor([[5, 6]]), torch.tensor([[1, 1]]), torch.tensor([[7, 0]]), torch.tensor([[1, 0]]),
+              torch.tensor([False]), present=None)
+    b = Batch(torch.tensor([[0, 0, 8]]), torch.tensor([[0, 0, 1]]), torch.tensor([[9, 9, 9]]),
+              torch.tensor([[1, 1, 1]]), torch.tensor([True]))
+    c = Batch.concat([a, b], pad_id=0)
+    assert c.queries.tolist() == [[0, 5, 6], [0, 0, 8]] and c.query_mask.tolist() == [[0, 1, 1], [0, 0, 1]]
+    assert c.responses.tolist() == [[7, 0, 0], [9, 9, 9]] and c.mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert c.ended.tolist() == [False, True] and c.engine_logp is None and c.present is None
+
+
 def test_overoptimisation_watch_by_hand():
     from align.rl.watch import overoptimisation
 

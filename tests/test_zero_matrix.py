@@ -137,9 +137,14 @@ def test_sft_loss_curve_is_the_same_on_one_process_and_on_two_ranks_under_zero2_
 def test_zero3_outputs_reload_with_the_in_memory_logits(tmp_path, ppo_parents, stage, zero, peft):
     # PPO also with its memory knobs: checkpointed actor/critic, the reward model's shards offloaded to the CPU
     extra = PPO_KNOBS if stage in ("ppo", "grpo") else []
+    extra += ["stage.dynamic_sampling=2"] if stage == "grpo" else []  # extra sampling rounds in lock-step
     online = stage in ("ppo", "grpo")
     out, live = run_two_ranks(tmp_path, stage, zero, peft, *extra, parents=ppo_parents if online else None)
     check_output(out, stage, zero, peft, live)
+    if stage == "grpo":
+        from align.run.handoff import read_history
+
+        assert all(1 <= h["sampling/rounds"] <= 3 for h in read_history(out))
 
 
 def test_a_zero3_ppo_step_with_its_models_gathered_once_trains_as_layer_by_layer(tmp_path, ppo_parents):
@@ -171,14 +176,15 @@ def test_a_zero3_ppo_step_with_its_models_gathered_once_trains_as_layer_by_layer
 
 def test_a_lora_sft_then_a_lora_rm_dpo_and_kto_under_zero3_on_two_ranks(tmp_path):
     """The README's multi-GPU lines after a LoRA SFT: `launch/sft.sh deepspeed=zero3 peft=lora`, then `launch/rm.sh`,
-    `launch/dpo.sh` and `launch/kto.sh` with the same overrides. DPO's arguments register ZeRO-3 before its model loads, so the base
-    is built partitioned, and merging the parent's adapter into it failed ("The size of tensor a (0) must match the
-    size of tensor b (128)"); the parent is now merged in whole weights on one process, written, and loaded
-    partitioned. The RM failed loading the SFT's causal-LM adapter onto the classifier. Each output reloads (on the
+    `launch/dpo.sh` (here ORPO: no reference) and `launch/kto.sh` with the same overrides. DPO's arguments register
+    ZeRO-3 before its model loads, so the base is built partitioned, and merging the parent's adapter into it failed
+    ("The size of tensor a (0) must match the size of tensor b (128)"); the parent is now merged in whole weights on
+    one process, written, and loaded partitioned. The RM failed loading the SFT's causal-LM adapter onto the classifier. Each output reloads (on the
     SFT adapter on the base) with the in-memory logits, and a saved adapter is not empty (TRL #4416)."""
     run_two_ranks(tmp_path, "sft", "zero3", "lora")
-    for stage in ("rm", "dpo", "kto"):
-        out, live = run_two_ranks(tmp_path, stage, "zero3", "lora")
+    for stage in ("rm", "dpo", "kto"):  # dpo with a loss that loads no reference (ORPO): its own trainer
+        extra = ["stage.loss_type=orpo"] if stage == "dpo" else []
+        out, live = run_two_ranks(tmp_path, stage, "zero3", "lora", *extra)
         check_output(out, stage, "zero3", "lora", live)
         record = stage_record(out.parent.parent, stage=stage)
         assert [p["stage"] for p in record["parents"]] == ["sft"], stage

@@ -203,14 +203,20 @@ class OnlineLoop:
         start = time.perf_counter() - self.train_time
         bar = tqdm(range(first, steps), desc=self.name, disable=not tracking.is_main_process(), initial=first,
                    total=steps)
+
+        def draw() -> list[Prompt]:  # this rank's next per_rank prompts; a new epoch's order when they run out
+            nonlocal order, cursor
+            if cursor + per_step > len(order):
+                order, cursor = torch.randperm(len(prompts), generator=g).tolist(), 0
+            mine = order[cursor + rank * per_rank : cursor + (rank + 1) * per_rank]
+            cursor += per_step
+            return [prompts[i] for i in mine]
+
+        self.draw_prompts = draw  # a step that samples more rounds (grpo's dynamic sampling) draws from here too
         with SignalFlag() as flag:
             for step in bar:
-                if cursor + per_step > len(order):
-                    order, cursor = torch.randperm(len(prompts), generator=g).tolist(), 0
-                mine = order[cursor + rank * per_rank : cursor + (rank + 1) * per_rank]
-                cursor += per_step
                 with self.step_window():
-                    stats = self.step([prompts[i] for i in mine])
+                    stats = self.step(draw())
                 history.append(stats)
                 self.watch(history, step + 1)
                 bar.set_postfix({k.split("/")[-1]: f"{stats[k]:.3f}" for k in self.progress_keys if k in stats})

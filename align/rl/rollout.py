@@ -43,6 +43,29 @@ class Batch:
     def select(self, idx: torch.Tensor) -> "Batch":
         return Batch(*(None if t is None else t[idx] for t in self._fields()))
 
+    @staticmethod
+    def concat(batches: list["Batch"], pad_id: int) -> "Batch":
+        """The rows of several batches, one after the other: prompts left-padded and responses right-padded to
+        the widest (pad_id for ids, 0 for masks and log-probs)."""
+        queries = concat_rows([b.queries for b in batches], pad_id, left=True)
+        query_mask = concat_rows([b.query_mask for b in batches], 0, left=True)
+        responses = concat_rows([b.responses for b in batches], pad_id)
+        rest = [concat_rows([b._fields()[i] for b in batches], 0) for i in (3, 4, 5, 6)]
+        return Batch(queries, query_mask, responses, *rest)
+
+
+def concat_rows(tensors: list, pad_value, left: bool = False):
+    """[sum N, widest] from [N_i, W_i] tensors padded with `pad_value` (on the left with `left`); 1-D tensors are
+    concatenated as they are; None when they are None."""
+    if tensors[0] is None:
+        return None
+    if tensors[0].dim() == 1:
+        return torch.cat(tensors)
+    width = max(t.shape[1] for t in tensors)
+    padded = [torch.nn.functional.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]),
+                                      value=pad_value) for t in tensors]
+    return torch.cat(padded)
+
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)

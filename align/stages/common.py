@@ -109,11 +109,15 @@ def checkpointing_argument() -> str:
 MODEL_LIMIT_UNSET = 10**7  # transformers' stand-in model_max_length when a tokenizer names none
 
 
-def policy_and_reference(cfg: DictConfig, source: str):
+def policy_and_reference(cfg: DictConfig, source: str, reference: bool = True):
     """(policy, reference or None, PEFT config or None) for a TRL preference trainer (dpo, kto): under LoRA the
-    reference is the policy with its adapter off, with precomputed log-probs there is none, otherwise a frozen copy."""
+    reference is the policy with its adapter off, with precomputed log-probs (or a loss that needs no reference:
+    `reference=False`) there is none, otherwise a frozen copy."""
     model, peft_config = load_for_adapter_trainer(source, cfg.model, cfg.peft)
     ref_model = None
+    if not reference:
+        log.info("policy from %s: %s; no reference (the loss needs none)", source, describe(model))
+        return model, None, peft_config
     if peft_config is None and not cfg.stage.get("precompute_ref_logps", False):
         ref_model, _ = load_for_adapter_trainer(source, cfg.model, cfg.peft)
         ref_model.requires_grad_(False)

@@ -7,6 +7,10 @@ so the fresh DPO adapter trains on top of what SFT learned, never a no-op on a f
 full weights the reference is a second copy, loaded from the same directory (or none at all with
 `stage.precompute_ref_logps=true`).
 
+`stage.loss_type=simpo` or `orpo` needs no reference at all: each answer is scored by its mean per-token
+log-probability (align/rl/reference_free.py), nothing is loaded or computed for a reference, and ORPO (which adds
+the SFT loss on the chosen answers) may start from the base model (`stage.init=base`).
+
 Order matters for ZeRO-3: the trainer arguments (which carry the DeepSpeed config) exist before
 any model is built, so transformers builds the models already sharded.
 """
@@ -16,6 +20,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
+
+import torch
 
 from omegaconf import DictConfig, ListConfig
 from transformers import TrainerCallback
@@ -25,6 +32,7 @@ from align.config.rules import fmt
 from align.config.schema import NON_NEGATIVE, POSITIVE, Check, StageConfig, keyed, one_of
 from align.data.loader import dpo_datasets
 from align.models.loading import cast_trainable, load_tokenizer, resolve_name, set_use_cache
+from align.rl.reference_free import REFERENCE_FREE, answer_logps, chosen_nll, orpo, simpo
 from align.run.stage_run import StageResult, StageRun
 from align.stages.common import (
     max_length,
@@ -41,18 +49,25 @@ log = logging.getLogger("align")
 
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", *REFERENCE_FREE)
+# stage.beta=null resolves to: the loss's own scale (SimPO's beta multiplies a mean per-token log-prob; ORPO's is
+# the weight of its odds-ratio term, lambda in the paper)
+DEFAULT_BETA = {"simpo": 2.0, "orpo": 0.1}
+REFERENCE_BETA = 0.1
 
 
 @dataclass
 class DPOStageConfig(StageConfig):
     name: str = "dpo"
-    beta: float = keyed(0.1, POSITIVE, "strength of the pull toward the reference (higher: stay closer)")
+    beta: float | None = keyed(None, POSITIVE, "strength of the pull toward the reference (higher: stay closer); "
+                                              "simpo: the reward scale; orpo: the odds-ratio term's weight; null: "
+                                              "0.1, simpo 2.0, orpo 0.1")
     loss_type: Any = keyed(None, one_of(*DPO_LOSS_TYPES),
                            "one of the DPO losses, or a list combined with loss_weights; the default adds an NLL term "
                            "on the chosen answer to the sigmoid loss (plain sigmoid pushes the chosen answers down too)",
                            factory=lambda: ["sigmoid", "sft"])
     loss_weights: list[float] | None = keyed(None, NON_NEGATIVE, "one weight per loss_type entry")
+    simpo_gamma: float = keyed(1.0, NON_NEGATIVE, "simpo: the target reward margin between chosen and rejected")
     label_smoothing: float = keyed(0.0, Check(0, 0.5, high_open=True),
                                    "robust / exo_pair / aot: assumed share of flipped labels")
     precompute_ref_logps: bool = keyed(False, help="score the data with the reference once, then drop it from memory")
@@ -84,16 +99,19 @@ def loss_types(stage_cfg) -> list[str]:
     return names
 
 
+def resolved_beta(stage_cfg, names: list[str]) -> float:
+    """stage.beta, or with null the scale of the loss: SimPO's and ORPO's own, else DPO's 0.1."""
+    if stage_cfg.beta is not None:
+        return float(stage_cfg.beta)
+    return next((DEFAULT_BETA[n] for n in names if n in REFERENCE_FREE), REFERENCE_BETA)
+
+
 def run(cfg: DictConfig) -> StageResult:
-    from trl import DPOConfig, DPOTrainer
-
-    class PretokenizedDPOTrainer(DPOTrainer):
-        """align encodes prompt/chosen/rejected itself (any chat template, errors naming the row)."""
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset
+    from trl import DPOConfig
 
     names = loss_types(cfg.stage)
+    free = any(n in REFERENCE_FREE for n in names)
+    beta = resolved_beta(cfg.stage, names)
     stage = StageRun(cfg)
     parent, source = start_from(cfg, "sft", cfg.stage.init)
 
@@ -103,25 +121,27 @@ def run(cfg: DictConfig) -> StageResult:
     log.info("data: %d train pairs, %d eval pairs; %s", report.train_rows, report.eval_rows, report.errors.summary())
 
     stage.prepare_checkpoints()
-    if cfg.stage.precompute_ref_logps:  # TRL caches the reference log-probs next to the data, read by every rank
+    if cfg.stage.precompute_ref_logps and not free:  # TRL caches the reference log-probs next to the data
         train_ds, eval_ds = stage.shared_datasets(train_ds, eval_ds)
     args = DPOConfig(
         **training_arguments(cfg, stage, eval_ds is not None),
         max_length=length,
-        beta=cfg.stage.beta,
+        beta=beta,
         loss_type=names,
         loss_weights=list(cfg.stage.loss_weights) if cfg.stage.loss_weights is not None else None,
         label_smoothing=cfg.stage.label_smoothing,
-        precompute_ref_log_probs=cfg.stage.precompute_ref_logps,
+        precompute_ref_log_probs=cfg.stage.precompute_ref_logps or free,  # with none: TRL builds no reference
+        prediction_loss_only=True,  # evaluation needs the loss and the logged statistics, not the logits
         disable_dropout=True,
         dataset_num_proc=None,
     )
-    model, ref_model, peft_config = policy_and_reference(cfg, source)
+    model, ref_model, peft_config = policy_and_reference(cfg, source, reference=not free)
 
     stage.start_logging()
-    watch = DisplacementWatch(cfg.stage.beta, cfg.stage.displacement_bound)
-    trainer = PretokenizedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds,
-                                     eval_dataset=eval_ds, processing_class=tokenizer, peft_config=peft_config)
+    watch = DisplacementWatch(beta, cfg.stage.displacement_bound, reference=not free)
+    trainer = build_trainer(free, cfg.stage.simpo_gamma, model=model, ref_model=ref_model, args=args,
+                            train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                            peft_config=peft_config)
     if cfg.peft.method == "qlora":  # TRL casts adapters to bf16; keep them in the compute dtype (see cast_trainable)
         cast_trainable(trainer.model)
     trainer.add_callback(watch)
@@ -131,6 +151,7 @@ def run(cfg: DictConfig) -> StageResult:
     metrics.update(preference_metrics(trainer, METRICS, evaluate=eval_ds is not None))
     metrics.update(watch.metrics())
     metrics.update(report.metrics())
+    metrics["beta"] = beta
     metrics = numeric_metrics(metrics)
 
     set_use_cache(trainer.model, True)
@@ -138,7 +159,75 @@ def run(cfg: DictConfig) -> StageResult:
                            warnings=watch.warnings)
 
 
-def displacement(chosen_shifts: list[float], margins: list[float], bound: float | None) -> str | None:
+def build_trainer(reference_free: bool, simpo_gamma: float, **kwargs):
+    """TRL's DPOTrainer on align's pretokenized rows; with a reference-free loss, one that never builds, runs or
+    precomputes a reference (TRL is told the reference log-probs are precomputed, so it loads none; the precompute
+    pass is skipped, and so is the hash of the weights that names its cache, which would copy every weight)."""
+    from trl import DPOTrainer
+    from trl.trainer import dpo_trainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """align encodes prompt/chosen/rejected itself (any chat template, errors naming the row)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    if not reference_free:
+        return PretokenizedDPOTrainer(**kwargs)
+
+    class ReferenceFreeTrainer(PretokenizedDPOTrainer):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            return dataset
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            return reference_free_loss(self, model, inputs, return_outputs, simpo_gamma)
+
+    with mock.patch.object(dpo_trainer, "hash_module", lambda module: "no reference"):
+        return ReferenceFreeTrainer(**kwargs)
+
+
+def reference_free_loss(trainer, model, inputs, return_outputs: bool, simpo_gamma: float):
+    """The loss of `trainer.loss_types` (simpo or orpo, optionally with sft) on one batch of [chosen; rejected]
+    rows, from the policy's log-probs alone; logs TRL's pair statistics with rewards = beta x mean token logp."""
+    model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps",
+                                                                  "ref_rejected_logps")}
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    mask = inputs["completion_mask"][:, 1:]
+    outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
+    per_token = outputs.log_probs[:, -mask.size(1):]
+    summed, mean = answer_logps(per_token, mask)
+    chosen, rejected = mean.chunk(2)
+    loss = 0.0
+    for name, weight in zip(trainer.loss_types, trainer.loss_weights, strict=True):
+        if name == "simpo":
+            term = simpo(chosen, rejected, trainer.beta, simpo_gamma).mean()
+        elif name == "orpo":
+            term = chosen_nll(per_token, mask) + orpo(chosen, rejected, trainer.beta).mean()
+        else:  # sft
+            term = chosen_nll(per_token, mask)
+        loss = loss + weight * term
+    log_pair_statistics(trainer, trainer.beta * mean.detach(), summed.detach())
+    if return_outputs:
+        with torch.no_grad():
+            return loss, model(**model_kwargs)
+    return loss
+
+
+def log_pair_statistics(trainer, rewards, summed_logps) -> None:
+    """TRL's rewards/* and logps/* statistics of one batch, gathered over ranks."""
+    store = trainer._metrics["train" if trainer.model.training else "eval"]
+    chosen, rejected = (trainer.accelerator.gather(t) for t in rewards.chunk(2))
+    store["rewards/chosen"].append(chosen.mean().item())
+    store["rewards/rejected"].append(rejected.mean().item())
+    store["rewards/accuracies"].append((chosen > rejected).float().mean().item())
+    store["rewards/margins"].append((chosen - rejected).mean().item())
+    logps_chosen, logps_rejected = (trainer.accelerator.gather(t) for t in summed_logps.chunk(2))
+    store["logps/chosen"].append(logps_chosen.mean().item())
+    store["logps/rejected"].append(logps_rejected.mean().item())
+
+
+def displacement(chosen_shifts: list[float], margins: list[float], bound: float | None,
+                 against: str = "the reference's") -> str | None:
     """Likelihood displacement at the latest logged step: the chosen answers' log-prob (summed over the answer,
     mean over pairs) has fallen more than `bound` nats below the reference's while the margin grew past its
     first logged value. None when not (or no bound)."""
@@ -146,21 +235,27 @@ def displacement(chosen_shifts: list[float], margins: list[float], bound: float 
         return None
     shift, margin = chosen_shifts[-1], margins[-1]
     if shift < -bound and margin > margins[0]:
-        return (f"likelihood displacement: the chosen answers' log-probability is {shift:.2f} nats below the "
-                f"reference's (bound {bound:g}) while the margin grew from {margins[0]:.3f} to {margin:.3f} - the "
+        return (f"likelihood displacement: the chosen answers' log-probability is {shift:.2f} nats below "
+                f"{against} (bound {bound:g}) while the margin grew from {margins[0]:.3f} to {margin:.3f} - the "
                 "policy wins the pairs by pushing both answers down, which usually lowers answer quality. Add an NLL "
-                "term (stage.loss_type=[sigmoid,sft], the default), raise stage.beta or lower train.lr")
+                "term (sft in stage.loss_type: [sigmoid,sft] is the default, [simpo,sft] for SimPO), raise "
+                "stage.beta or lower train.lr")
     return None
+
+
+WINDOW = 10
 
 
 class DisplacementWatch(TrainerCallback):
     """Each logged training step: the mean change of the chosen answers' log-probs against the reference
-    (TRL logs rewards/chosen = beta * that change). The first time displacement() fires, the console warns;
-    the warning goes to stage.json."""
+    (TRL logs rewards/chosen = beta * that change), or with no reference the mean over the last WINDOW logged
+    steps against that over the first (one batch's log-prob varies by a nat or two from the next's). The first
+    time displacement() fires, the console warns; the warning goes to stage.json."""
 
-    def __init__(self, beta: float, bound: float | None):
-        self.beta, self.bound = beta, bound
+    def __init__(self, beta: float, bound: float | None, reference: bool = True):
+        self.beta, self.bound, self.reference = beta, bound, reference
         self.shifts: list[float] = []
+        self.logps: list[float] = []  # no reference: the chosen answers' log-prob at each logged step
         self.margins: list[float] = []
         self.warnings: list[dict] = []
 
@@ -168,9 +263,15 @@ class DisplacementWatch(TrainerCallback):
         logs = logs or {}
         if "rewards/chosen" not in logs or "rewards/margins" not in logs or "eval_loss" in logs:
             return
-        self.shifts.append(logs["rewards/chosen"] / self.beta)
+        if self.reference:
+            self.shifts.append(logs["rewards/chosen"] / self.beta)
+        else:  # no reference: the last logged steps against the first (each a mean over up to 10 batches)
+            self.logps.append(logs["logps/chosen"])
+            w = max(1, min(WINDOW, len(self.logps) // 2))
+            self.shifts.append(sum(self.logps[-w:]) / w - sum(self.logps[:w]) / w)
         self.margins.append(logs["rewards/margins"])
-        message = displacement(self.shifts, self.margins, self.bound)
+        message = displacement(self.shifts, self.margins, self.bound,
+                               "the reference's" if self.reference else "the first logged steps'")
         if message and not self.warnings and state.is_world_process_zero:
             log.warning("dpo step %d: %s", state.global_step, message)
         if message and not self.warnings:
@@ -192,7 +293,12 @@ def checks(cfg) -> list[str]:
         if len(s.loss_weights) != len(losses):
             out.append(f"stage.loss_weights={fmt(s.loss_weights)} needs one weight per stage.loss_type entry "
                        f"({fmt(losses)}: {len(losses)})")
-    if s.precompute_ref_logps and cfg.deepspeed.zero_stage == 3:
+    losses = list(s.loss_type) if isinstance(s.loss_type, ListConfig) else [s.loss_type]
+    free = [n for n in losses if n in REFERENCE_FREE]
+    if free and (len(free) > 1 or any(n not in (*REFERENCE_FREE, "sft") for n in losses)):
+        out.append(f"stage.loss_type={fmt(losses)}: {' and '.join(free)} score answers without a reference and combine "
+                   "only with sft (e.g. stage.loss_type=[simpo,sft]); train a reference loss in a separate run")
+    if s.precompute_ref_logps and cfg.deepspeed.zero_stage == 3 and not free:
         # TRL wraps the policy in a second (inference) ZeRO-3 engine for the precompute pass. Measured on 2 ranks:
         # the training diverges from ZeRO-2's from step 2 on and the saved adapter no longer reproduces the
         # trained model's logits (tests/test_supported.py; ZeRO-2 stays allowed, tests/test_zero_matrix.py).

@@ -39,7 +39,7 @@ from align.models.loading import (
     load_tokenizer,
     resolve_name,
 )
-from align.rl import rollout, vllm_engine
+from align.rl import dynamic, rollout, vllm_engine
 from align.rl.advantages import ADVANTAGES, group_advantages, overlong_penalty, token_advantages, zero_variance
 from align.rl.engine import (
     Trainable,
@@ -95,6 +95,10 @@ class GRPOStageConfig(OnlineStageConfig):
     clip_high: float | None = keyed(None, POSITIVE, "ratio clip above 1 (DAPO's clip-higher when above clip_low); "
                                                     "null: 0.28, or 4e-4 with ratio_level=sequence (GSPO's)")
     drop_zero_variance: bool = keyed(True, help="leave out groups whose rewards are all equal (DAPO); counted")
+    dynamic_sampling: int = keyed(0, NON_NEGATIVE, "DAPO's dynamic sampling: up to N more rounds of fresh prompts per "
+                                                   "step until the batch holds rollout_batch_size groups whose "
+                                                   "rewards differ (logged: sampling/rounds, groups/with_signal); "
+                                                   "0: off")
     beta: float = keyed(0.0, NON_NEGATIVE, "KL(policy || reference) coefficient; 0: no reference pass at all")
     kl_in: str = keyed("auto", one_of("auto", "loss", "reward"),
                        "auto: in the reward for reinforce_pp, in the loss otherwise; reward needs reinforce_pp (the "
@@ -275,16 +279,36 @@ class GRPOLoop(OnlineLoop):
 
     def step(self, prompts: list[Prompt]) -> dict:
         t0 = time.perf_counter()
-        r = self._rollout(prompts, t0)
+        r = self._rollout(prompts)
         update = self._update(r)
         return self._stats(r, update, time.perf_counter() - t0)
 
-    def _rollout(self, prompts: list[Prompt], t0: float) -> GroupRollout:
-        """Sample group_size answers per prompt, score them, and turn the scores into per-token advantages."""
+    def _rollout(self, prompts: list[Prompt]) -> GroupRollout:
+        """Sample group_size answers per prompt and score them (with stage.dynamic_sampling, more rounds of fresh
+        prompts until the batch is full of groups with signal), then turn the scores into per-token advantages."""
+        s, G = self.s, self.s.group_size
+        sampled, rounds = self._sample(prompts), 0
+        while rounds < s.dynamic_sampling and self._short_of_signal(sampled, len(prompts)):
+            sampled, rounds = Sampled.concat([sampled, self._sample(self.draw_prompts())], self.pad), rounds + 1
+        every_flat = sampled.flat
+        if rounds:  # the first len(prompts) groups with signal, then flat ones: every rank keeps its row count
+            sampled = sampled.select(dynamic.rows_of(dynamic.fill(dynamic.signal(sampled.flat, G), len(prompts)), G))
+        r = self._advantages(sampled)
+        r.rounds, r.sampled_flat = rounds, every_flat
+        return r
+
+    def _short_of_signal(self, sampled: "Sampled", target: int) -> bool:
+        """Some rank has fewer than `target` groups with signal (all ranks then sample another round together)."""
+        missing = target - int(dynamic.signal(sampled.flat, self.s.group_size).sum())
+        return distributed.all_reduce_scalar(float(missing), "max") > 0
+
+    def _sample(self, prompts: list[Prompt]) -> "Sampled":
+        """One round: group_size answers per prompt, the log-probs the update needs, the shaped rewards."""
         s, G = self.s, self.s.group_size
         items, n = [p for p in prompts for _ in range(G)], len(prompts) * G
         single_update = s.ppo_epochs == 1 and n == self.cfg.train.batch_size * self.cfg.train.grad_accum
         kl_in_reward = s.beta > 0 and self.kl_in == "reward"
+        t0 = time.perf_counter()
         with self.rollout_window(), torch.no_grad():  # ZeRO-3: one gather for generation and these passes
             episodes = self.run_episodes(items, greedy=False) if self.episodes is not None else None
             batch = episodes.batch if episodes is not None else self.sample([p.ids for p in items])
@@ -297,28 +321,33 @@ class GRPOLoop(OnlineLoop):
             scored = self.reward(batch, rollout.decode_responses(self.tok, batch), items)
         else:  # the environment's reward beside the group's other components, which read each last model turn
             scored = self.reward(batch, episodes.answers, items, {"env": (episodes.rewards, episodes.valid)})
-        mask = batch.mask
         total = scored.total.clone()
-        lengths = mask.sum(1).cpu()
-        total += overlong_penalty(lengths, s.max_new_tokens, s.overlong_buffer, s.overlong_penalty)
+        total += overlong_penalty(batch.mask.sum(1).cpu(), s.max_new_tokens, s.overlong_buffer, s.overlong_penalty)
         if s.missing_eos_penalty is not None:
             total = torch.where(batch.ended.cpu(), total, total - s.missing_eos_penalty)
-        valid = scored.valid
-        flat = zero_variance(total, G, valid)
+        return Sampled(batch, behaviour, ref_logp, scored, total, zero_variance(total, G, scored.valid), t_gen,
+                       episodes.stats() if episodes is not None else None)
+
+    def _advantages(self, sampled: "Sampled") -> GroupRollout:
+        """Which answers train (valid; not in a flat group; inside an engine's mismatch bound) and their advantages."""
+        s, G, batch, total = self.s, self.s.group_size, sampled.batch, sampled.total
+        mask, valid, behaviour, flat = batch.mask, sampled.scored.valid, sampled.behaviour, sampled.flat
+        kl_in_reward = s.beta > 0 and self.kl_in == "reward"
         keep = valid & (~flat if s.drop_zero_variance else torch.ones_like(flat))
         is_w, mismatch = None, {}
-        if sampled_elsewhere:
+        if batch.engine_logp is not None:
             is_w, inside, mismatch = correction(behaviour, batch.engine_logp, mask, self.cfg.rollout)
             keep = keep & inside.cpu()
         loss_mask = mask * keep.to(mask.device)[:, None].to(mask.dtype)
         with torch.no_grad():
-            kl_tokens = kl_per_token(behaviour, ref_logp, "k1") if kl_in_reward else None
+            kl_tokens = kl_per_token(behaviour, sampled.ref_logp, "k1") if kl_in_reward else None
             seq_adv = group_advantages(total, G, s.advantage, valid=valid).to(mask.device)
             # whitened (reinforce_pp) over the answers that train, not over the groups left out
             advantages = token_advantages(seq_adv, loss_mask, s.advantage, kl_tokens, s.beta if kl_in_reward else 0)
+        single_update = s.ppo_epochs == 1 and len(total) == self.cfg.train.batch_size * self.cfg.train.grad_accum
         old_logp = None if single_update else behaviour  # one update: its live log-probs are the behaviour's
-        return GroupRollout(batch, scored, total, flat, keep, loss_mask, advantages, old_logp, ref_logp, lengths,
-                            t_gen, is_w, mismatch, episodes.stats() if episodes is not None else None)
+        return GroupRollout(batch, sampled.scored, total, flat, keep, loss_mask, advantages, old_logp,
+                            sampled.ref_logp, mask.sum(1).cpu(), sampled.t_gen, is_w, mismatch, sampled.episodes)
 
     def _update(self, r: GroupRollout) -> dict[str, list]:
         """stage.ppo_epochs passes of clipped-surrogate updates over the kept answers, in micro-batches."""
@@ -372,13 +401,16 @@ class GRPOLoop(OnlineLoop):
                "reward/std": float(scored.total.std()) if n > 1 else 0.0,
                "reward/shaped_mean": float(r.total[scored.valid].mean()) if scored.valid.any() else 0.0,
                "reward/errors": float(scored.errors),
-               "groups/zero_variance_share": float(r.flat.view(-1, G)[:, 0].float().mean()),
+               "groups/zero_variance_share": float(r.sampled_flat.view(-1, G)[:, 0].float().mean()),
                "groups/dropped": float((~r.keep).view(-1, G).all(1).sum()) if self.s.drop_zero_variance else 0.0,
                "response/length": float(r.lengths.float().mean()),
                "response/ended": float(r.batch.ended.float().mean()),
                "time/generation_share": r.t_gen / step_time, "time/step_s": step_time,
                "samples/s": n / step_time}
         out.update({f"reward/{k}": float(v.mean()) for k, v in scored.components.items()})
+        if self.s.dynamic_sampling:  # the rounds this step sampled, and the share of its batch that has signal
+            out.update({"sampling/rounds": float(1 + r.rounds),
+                        "groups/with_signal": float(dynamic.signal(r.flat, G).float().mean())})
         out.update(online.engine_stats(self.vllm, r.mismatch))
         if r.episodes is not None:  # turns, tool calls, env errors; the rollout's time in the environment
             out.update(r.episodes)
@@ -408,6 +440,39 @@ class GroupRollout:
     is_weights: torch.Tensor | None = None  # [N, R] importance weights of an engine's rollout (rl/mismatch.py)
     mismatch: dict | None = None  # engine vs trainer log-probs of the sampled tokens
     episodes: dict | None = None  # env=python: the episodes' stats (turns, tool calls, errors, time in the env)
+    rounds: int = 0  # stage.dynamic_sampling: the extra sampling rounds this step took
+    sampled_flat: torch.Tensor | None = None  # [every answer sampled this step] bool: in a flat group
+
+
+@dataclass
+class Sampled:
+    """One or more sampling rounds' groups, scored: what dynamic sampling concatenates and selects from."""
+
+    batch: rollout.Batch
+    behaviour: torch.Tensor | None  # [N, R] the trainer's log-probs of the sampled tokens, when the update needs them
+    ref_logp: torch.Tensor | None  # [N, R]
+    scored: rewards.Scored
+    total: torch.Tensor  # [N] shaped
+    flat: torch.Tensor  # [N] bool: in a group whose rewards are all equal
+    t_gen: float
+    episodes: dict | None = None  # env=python (never with dynamic sampling): the episodes' stats
+
+    def select(self, rows: torch.Tensor) -> "Sampled":
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        scored = rewards.Scored(pick(self.scored.total), {k: pick(v) for k, v in self.scored.components.items()},
+                                pick(self.scored.valid), self.scored.errors)
+        return Sampled(self.batch.select(rows.to(self.batch.mask.device)), pick(self.behaviour), pick(self.ref_logp),
+                       scored, pick(self.total), pick(self.flat), self.t_gen, self.episodes)
+
+    @staticmethod
+    def concat(parts: list["Sampled"], pad_id: int) -> "Sampled":
+        rows = lambda get, pad=0: rollout.concat_rows([get(p) for p in parts], pad)  # noqa: E731
+        scored = rewards.Scored(rows(lambda p: p.scored.total),
+                                {k: rows(lambda p, k=k: p.scored.components[k]) for k in parts[0].scored.components},
+                                rows(lambda p: p.scored.valid), sum(p.scored.errors for p in parts))
+        return Sampled(rollout.Batch.concat([p.batch for p in parts], pad_id), rows(lambda p: p.behaviour),
+                       rows(lambda p: p.ref_logp), scored, rows(lambda p: p.total), rows(lambda p: p.flat),
+                       sum(p.t_gen for p in parts))
 
 
 def window_denominators(loss_mask: torch.Tensor, order: torch.Tensor, micro: int, accum: int, how: str) -> list:
@@ -470,6 +535,9 @@ def _episode_problems(cfg) -> list[str]:
     if s.max_new_tokens > s.max_episode_tokens:
         out.append(f"stage.max_new_tokens={s.max_new_tokens} (one model turn) is over stage.max_episode_tokens="
                    f"{s.max_episode_tokens} (the whole episode). Fix: raise stage.max_episode_tokens")
+    if s.dynamic_sampling > 0:
+        out.append("stage.dynamic_sampling samples single answers again; it does not run multi-turn episodes "
+                   "(env=python). Fix: stage.dynamic_sampling=0 with env=python")
     return out
 
 
