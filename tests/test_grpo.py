@@ -207,5 +207,7 @@ def test_dynamic_sampling_fills_each_step_with_groups_that_carry_signal(sft_run)
     with_signal = sum(h["groups/with_signal"] for h in history) / len(history)
     sampled_signal = sum(1 - h["groups/zero_variance_share"] for h in history) / len(history)
     assert max(rounds) > 1 and max(rounds) <= 4, rounds
+    # the rewards and the rate are over every answer sampled (8 prompts x 8 a round), not only those that trained
+    assert [round(h["samples/s"] * h["time/step_s"]) for h in history] == [64 * r for r in rounds]
     assert with_signal > sampled_signal + 0.05 and with_signal > 0.9, (with_signal, sampled_signal)
     assert sum(h["groups/dropped"] for h in history) < sum(8 * h["groups/zero_variance_share"] for h in history)

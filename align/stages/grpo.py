@@ -290,11 +290,11 @@ class GRPOLoop(OnlineLoop):
         sampled, rounds = self._sample(prompts), 0
         while rounds < s.dynamic_sampling and self._short_of_signal(sampled, len(prompts)):
             sampled, rounds = Sampled.concat([sampled, self._sample(self.draw_prompts())], self.pad), rounds + 1
-        every_flat = sampled.flat
+        every = sampled
         if rounds:  # the first len(prompts) groups with signal, then flat ones: every rank keeps its row count
             sampled = sampled.select(dynamic.rows_of(dynamic.fill(dynamic.signal(sampled.flat, G), len(prompts)), G))
         r = self._advantages(sampled)
-        r.rounds, r.sampled_flat = rounds, every_flat
+        r.rounds, r.every = rounds, every
         return r
 
     def _short_of_signal(self, sampled: "Sampled", target: int) -> bool:
@@ -396,17 +396,20 @@ class GRPOLoop(OnlineLoop):
         return stats
 
     def _stats(self, r: GroupRollout, update: dict[str, list], step_time: float) -> dict:
-        G, n, scored = self.s.group_size, len(r.keep), r.scored
+        """The step's statistics; rewards over every answer sampled (with dynamic sampling, not only those that
+        trained: they measure the policy, not the selection)."""
+        G, every = self.s.group_size, r.every
+        scored = every.scored
         out = {"reward/total_mean": float(scored.total[scored.valid].mean()) if scored.valid.any() else 0.0,
-               "reward/std": float(scored.total.std()) if n > 1 else 0.0,
-               "reward/shaped_mean": float(r.total[scored.valid].mean()) if scored.valid.any() else 0.0,
+               "reward/std": float(scored.total.std()) if len(scored.total) > 1 else 0.0,
+               "reward/shaped_mean": float(every.total[scored.valid].mean()) if scored.valid.any() else 0.0,
                "reward/errors": float(scored.errors),
-               "groups/zero_variance_share": float(r.sampled_flat.view(-1, G)[:, 0].float().mean()),
+               "groups/zero_variance_share": float(every.flat.view(-1, G)[:, 0].float().mean()),
                "groups/dropped": float((~r.keep).view(-1, G).all(1).sum()) if self.s.drop_zero_variance else 0.0,
                "response/length": float(r.lengths.float().mean()),
                "response/ended": float(r.batch.ended.float().mean()),
                "time/generation_share": r.t_gen / step_time, "time/step_s": step_time,
-               "samples/s": n / step_time}
+               "samples/s": len(scored.total) / step_time}
         out.update({f"reward/{k}": float(v.mean()) for k, v in scored.components.items()})
         if self.s.dynamic_sampling:  # the rounds this step sampled, and the share of its batch that has signal
             out.update({"sampling/rounds": float(1 + r.rounds),
@@ -441,7 +444,7 @@ class GroupRollout:
     mismatch: dict | None = None  # engine vs trainer log-probs of the sampled tokens
     episodes: dict | None = None  # env=python: the episodes' stats (turns, tool calls, errors, time in the env)
     rounds: int = 0  # stage.dynamic_sampling: the extra sampling rounds this step took
-    sampled_flat: torch.Tensor | None = None  # [every answer sampled this step] bool: in a flat group
+    every: "Sampled | None" = None  # every answer sampled this step (with extra rounds, more than trained)
 
 
 @dataclass
