@@ -96,7 +96,7 @@ CASES = {  # id: (arguments, exit code, what the message must say)
     "ppo_without_rm": (["stage=ppo", "run.name=fresh", "run.root=runs"], 2, ["ppo needs a reward model", "stage=rm"]),
     "interrupted_other_config": (["stage=dpo", "data.max_rows=64"], 2,
                                  ["holds an interrupted run's checkpoint (checkpoint-3) trained with another config",
-                                  "stage.beta: 0.3 -> 0.1", "run.force=true", "Nothing was changed"]),
+                                  "stage.beta: 0.3 -> null", "run.force=true", "Nothing was changed"]),
 }
 
 

@@ -37,7 +37,7 @@ def test_rerunning_a_finished_stage_changes_nothing(budget, tmp_path, monkeypatc
     caplog.clear()
     with caplog.at_level("INFO", logger="align"):
         assert run_cli([*args, "train.lr=1e-3"], monkeypatch) == 0
-    assert "sft: running (changed: train.lr: None -> 0.001); the complete output stays in" in caplog.text
+    assert "sft: running (changed: train.lr: null -> 0.001); the complete output stays in" in caplog.text
     again = json.loads((out / "stage.json").read_text())
     assert again["output_id"] != info["output_id"] and again["metrics"]["global_step"] == 2
 

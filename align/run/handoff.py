@@ -83,7 +83,10 @@ def _flat(data, prefix: str = "") -> dict:
 def changes(old: dict, new: dict, most: int = 6) -> str:
     """`train.lr: 0.001 -> 0.002; data.train content changed` between two identities."""
     a, b = _flat(old.get("config", {})), _flat(new.get("config", {}))
-    out = [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    def shown(flat: dict, key: str) -> str:  # as the user writes it on the command line
+        return "(unset)" if key not in flat else "null" if flat[key] is None else str(flat[key])
+
+    out = [f"{k}: {shown(a, k)} -> {shown(b, k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     for key in sorted(set(old.get("inputs", {})) | set(new.get("inputs", {}))):
         if old.get("inputs", {}).get(key) != new.get("inputs", {}).get(key):
             out.append(f"{key} content changed")
