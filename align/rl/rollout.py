@@ -47,11 +47,11 @@ class Batch:
     def concat(batches: list["Batch"], pad_id: int) -> "Batch":
         """The rows of several batches, one after the other: prompts left-padded and responses right-padded to
         the widest (pad_id for ids, 0 for masks and log-probs)."""
-        queries = concat_rows([b.queries for b in batches], pad_id, left=True)
-        query_mask = concat_rows([b.query_mask for b in batches], 0, left=True)
-        responses = concat_rows([b.responses for b in batches], pad_id)
-        rest = [concat_rows([b._fields()[i] for b in batches], 0) for i in (3, 4, 5, 6)]
-        return Batch(queries, query_mask, responses, *rest)
+        def rows(name: str, pad, left: bool = False):
+            return concat_rows([getattr(b, name) for b in batches], pad, left)
+
+        return Batch(rows("queries", pad_id, left=True), rows("query_mask", 0, left=True), rows("responses", pad_id),
+                     rows("mask", 0), rows("ended", 0), rows("engine_logp", 0), rows("present", 0))
 
 
 def concat_rows(tensors: list, pad_value, left: bool = False):

@@ -288,12 +288,10 @@ class DisplacementWatch(TrainerCallback):
 def checks(cfg) -> list[str]:
     """Rules between dpo's keys, and with ZeRO (align/config/rules.py runs them before anything loads)."""
     out, s = [], cfg.stage
-    if s.loss_weights is not None:
-        losses = list(s.loss_type) if isinstance(s.loss_type, ListConfig) else [s.loss_type]
-        if len(s.loss_weights) != len(losses):
-            out.append(f"stage.loss_weights={fmt(s.loss_weights)} needs one weight per stage.loss_type entry "
-                       f"({fmt(losses)}: {len(losses)})")
     losses = list(s.loss_type) if isinstance(s.loss_type, ListConfig) else [s.loss_type]
+    if s.loss_weights is not None and len(s.loss_weights) != len(losses):
+        out.append(f"stage.loss_weights={fmt(s.loss_weights)} needs one weight per stage.loss_type entry "
+                   f"({fmt(losses)}: {len(losses)})")
     free = [n for n in losses if n in REFERENCE_FREE]
     if free and (len(free) > 1 or any(n not in (*REFERENCE_FREE, "sft") for n in losses)):
         out.append(f"stage.loss_type={fmt(losses)}: {' and '.join(free)} score answers without a reference and combine "

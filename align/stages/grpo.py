@@ -241,6 +241,7 @@ class GRPOLoop(OnlineLoop):
         s = self.s
         self.agg, self.clip = loss_aggregation(s), clip_range(s)
         self.kl_in = grpo_kl_in(s)
+        self.kl_in_reward = s.beta > 0 and self.kl_in == "reward"
 
     def frozen_models(self) -> tuple:
         return (*super().frozen_models(), *([self.rm[0]] if self.rm is not None else []))
@@ -297,6 +298,11 @@ class GRPOLoop(OnlineLoop):
         r.rounds, r.every = rounds, every
         return r
 
+    def _single_update(self, rows: int) -> bool:
+        """A rollout of `rows` answers takes one optimizer step: the update's live log-probs are the behaviour's,
+        so no separate pass computes them."""
+        return self.s.ppo_epochs == 1 and rows == self.cfg.train.batch_size * self.cfg.train.grad_accum
+
     def _short_of_signal(self, sampled: "Sampled", target: int) -> bool:
         """Some rank has fewer than `target` groups with signal (all ranks then sample another round together)."""
         missing = target - int(dynamic.signal(sampled.flat, self.s.group_size).sum())
@@ -305,17 +311,15 @@ class GRPOLoop(OnlineLoop):
     def _sample(self, prompts: list[Prompt]) -> "Sampled":
         """One round: group_size answers per prompt, the log-probs the update needs, the shaped rewards."""
         s, G = self.s, self.s.group_size
-        items, n = [p for p in prompts for _ in range(G)], len(prompts) * G
-        single_update = s.ppo_epochs == 1 and n == self.cfg.train.batch_size * self.cfg.train.grad_accum
-        kl_in_reward = s.beta > 0 and self.kl_in == "reward"
+        items = [p for p in prompts for _ in range(G)]
         t0 = time.perf_counter()
         with self.rollout_window(), torch.no_grad():  # ZeRO-3: one gather for generation and these passes
             episodes = self.run_episodes(items, greedy=False) if self.episodes is not None else None
             batch = episodes.batch if episodes is not None else self.sample([p.ids for p in items])
             t_gen = time.perf_counter() - t0
             sampled_elsewhere = batch.engine_logp is not None  # the trainer's log-probs are then needed anyway
-            behaviour = None if single_update and not kl_in_reward and not sampled_elsewhere else \
-                rollout.response_logprobs(self.actor.module, batch, s.temperature)[0]
+            needed = not self._single_update(len(items)) or self.kl_in_reward or sampled_elsewhere
+            behaviour = rollout.response_logprobs(self.actor.module, batch, s.temperature)[0] if needed else None
             ref_logp = self.reference_logprobs(batch, s.temperature) if s.beta > 0 else None
         if episodes is None:
             scored = self.reward(batch, rollout.decode_responses(self.tok, batch), items)
@@ -332,7 +336,7 @@ class GRPOLoop(OnlineLoop):
         """Which answers train (valid; not in a flat group; inside an engine's mismatch bound) and their advantages."""
         s, G, batch, total = self.s, self.s.group_size, sampled.batch, sampled.total
         mask, valid, behaviour, flat = batch.mask, sampled.scored.valid, sampled.behaviour, sampled.flat
-        kl_in_reward = s.beta > 0 and self.kl_in == "reward"
+        kl_in_reward = self.kl_in_reward
         keep = valid & (~flat if s.drop_zero_variance else torch.ones_like(flat))
         is_w, mismatch = None, {}
         if batch.engine_logp is not None:
@@ -344,8 +348,7 @@ class GRPOLoop(OnlineLoop):
             seq_adv = group_advantages(total, G, s.advantage, valid=valid).to(mask.device)
             # whitened (reinforce_pp) over the answers that train, not over the groups left out
             advantages = token_advantages(seq_adv, loss_mask, s.advantage, kl_tokens, s.beta if kl_in_reward else 0)
-        single_update = s.ppo_epochs == 1 and len(total) == self.cfg.train.batch_size * self.cfg.train.grad_accum
-        old_logp = None if single_update else behaviour  # one update: its live log-probs are the behaviour's
+        old_logp = None if self._single_update(len(total)) else behaviour
         return GroupRollout(batch, sampled.scored, total, flat, keep, loss_mask, advantages, old_logp,
                             sampled.ref_logp, mask.sum(1).cpu(), sampled.t_gen, is_w, mismatch, sampled.episodes)
 
