@@ -14,7 +14,7 @@ import re
 import sys
 import warnings
 
-COMMANDS = ("export",)  # `python -m align export stage=rm run.name=x`
+COMMANDS = ("export", "plan")  # `python -m align export stage=rm run.name=x`, `python -m align plan recipe=...`
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(=(\d+))?$")
 
 
@@ -60,6 +60,7 @@ usage:
   python -m align recipe=RECIPE [key=value ...]    a whole pipeline, skipping stages that are up to date
   python -m align -m recipe=RECIPE STAGE.KEY=A,B   a sweep (one job per value)
   python -m align export stage=STAGE run.name=NAME  merge a LoRA stage into full weights
+  python -m align plan recipe=RECIPE plan.gpus=8 plan.gpu_memory=80GB   will each stage fit? (loads nothing)
   python -m align --cfg job [overrides]           print the resolved config, run nothing
   deepspeed --num_gpus N launch/stage.sh stage=STAGE [overrides]  several GPUs (launch/*.sh)
 

@@ -37,6 +37,7 @@ METHODS = {
     "simpo_sft": (["dpo"], ["dpo.loss_type=[simpo,sft]"]),
     "orpo": (["dpo"], ["dpo.loss_type=orpo"]),
     "kto": (["kto"], ["kto.train.epochs=1"]),
+    "iterative_dpo": (["iterative_dpo"], []),  # two rounds of sample -> checker -> DPO, at its defaults
     "ppo": (["rm", "ppo"], ["ppo.train.max_steps=100"]),
     "ppo_kl005": (["rm", "ppo"], ["ppo.train.max_steps=100", "ppo.kl_coef=0.05"]),
     "grpo": (["grpo"], ["grpo.train.max_steps=800"]),

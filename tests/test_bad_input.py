@@ -76,7 +76,7 @@ CASES = {  # id: (arguments, exit code, what the message must say)
     "unknown_recipe": (["recipe=rlhf_pop"], 2, ["recipe=rlhf_pop: there is no recipe named 'rlhf_pop'; choose one of "
                                                 "agent, demo, hpo_dpo, rlhf_dpo, rlhf_ppo, rlvr", "nothing was run"]),
     "unknown_stage": (["stage=sfft"], 2, ["stage=sfft: there is no stage named 'sfft'; choose one of sft, rm, dpo, "
-                                          "kto, ppo, grpo, eval\n"]),
+                                          "kto, iterative_dpo, ppo, grpo, eval\n"]),
     "unknown_group_option": (["peft=lorra"], 2, ["peft=lorra: there is no peft named 'lorra'; choose one of lora, "
                                                  "none, qlora"]),
     "unknown_sweep_value": (["-m", "recipe=demo,rlhf_dpx"], 2, ["recipe=rlhf_dpx: there is no recipe named"]),
@@ -158,7 +158,7 @@ def test_help_is_align_s_own_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("align: post-training for causal language models")
-    assert "stages:   sft, rm, dpo, kto, ppo, grpo, eval" in out.stdout and "recipes:  agent, demo" in out.stdout
+    assert "stages:   sft, rm, dpo, kto, iterative_dpo, ppo, grpo, eval" in out.stdout and "recipes:  agent, demo" in out.stdout
     assert "model:" in out.stdout and "qwen2_5_0_5b" in out.stdout
     assert "_schema" not in out.stdout and "???" not in out.stdout and "powered by Hydra" not in out.stdout
     assert out.stdout.rstrip().endswith("no torch")

@@ -58,4 +58,4 @@ def test_slurm_script_names_the_launch_files_when_the_stage_is_wrong(tmp_path):
     env = {**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path), "ALIGN_HOME": str(REPO)}
     out = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), "sfft"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "no launch file" in out.stderr and "dpo grpo kto ppo recipe rm sft stage" in out.stderr
+    assert out.returncode == 2 and "no launch file" in out.stderr and "dpo grpo iterative_dpo kto ppo recipe rm sft stage" in out.stderr

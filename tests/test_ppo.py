@@ -183,7 +183,7 @@ def test_eval_stage_scores_each_policy_against_the_sft_baseline(full_ppo, pipeli
 def test_eval_stage_needs_something_to_evaluate(tmp_path):
     from align.run.handoff import HandoffError
 
-    with pytest.raises(HandoffError, match=r"run 'demo' has no completed policy stage \(sft, dpo, kto, ppo, grpo\) to evaluate; "
+    with pytest.raises(HandoffError, match=r"run 'demo' has no completed policy stage \(sft, dpo, kto, iterative_dpo, ppo, grpo\) to evaluate; "
                                            r"train one first or name models with stage.policies"):
         run_stage("eval", tmp_path / "runs")
 

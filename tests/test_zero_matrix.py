@@ -30,6 +30,8 @@ STAGE_ARGS = {
     "rm": ["train.max_steps=3", "data.max_rows=64"],
     "dpo": ["train.max_steps=3", "data.max_rows=64"],
     "kto": ["train.max_steps=3", "data.max_rows=64"],
+    "iterative_dpo": ["train.max_steps=2", "stage.rounds=2", "stage.prompts_per_round=6", "stage.max_new_tokens=8",
+                      "reward=rm"],  # the run's reward model judges: continuous scores, every prompt gives a pair
     "ppo": ["train.max_steps=2", "stage.rollout_batch_size=4", "stage.ppo_epochs=1", "stage.eval_prompts=8",
             "stage.max_new_tokens=8"],
     "grpo": ["train.max_steps=2", "stage.rollout_batch_size=2", "stage.group_size=2", "stage.eval_prompts=8",
@@ -191,6 +193,28 @@ def test_a_lora_sft_then_a_lora_rm_dpo_and_kto_under_zero3_on_two_ranks(tmp_path
     from align.config.paths import cache_root
 
     assert not any((cache_root() / "merged-parents").glob("*"))  # the merged copy is gone
+
+
+def test_iterative_dpo_under_zero3_with_lora_on_two_ranks_gathers_every_ranks_pairs(tmp_path, ppo_parents):
+    """`deepspeed --num_gpus 2 launch/iterative_dpo.sh deepspeed=zero3 peft=lora reward=rm`: each rank samples its
+    share of the prompts with the whole policy and judges them with the run's reward model (loaded whole beside it),
+    the pairs of both ranks are gathered (every prompt judged once), DPO trains sharded, and the output (an adapter
+    on round 1's, on the SFT) reloads with the in-memory logits; the RM is recorded as a parent."""
+    from align.models.loading import load_merged
+    from rank_probe import probe_logits
+
+    out, live = run_two_ranks(tmp_path, "iterative_dpo", "zero3", "lora", parents=ppo_parents)
+    record = stage_record(out.parent.parent, stage="iterative_dpo")
+    assert record["distributed"] == {"world_size": 2, "zero_stage": 3}
+    assert [p["stage"] for p in record["parents"]] == ["sft", "rm"]
+    for r in (1, 2):
+        pairs = [json.loads(line) for line in (out / "pairs" / f"round-{r}.jsonl").read_text().splitlines()]
+        assert len(pairs) + record["metrics"][f"round_{r}/tied_prompts"] == 6  # both ranks' prompts, once each
+        assert len({p["where"] for p in pairs}) == len(pairs)
+    from transformers import AutoModelForCausalLM
+
+    torch.testing.assert_close(probe_logits(load_merged(AutoModelForCausalLM, str(out / "model"))), live,
+                               rtol=0, atol=1e-5)
 
 
 def test_dpo_precomputed_reference_on_two_ranks_trains_as_without(tmp_path):

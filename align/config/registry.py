@@ -36,6 +36,35 @@ def no_checks(cfg) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Held:
+    """A model a stage holds while it runs, as the memory planner (align/plan) counts it."""
+
+    role: str  # what the stage calls it: policy, reference, critic, reward model
+    trains: bool = False  # trained: its weights follow peft=, with gradients and optimizer states
+    score_head: bool = False  # a sequence classifier (reward model, critic): no output layer over the vocabulary
+    on_cpu: bool = False  # kept in CPU memory (stage.frozen_device=cpu)
+    peft: str | None = None  # a trained model's own adapter method (ppo's critic_peft); None: peft.method
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a stage holds on each GPU besides its micro-batch: its models, and where it samples, how many sequences
+    of how many tokens at once (their KV cache)."""
+
+    models: tuple  # of Held
+    rollout_sequences: int = 0
+    rollout_tokens: int = 0
+    sampling_apart: bool = False  # sampling loads the policy whole, before training loads (iterative_dpo)
+    chunked_logits: bool = False  # the output layer runs in chunks (align's loop) instead of over the micro-batch
+    pair_rows: int = 1  # rows per example in a micro-batch (2: a preference pair, chosen and rejected together)
+    train_tokens: int | None = None  # tokens per row trained on; None: train.max_length
+
+
+def policy_only(cfg) -> Footprint:
+    return Footprint((Held("policy", trains=True),))
+
+
+@dataclass(frozen=True)
 class StageSpec:
     name: str
     schema: type  # a dataclass deriving from align.config.schema.StageConfig: the stage.* keys, defaults, checks
@@ -52,6 +81,7 @@ class StageSpec:
     default_reward: str | None = None  # what reward.kind=auto means for this stage (checker, rm, python)
     trains: bool = True  # False: measures only (eval)
     checks: Callable = no_checks  # checks(cfg) -> problems between its keys (each alone may be fine), with the fix
+    footprint: Callable = policy_only  # footprint(cfg) -> Footprint: what it holds, for `align plan`
 
     def default_lr(self, kind: str) -> float:
         if kind not in self.lr:

@@ -260,6 +260,17 @@ class PipelineConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`python -m align plan`: the GPUs the memory plan is for (and the preflight of a stage about to load)."""
+
+    gpus: int | None = keyed(None, AT_LEAST_ONE, "GPUs the run shards over; null: the visible GPUs (1 without)")
+    gpu_memory: str | None = keyed(None, help="memory of one GPU, e.g. 80GB, 80GiB, 24000MB; null: the visible "
+                                              "GPUs' (no verdict without a GPU)")
+    strict: bool = keyed(False, help="a stage whose plan does not fit the GPUs is refused before it loads "
+                                     "(false: a warning)")
+
+
+@dataclass
 class SharedConfig:
     stage: Any = MISSING
     run: RunConfig = field(default_factory=RunConfig)
@@ -273,5 +284,6 @@ class SharedConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 

@@ -24,7 +24,7 @@ CHECKPOINTS = "checkpoints"
 HISTORY = "history.jsonl"  # one line per logged step (training curves for summaries and plots)
 RESULTS_MD = "results.md"  # the eval stage's table
 # keys that do not change what a stage computes: left out of the config hash
-UNHASHED_KEYS = ("run", "logger", "pipeline")  # and a recipe's per-stage sections (one per registered stage)
+UNHASHED_KEYS = ("run", "logger", "pipeline", "plan")  # and a recipe's per-stage sections (one per registered stage)
 
 
 class HandoffError(RuntimeError):

@@ -91,6 +91,10 @@ def run(cfg: DictConfig, task_overrides: list[str], sweep_name: str | None = Non
     else:
         stage_cfgs = [recipes.strip(cfg)]
         get(stage_cfgs[0].stage.name)  # an unknown name stops here, naming the stages there are
+    if command == "plan":  # the memory plan of every stage: nothing loads, nothing is checked on disk
+        from align.plan.report import run as plan
+
+        return plan(stage_cfgs)
     for scfg in stage_cfgs:  # every stage's combination, before the first one trains
         rules.check(scfg)
     force = set(cfg.pipeline.force) | ({"all"} if cfg.run.force else set())

@@ -101,3 +101,6 @@ def check(cfg: DictConfig) -> None:
             found.append(problem)
     if found:
         raise Unsupported(f"stage={cfg.stage.name}: cannot start:\n" + "\n".join(f"  - {p}" for p in found))
+    from align.plan.report import preflight as memory_preflight
+
+    memory_preflight(cfg)  # on a GPU: warns (plan.strict: refuses) when the memory plan does not fit

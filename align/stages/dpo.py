@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from transformers import TrainerCallback
 
-from align.config.registry import StageSpec, init_parent
+from align.config.registry import Footprint, Held, StageSpec, init_parent
 from align.config.rules import fmt
 from align.config.schema import NON_NEGATIVE, POSITIVE, Check, StageConfig, keyed, one_of
 from align.data.loader import dpo_datasets
@@ -306,6 +306,14 @@ def checks(cfg) -> list[str]:
     return out
 
 
+def footprint(cfg) -> Footprint:
+    """The policy, and a frozen copy as the reference unless LoRA (adapter off), precomputed log-probs or a
+    reference-free loss leave it out; chosen and rejected in one micro-batch."""
+    free = any(n in REFERENCE_FREE for n in loss_types(cfg.stage))
+    copy = cfg.peft.method == "none" and not cfg.stage.precompute_ref_logps and not free
+    return Footprint((Held("policy", trains=True), *([Held("reference")] if copy else [])), pair_rows=2)
+
+
 SPEC = StageSpec(
-    name="dpo", schema=DPOStageConfig, run=run, parents=init_parent("sft"), checks=checks, lr={"tiny": 3e-4, "full": 5e-7, "adapter": 5e-6}, policy=True,
+    name="dpo", schema=DPOStageConfig, run=run, parents=init_parent("sft"), checks=checks, footprint=footprint, lr={"tiny": 3e-4, "full": 5e-7, "adapter": 5e-6}, policy=True,
     headline=("first_loss", "last_loss", "eval_accuracy", "eval_margin", "train_chosen_logp_change"))

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from align import envs
-from align.config.registry import StageSpec
+from align.config.registry import Footprint, Held, StageSpec
 from align.config.registry import policies as registry_policies
 from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, StageConfig, keyed
 from align.data.loader import eval_pairs, eval_prompts
@@ -277,7 +277,14 @@ def _parents(cfg) -> list[tuple[str, str | None]]:
     return specs + ([] if s.reward == "none" else [("rm", s.reward)])
 
 
+def footprint(cfg) -> Footprint:
+    """One policy at a time answering stage.batch_size prompts, and the run's reward model judging; nothing trains."""
+    s = cfg.stage
+    return Footprint((Held("policy"), Held("reward model", score_head=True)), rollout_sequences=s.batch_size,
+                     rollout_tokens=s.max_prompt_length + s.max_new_tokens, chunked_logits=True, train_tokens=0)
+
+
 SPEC = StageSpec(
-    name="eval", schema=EvalStageConfig, run=run, parents=_parents, trains=False, reads_env=True,
+    name="eval", footprint=footprint, schema=EvalStageConfig, run=run, parents=_parents, trains=False, reads_env=True,
     headline=("sft/checker_accuracy", "dpo/checker_accuracy", "ppo/checker_accuracy", "grpo/checker_accuracy",
               "dpo/win_rate", "ppo/win_rate", "grpo/win_rate", "dpo/kl", "ppo/kl", "grpo/kl", "rm_accuracy"))

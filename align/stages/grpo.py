@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from align import envs, rewards
-from align.config.registry import StageSpec
+from align.config.registry import Footprint, Held, StageSpec
 from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Check, keyed, one_of
 from align.data.loader import prompt_datasets
 from align.data.prompts import Prompt, prompt_records
@@ -552,9 +552,24 @@ def _parents(cfg) -> list[tuple[str, str | None]]:
     return [("sft", cfg.stage.init)] + rm
 
 
+def footprint(cfg) -> Footprint:
+    """The policy; a frozen reference with full weights and stage.beta > 0; a reward model when the reward group
+    uses one; rollouts of rollout_batch_size x group_size answers (an episode's tokens with env=python)."""
+    s = cfg.stage
+    cpu = s.frozen_device == "cpu"
+    ref = cfg.peft.method == "none" and s.beta > 0
+    rm = "rm" in rewards.components_of(cfg.reward, default_reward(cfg))
+    answer = s.max_episode_tokens if envs.selected(cfg) else s.max_new_tokens
+    models = (Held("policy", trains=True), *([Held("reference", on_cpu=cpu)] if ref else []),
+              *([Held("reward model", score_head=True, on_cpu=cpu)] if rm else []))
+    return Footprint(models, rollout_sequences=s.rollout_batch_size * s.group_size,
+                     rollout_tokens=s.max_prompt_length + answer, chunked_logits=True,
+                     train_tokens=s.max_prompt_length + answer)
+
+
 # learning rates: chosen on the task zoo over seeds (docs/quality.md)
 SPEC = StageSpec(
-    name="grpo", schema=GRPOStageConfig, run=run, parents=_parents, checks=checks, default_reward=DEFAULT_REWARD,
+    name="grpo", footprint=footprint, schema=GRPOStageConfig, run=run, parents=_parents, checks=checks, default_reward=DEFAULT_REWARD,
     lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reads_reward=True, reads_rollout=True,
     reads_env=True,
     headline=("first_reward/total_mean", "reward/total_mean", "eval_checker_accuracy_before",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from align.config.registry import StageSpec, init_parent
+from align.config.registry import Footprint, Held, StageSpec, init_parent
 from align.config.schema import POSITIVE, StageConfig, keyed, one_of
 from align.data.loader import feedback_datasets
 from align.models.loading import cast_trainable, load_tokenizer, resolve_name, set_use_cache
@@ -139,7 +139,13 @@ def checks(cfg) -> list[str]:
     return []
 
 
+def footprint(cfg) -> Footprint:
+    """The policy and, with full weights, a frozen reference; each row's answer and its KL row's mismatched one."""
+    copy = cfg.peft.method == "none"
+    return Footprint((Held("policy", trains=True), *([Held("reference")] if copy else [])), pair_rows=2)
+
+
 SPEC = StageSpec(
-    name="kto", schema=KTOStageConfig, run=run, parents=init_parent("sft"), checks=checks,
+    name="kto", schema=KTOStageConfig, run=run, parents=init_parent("sft"), checks=checks, footprint=footprint,
     lr={"tiny": 3e-4, "full": 5e-7, "adapter": 5e-6}, policy=True,
     headline=("first_loss", "last_loss", "eval_margin", "eval_kl", "desirable_weight", "undesirable_weight"))

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from align import envs, rewards
-from align.config.registry import StageSpec
+from align.config.registry import Footprint, Held, StageSpec
 from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, keyed, one_of
 from align.data.loader import prompt_datasets
 from align.data.prompts import prompt_records
@@ -351,8 +351,21 @@ def _parents(cfg) -> list[tuple[str, str | None]]:
     return [("sft", s.actor or s.init), ("rm", s.reward or cfg.reward.model)] + ([("rm", s.critic)] if s.critic else [])
 
 
+def footprint(cfg) -> Footprint:
+    """Actor and critic train; the reference (full weights only: with LoRA the actor with its adapter off) and the
+    reward model are frozen, in CPU memory with stage.frozen_device=cpu; rollouts of rollout_batch_size answers."""
+    s = cfg.stage
+    cpu = s.frozen_device == "cpu"
+    critic = s.critic_peft if s.critic_peft != "auto" else ("lora" if cfg.peft.method != "none" else "none")
+    models = (Held("actor", trains=True), Held("critic", trains=True, score_head=True, peft=critic),
+              *([Held("reference", on_cpu=cpu)] if cfg.peft.method == "none" else []),
+              Held("reward model", score_head=True, on_cpu=cpu))
+    return Footprint(models, rollout_sequences=s.rollout_batch_size, rollout_tokens=s.max_prompt_length +
+                     s.max_new_tokens, chunked_logits=True, train_tokens=s.max_prompt_length + s.max_new_tokens)
+
+
 SPEC = StageSpec(
-    name="ppo", schema=PPOStageConfig, run=run, parents=_parents, checks=checks, default_reward=DEFAULT_REWARD,
+    name="ppo", footprint=footprint, schema=PPOStageConfig, run=run, parents=_parents, checks=checks, default_reward=DEFAULT_REWARD,
     lr={"tiny": 1e-4, "full": 1e-6, "adapter": 1e-5}, policy=True, reads_reward=True, reads_rollout=True,
     headline=("first_reward/score_mean", "reward/score_mean", "objective/kl", "eval_reward_mean_before",
               "eval_reward_mean", "eval_checker_accuracy_before", "eval_checker_accuracy"))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from align.config.registry import StageSpec, init_parent
+from align.config.registry import Footprint, Held, StageSpec, init_parent
 from align.config.schema import NON_NEGATIVE, StageConfig, keyed
 from align.data.chat import scoring_pad_id
 from align.data.loader import preference_datasets
@@ -129,6 +129,11 @@ def pair_metrics(model, dataset, pad_token_id: int, split: str) -> dict:
     }
 
 
+def footprint(cfg) -> Footprint:
+    """A sequence classifier trains on pairs (chosen and rejected in one micro-batch)."""
+    return Footprint((Held("reward model", trains=True, score_head=True),), pair_rows=2)
+
+
 SPEC = StageSpec(
-    name="rm", schema=RMStageConfig, run=run, parents=init_parent("sft"), lr={"tiny": 1e-3, "full": 1e-5, "adapter": 1e-4},
+    name="rm", schema=RMStageConfig, run=run, parents=init_parent("sft"), footprint=footprint, lr={"tiny": 1e-3, "full": 1e-5, "adapter": 1e-4},
     headline=("first_loss", "last_loss", "eval_accuracy", "eval_margin"))

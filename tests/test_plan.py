@@ -1,0 +1,128 @@
+"""`python -m align plan`: shapes counted exactly (formula = transformers on the meta device), model states equal to
+DeepSpeed's own estimators to the byte, a 2-layer model under ZeRO-3 on 4 GPUs with LoRA by hand, the command on a
+7B recipe with no model on disk, the overrides that make a stage fit, and the preflight's warning and refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose, run_cli
+
+TWO_LAYERS = {"model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 32, "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-7B-Instruct", "meta-llama/Llama-3.1-8B", "google/gemma-2-2b-it",
+                                  "mistralai/Mistral-7B-Instruct-v0.3", "Qwen/Qwen2.5-0.5B-Instruct"])
+def test_the_formula_counts_what_transformers_builds(name):
+    from align.plan.shapes import config_dict, formula_shape, meta_shape
+
+    small = {**config_dict(name), "num_hidden_layers": 2, "vocab_size": 1000}
+    f, m = formula_shape(name, small), meta_shape(name, small)
+    assert (f.params, f.layer_params, f.linear_params, f.lora_dims) == (m.params, m.layer_params, m.linear_params,
+                                                                         m.lora_dims)
+
+
+def test_shipped_shapes_have_their_published_sizes():
+    from align.plan.shapes import shape_of
+
+    sizes = {name: shape_of(name).params for name in ("Qwen/Qwen2.5-7B-Instruct", "meta-llama/Llama-3.1-8B",
+                                                      "meta-llama/Llama-2-70b-hf", "google/gemma-2-2b-it")}
+    assert sizes == {"Qwen/Qwen2.5-7B-Instruct": 7_615_616_512, "meta-llama/Llama-3.1-8B": 8_030_261_248,
+                     "meta-llama/Llama-2-70b-hf": 68_976_648_192, "google/gemma-2-2b-it": 2_614_341_888}
+
+
+@pytest.mark.parametrize("zero,offload_optimizer,offload_param", [(2, False, False), (2, True, False),
+                                                                  (3, False, False), (3, True, False),
+                                                                  (3, True, True)])
+@pytest.mark.parametrize("gpus", [1, 8])
+def test_full_fine_tuning_model_states_equal_deepspeeds_estimators(zero, offload_optimizer, offload_param, gpus):
+    from align.plan import memory
+    from align.plan.shapes import shape_of
+
+    for name in ("Qwen/Qwen2.5-7B-Instruct", "meta-llama/Llama-2-70b-hf"):
+        s = shape_of(name)
+        ours = memory.weight_bytes(2 * s.params, s.largest_layer_params, zero, gpus, offload_param) + \
+            memory.trained_states(s.params, zero, gpus, offload_optimizer, 2)
+        assert int(ours) == memory.deepspeed_model_states(s, zero, gpus, offload_optimizer, offload_param)
+
+
+def test_a_two_layer_model_under_zero3_on_four_gpus_with_lora_by_hand(tmp_path):
+    from align.plan.shapes import shape_of
+    from align.plan.stage_plan import plan_stage
+
+    (tmp_path / "config.json").write_text(json.dumps(TWO_LAYERS))
+    s = shape_of(str(tmp_path))
+    # per layer: q, k, v, o 8x8 = 64 each, gate/up 8x16, down 16x8 = 128 each, two norms of 8: 656
+    assert (s.layer_params, s.params) == (656, 2 * 32 * 8 + 2 * 656 + 8)  # embeddings, lm_head, layers, final norm
+    assert s.lora_params(2) == 2 * (4 * 2 * 16 + 3 * 2 * 24)  # r (in + out) per linear: 544
+    cfg = compose("stage=sft", f"model.name_or_path={tmp_path}", "peft=lora", "peft.r=2", "deepspeed=zero3",
+                  "model.dtype=bf16", "train.batch_size=2", "train.max_length=4")
+    rows = dict(plan_stage(cfg, s, gpus=4, gpu_memory=None).rows)
+    assert rows["policy weights"] == 4 * 656 + 2 * 1832 / 4  # the largest layer gathered, the rest sharded
+    assert rows["policy LoRA adapter (fp32) + gradients + optimizer"] == 544 * 4 + 16 * 544 / 4
+    # 8 tokens; per token and layer 4h + 3ad + 3kvd + 4i = 32 + 24 + 24 + 64 = 144 values of 2 bytes
+    assert rows["activations (2 x 4 tokens, no checkpointing)"] == 2 * 144 * 8 * 2
+    assert rows["logits (whole micro-batch, fp32)"] == 3 * 4 * 8 * 32
+    checkpointed = compose("stage=sft", f"model.name_or_path={tmp_path}", "peft=lora", "peft.r=2", "deepspeed=zero3",
+                           "model.dtype=bf16", "train.batch_size=2", "train.max_length=4",
+                           "model.gradient_checkpointing=true")
+    rows = dict(plan_stage(checkpointed, s, gpus=4, gpu_memory=None).rows)
+    assert rows["activations (2 x 4 tokens, activation checkpointing)"] == 2 * 8 * 8 * 2 + 144 * 8 * 2
+
+
+def test_plan_of_a_7b_ppo_recipe_on_eight_gpus_with_no_model_on_disk(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = run_cli(["plan", "recipe=rlhf_ppo", "model=qwen2_5_7b", "deepspeed=zero3", "peft=lora", "plan.gpus=8",
+                    "plan.gpu_memory=80GB"], monkeypatch)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "7.62B parameters" in out and "8 GPU(s) of 80.0 GB" in out
+    for stage in ("sft", "rm", "ppo"):
+        assert f"{stage}: peak" in out and "fits" in out
+    assert "rollout KV cache (64 x 768 tokens)" in out and "critic LoRA adapter" in out
+
+
+def test_a_stage_that_does_not_fit_gets_the_overrides_that_make_it_fit():
+    from align.plan.report import fitting
+    from align.plan.shapes import shape_of
+    from align.plan.stage_plan import plan_stage
+
+    cfg = compose("stage=sft", "model=qwen2_5_7b", "data=custom", "model.dtype=bf16")
+    s = shape_of(cfg.model.name_or_path)
+    assert plan_stage(cfg, s, 1, 24e9).verdict == "does not fit"
+    found = fitting(cfg, s, 1, 24e9)
+    assert found and all(p.verdict == "fits" and p.peak <= 0.9 * 24e9 for _, p in found)
+    assert "peft=lora" in found[0][0] or "peft=qlora" in found[0][0]  # cheaper than offloading everything
+    assert plan_stage(cfg, s, 8, 80e9).verdict == "does not fit"  # full weights without ZeRO: 8 bytes a parameter and the logits
+
+
+def test_preflight_warns_and_with_strict_refuses_before_loading(monkeypatch, caplog):
+    from align.config.rules import Unsupported
+    from align.plan import report
+
+    monkeypatch.setattr(report, "gpus_and_memory", lambda cfg: (1, 24e9))
+    cfg = compose("stage=sft", "model=qwen2_5_7b", "data=custom", "model.dtype=bf16")
+    with caplog.at_level("WARNING", logger="align"):
+        report.preflight(cfg)
+    assert "more than the 24.0 GB there is" in caplog.text and "peft=" in caplog.text
+    with pytest.raises(Unsupported, match="Nothing was loaded"):
+        report.preflight(compose("stage=sft", "model=qwen2_5_7b", "data=custom", "model.dtype=bf16",
+                                 "plan.strict=true"))
+    caplog.clear()
+    report.preflight(compose("stage=sft"))  # the tiny model fits: nothing said
+    assert not caplog.text
+
+
+def test_memory_sizes_and_an_unknown_model_are_read_or_refused_with_the_fix(tmp_path):
+    from align.plan.report import PlanError, parse_memory
+    from align.plan.shapes import ShapeUnknown, shape_of
+
+    assert parse_memory("80GB") == 80e9 and parse_memory("80GiB") == 80 * 2**30 and parse_memory("24000MB") == 24e9
+    assert parse_memory(40) == 40e9 and parse_memory(None) is None
+    with pytest.raises(PlanError, match="80GB"):
+        parse_memory("eighty")
+    with pytest.raises(ShapeUnknown, match="local folder with its config.json"):
+        shape_of(str(tmp_path / "nowhere"))
