@@ -63,14 +63,17 @@ def test_a_two_layer_model_under_zero3_on_four_gpus_with_lora_by_hand(tmp_path):
     rows = dict(plan_stage(cfg, s, gpus=4, gpu_memory=None).rows)
     assert rows["policy weights"] == 4 * 656 + 2 * 1832 / 4  # the largest layer gathered, the rest sharded
     assert rows["policy LoRA adapter (fp32) + gradients + optimizer"] == 544 * 4 + 16 * 544 / 4
-    # 8 tokens; per token and layer 4h + 3ad + 3kvd + 4i = 32 + 24 + 24 + 64 = 144 values of 2 bytes
-    assert rows["activations (2 x 4 tokens, no checkpointing)"] == 2 * 144 * 8 * 2
+    # 8 tokens; per token and layer 4h + 3ad + 3kvd + 4i = 32 + 24 + 24 + 64 = 144 values of 2 bytes, and LoRA's:
+    # 7 adapters' A outputs (r = 2 values of 2 bytes each) and, with dropout, their inputs (6 x 8 + 16 = 64 values)
+    # dropped out (2 bytes) with their masks (1 byte)
+    lora = 8 * (7 * 2 * 2 + 64 * 3)
+    assert rows["activations (2 x 4 tokens, no checkpointing)"] == 2 * (144 * 8 * 2 + lora)
     assert rows["logits (whole micro-batch, fp32)"] == 3 * 4 * 8 * 32
     checkpointed = compose("stage=sft", f"model.name_or_path={tmp_path}", "peft=lora", "peft.r=2", "deepspeed=zero3",
                            "model.dtype=bf16", "train.batch_size=2", "train.max_length=4",
                            "model.gradient_checkpointing=true")
     rows = dict(plan_stage(checkpointed, s, gpus=4, gpu_memory=None).rows)
-    assert rows["activations (2 x 4 tokens, activation checkpointing)"] == 2 * 8 * 8 * 2 + 144 * 8 * 2
+    assert rows["activations (2 x 4 tokens, activation checkpointing)"] == 2 * 8 * 8 * 2 + 144 * 8 * 2 + lora
 
 
 def test_plan_of_a_7b_ppo_recipe_on_eight_gpus_with_no_model_on_disk(monkeypatch, capsys):

@@ -14,8 +14,9 @@ with double quantization 8-bit constants and an fp32 one per 256 blocks).
 
 Activations: what a decoder layer keeps for the backward pass with fused attention (SDPA/flash: no [s, s] matrix),
 per token: its two RMSNorm inputs and outputs (4 h), q, k, v before and after RoPE and the attention output
-(3 a d + 3 kv d), the MLP's gate, up, act(gate) and their product (4 i); with activation checkpointing each layer
-keeps only its input (h) and one layer at a time is recomputed. The output layer runs in chunks of 2**24 logits
+(3 a d + 3 kv d), the MLP's gate, up, act(gate) and their product (4 i), and under LoRA each adapter's A output and
+(with dropout) its dropped-out input and mask; with activation checkpointing each layer keeps only its input (h)
+and one layer at a time is recomputed. The output layer runs in chunks of 2**24 logits
 (align/rl/logprobs.py) or, in TRL's trainers, over the whole micro-batch.
 """
 
@@ -63,10 +64,17 @@ def weight_bytes(params: float, largest_layer: int, zero: int, gpus: int, offloa
     return params
 
 
-def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, compute_bytes: int) -> float:
-    """What the backward pass keeps of one micro-batch of `tokens` tokens (batch x length)."""
+def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, compute_bytes: int, lora_r: int = 0,
+                     lora_dropout: bool = False) -> float:
+    """What the backward pass keeps of one micro-batch of `tokens` tokens (batch x length). With LoRA adapters
+    (`lora_r`) each adapted linear layer also keeps its A projection's output (r values), and with LoRA dropout the
+    dropped-out copy of its input and the dropout mask (a byte a value)."""
     h, a, d, kv, i = shape.hidden, shape.heads, shape.head_dim, shape.kv_heads, shape.intermediate
     per_layer = (4 * h + 3 * a * d + 3 * kv * d + 4 * i) * tokens * compute_bytes
+    if lora_r:
+        inputs = sum(n for n, _ in shape.lora_dims)
+        per_layer += len(shape.lora_dims) * lora_r * tokens * compute_bytes
+        per_layer += inputs * tokens * (compute_bytes + 1) if lora_dropout else 0
     if checkpointing:
         return shape.layers * h * tokens * compute_bytes + per_layer
     return shape.layers * per_layer

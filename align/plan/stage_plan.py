@@ -80,7 +80,9 @@ def plan_stage(cfg, shape: Shape, gpus: int, gpu_memory: float | None) -> StageP
     tokens = t.batch_size * fp.pair_rows * length
     train = 0.0
     if trains and tokens:
-        act = memory.activation_bytes(shape, tokens, cfg.model.gradient_checkpointing, b)
+        adapted = any(h.trains and (h.peft or cfg.peft.method) != "none" for h in fp.models)
+        act = memory.activation_bytes(shape, tokens, cfg.model.gradient_checkpointing, b,
+                                      lora_r=cfg.peft.r if adapted else 0, lora_dropout=cfg.peft.dropout > 0)
         logits = memory.logits_bytes(shape, tokens, fp.chunked_logits) if vocab_head else 0.0
         ckpt = "activation checkpointing" if cfg.model.gradient_checkpointing else "no checkpointing"
         rows = f"{t.batch_size} x {fp.pair_rows}" if fp.pair_rows > 1 else f"{t.batch_size}"
