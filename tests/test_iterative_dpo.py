@@ -92,6 +92,10 @@ def test_two_rounds_write_judged_pairs_and_chain_their_adapters(lora_rounds):
             assert p["chosen_score"] == 1.0 == demo(p["prompt"], p["chosen"], None)
             assert p["rejected_score"] == 0.0 == demo(p["prompt"], p["rejected"], None)
     assert not {p["where"] for p in rounds[0]} & {p["where"] for p in rounds[1]}  # fresh prompts each round
+    logged = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    losses = [(h["round"], h["round_step"], h["step"]) for h in logged if "loss" in h]
+    assert [s for _, _, s in losses] == list(range(1, 17))  # 8 steps a round, one axis across both rounds
+    assert losses[8] == (2, 1, 9)
     # the output's adapter sits on round 1's, which sits on the SFT's
     round_1 = Path(adapter_base(out / "model"))
     assert round_1.parent.parent.parent == out / "rounds" and round_1.name == "model"

@@ -150,7 +150,9 @@ def run(cfg: DictConfig) -> StageResult:
                    "sampled_reward_mean": judged.reward_mean, "tied_prompts": judged.tied,
                    **{k: trained[k] for k in ("first_loss", "last_loss", "global_step") if k in trained}}
         done.warnings.extend({"round": r, **w} for w in watch.warnings)
-        history = [{"round": r, **h} for h in trainer.state.log_history]
+        offset = sum(x.get("global_step", 0) for x in done.summaries)  # one step axis across rounds (plots)
+        history = [{**h, "round": r, "round_step": h.get("step"), "step": offset + h.get("step", 0)}
+                   for h in trainer.state.log_history]
         source = _save_round(trainer, tokenizer, folder, source, {**summary, "metrics": trained}, history)
         done.add(folder)
         done.model = trainer.model
