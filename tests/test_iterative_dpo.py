@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import compose
+from test_kto import pair_margins
 
 SMALL = ("stage.rounds=2", "stage.prompts_per_round=96", "stage.samples_per_prompt=4", "train.batch_size=16",
          "train.max_steps=8", "train.logging_steps=1", "train.save_steps=2", "stage.temperature=0.7")
@@ -58,18 +59,6 @@ def runs_on(parent: Path, runs: Path) -> Path:
 def lora_rounds(sft_parent, tmp_path_factory):
     runs = runs_on(sft_parent, tmp_path_factory.mktemp("idpo") / "runs")
     return runs, run_stage("iterative_dpo", runs, "peft=lora", "train.lr=3e-3", *SMALL)
-
-
-def pair_margins(model, pairs: list[dict]) -> torch.Tensor:
-    """log pi(chosen) - log pi(rejected), summed over each answer, of each pair."""
-    def logp(prompt, answer):
-        ids = torch.tensor([prompt + answer])
-        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-        return logps[len(prompt) - 1:].gather(-1, ids[0, len(prompt):, None]).sum()
-
-    with torch.no_grad():
-        return torch.stack([logp(p["prompt_ids"], p["chosen_ids"]) - logp(p["prompt_ids"], p["rejected_ids"])
-                            for p in pairs])
 
 
 def read_pairs(path: Path) -> list[dict]:

@@ -67,7 +67,8 @@ def fixes(cfg) -> list[Fix]:
         out.append(Fix("deepspeed=zero3", "weights, gradients and optimizer states sharded (more communication)",
                        _set(**{"deepspeed.zero_stage": 3}), 2))
     if cfg.peft.method == "none":
-        out.append(Fix("peft=lora", "trains a LoRA adapter instead of every weight", _set(**{"peft.method": "lora"}), 3))
+        out.append(Fix("peft=lora", "trains a LoRA adapter instead of every weight",
+                       _set(**{"peft.method": "lora"}), 3))
     if cfg.peft.method != "qlora":
         out.append(Fix("peft=qlora", "a 4-bit base under a LoRA adapter", _set(**{"peft.method": "qlora"}), 4))
     if d.offload_optimizer != "cpu":

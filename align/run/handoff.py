@@ -147,7 +147,8 @@ def find_parent(cfg: DictConfig, parent_stage: str, override: str | None = None)
     return None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """`text` in `path`, whole or not at all (written beside it, synced, renamed over it)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -189,12 +190,12 @@ def commit(out: Path, staged_model: Path | None, cfg: DictConfig, record: dict,
     for name, staged in (extra_dirs or {}).items():
         _swap_in(out, name, staged)
     for name, text in (extra_files or {}).items():
-        _atomic_write_text(out / name, text)
-    _atomic_write_text(out / CONFIG_YAML, OmegaConf.to_yaml(cfg, resolve=True))
-    _atomic_write_text(out / HISTORY, "".join(json.dumps(h, default=str) + "\n" for h in history or []))
+        atomic_write_text(out / name, text)
+    atomic_write_text(out / CONFIG_YAML, OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(out / HISTORY, "".join(json.dumps(h, default=str) + "\n" for h in history or []))
     # output_id: new on every commit, so a child can tell that its parent was re-trained (the cache)
     record = {**record, "output_id": uuid.uuid4().hex, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _atomic_write_text(out / STAGE_JSON, json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_text(out / STAGE_JSON, json.dumps(record, indent=2, default=str) + "\n")
     return record
 
 

@@ -107,8 +107,6 @@ def resolved_beta(stage_cfg, names: list[str]) -> float:
 
 
 def run(cfg: DictConfig) -> StageResult:
-    from trl import DPOConfig
-
     names = loss_types(cfg.stage)
     free = any(n in REFERENCE_FREE for n in names)
     beta = resolved_beta(cfg.stage, names)
@@ -123,18 +121,7 @@ def run(cfg: DictConfig) -> StageResult:
     stage.prepare_checkpoints()
     if cfg.stage.precompute_ref_logps and not free:  # TRL caches the reference log-probs next to the data
         train_ds, eval_ds = stage.shared_datasets(train_ds, eval_ds)
-    args = DPOConfig(
-        **training_arguments(cfg, stage, eval_ds is not None),
-        max_length=length,
-        beta=beta,
-        loss_type=names,
-        loss_weights=list(cfg.stage.loss_weights) if cfg.stage.loss_weights is not None else None,
-        label_smoothing=cfg.stage.label_smoothing,
-        precompute_ref_log_probs=cfg.stage.precompute_ref_logps or free,  # with none: TRL builds no reference
-        prediction_loss_only=True,  # evaluation needs the loss and the logged statistics, not the logits
-        disable_dropout=True,
-        dataset_num_proc=None,
-    )
+    args = trainer_arguments(cfg, stage, names, length, has_eval=eval_ds is not None)
     model, ref_model, peft_config = policy_and_reference(cfg, source, reference=not free)
 
     stage.start_logging()
@@ -157,6 +144,26 @@ def run(cfg: DictConfig) -> StageResult:
     set_use_cache(trainer.model, True)
     return save_and_commit(stage, trainer, tokenizer, parent, metrics,
                            warnings=watch.warnings)
+
+
+def trainer_arguments(cfg, stage: StageRun, names: list[str], length: int, has_eval: bool):
+    """TRL's DPOConfig for these losses: beta resolved per loss, and with a reference-free loss TRL told that the
+    reference log-probs are precomputed (so it builds no reference)."""
+    from trl import DPOConfig
+
+    free = any(n in REFERENCE_FREE for n in names)
+    return DPOConfig(
+        **training_arguments(cfg, stage, has_eval),
+        max_length=length,
+        beta=resolved_beta(cfg.stage, names),
+        loss_type=names,
+        loss_weights=list(cfg.stage.loss_weights) if cfg.stage.loss_weights is not None else None,
+        label_smoothing=cfg.stage.label_smoothing,
+        precompute_ref_log_probs=cfg.stage.precompute_ref_logps or free,  # with none: TRL builds no reference
+        prediction_loss_only=True,  # evaluation needs the loss and the logged statistics, not the logits
+        disable_dropout=True,
+        dataset_num_proc=None,
+    )
 
 
 def build_trainer(reference_free: bool, simpo_gamma: float, **kwargs):

@@ -58,7 +58,6 @@ from align.stages.common import (
     print_summary,
     start_from,
     trainer_metrics,
-    training_arguments,
 )
 
 log = logging.getLogger("align")
@@ -223,9 +222,9 @@ def _pairs_of_round(cfg, folder: Path, r: int, source: str, prompts: list[Prompt
                         sum(p.tied for p in parts))
         if tracking.is_main_process():
             folder.mkdir(parents=True, exist_ok=True)
-            _write_atomic(path, "".join(json.dumps(p) + "\n" for p in pairs))
-            _write_atomic(folder / "judge.json", json.dumps({"answers": answers, "reward_mean": judged.reward_mean,
-                                                             "tied": judged.tied}))
+            handoff.atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in pairs))
+            judge_record = {"answers": answers, "reward_mean": judged.reward_mean, "tied": judged.tied}
+            handoff.atomic_write_text(folder / "judge.json", json.dumps(judge_record))
         distributed.barrier()
         log.info("round %d: %d pairs from %d prompts x %d answers (sampled reward %.3f; %d prompts tied)", r,
                  len(pairs), len(prompts), cfg.stage.samples_per_prompt, judged.reward_mean, judged.tied)
@@ -244,12 +243,6 @@ def _gather(mine: Judged) -> list[Judged]:
     out = [None] * distributed.world_size()
     dist.all_gather_object(out, mine)
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _sample_and_judge(cfg, source: str, prompts: list[Prompt], tokenizer, judge, rm_parent) -> Judged:
@@ -325,30 +318,24 @@ def _train_round(cfg, stage: StageRun, r: int, source: str, pairs: list[dict], t
     """DPO on the round's pairs from `source` (the reference: `source` as it is), resumed from this round's last
     checkpoint when an interrupted run left one. Returns (trainer, train result, displacement watch)."""
     from datasets import Dataset
-    from trl import DPOConfig
 
     if not pairs:
-        raise rewards.RewardError(f"iterative_dpo round {r}: no pairs: every prompt's {cfg.stage.samples_per_prompt} answers "
-                         "scored the same. Sample more answers per prompt (stage.samples_per_prompt), raise "
-                         "stage.temperature, or check the reward (reward=...) on a few answers")
+        raise rewards.RewardError(f"iterative_dpo round {r}: no pairs: every prompt's {cfg.stage.samples_per_prompt} "
+                                  "answers scored the same. Sample more answers per prompt (stage.samples_per_prompt), "
+                                  "raise stage.temperature, or check the reward (reward=...) on a few answers")
     free = any(n in REFERENCE_FREE for n in names)
     _checkpoints_for_round(stage, r)
     length = max_length(cfg, tokenizer)
     rows = Dataset.from_list([_cut(p, length) for p in pairs])
     if cfg.stage.precompute_ref_logps and not free:
         (rows,) = stage.shared_datasets(rows)
-    beta = dpo.resolved_beta(cfg.stage, names)
-    args = DPOConfig(**training_arguments(cfg, stage, False), max_length=length, beta=beta, loss_type=names,
-                     loss_weights=list(cfg.stage.loss_weights) if cfg.stage.loss_weights is not None else None,
-                     label_smoothing=cfg.stage.label_smoothing,
-                     precompute_ref_log_probs=cfg.stage.precompute_ref_logps or free, prediction_loss_only=True,
-                     disable_dropout=True, dataset_num_proc=None)
+    args = dpo.trainer_arguments(cfg, stage, names, length, has_eval=False)
     model, ref_model, peft_config = policy_and_reference(cfg, source, reference=not free)
     trainer = dpo.build_trainer(free, cfg.stage.simpo_gamma, model=model, ref_model=ref_model, args=args,
                                 train_dataset=rows, processing_class=tokenizer, peft_config=peft_config)
     if cfg.peft.method == "qlora":
         cast_trainable(trainer.model)
-    watch = dpo.DisplacementWatch(beta, cfg.stage.displacement_bound, reference=not free)
+    watch = dpo.DisplacementWatch(args.beta, cfg.stage.displacement_bound, reference=not free)
     trainer.add_callback(watch)
     log.info("round %d: DPO on %d pairs from %s", r, len(rows), source)
     return trainer, stage.train(trainer), watch
@@ -388,8 +375,8 @@ def _save_round(trainer, tokenizer, folder: Path, source: str, record: dict, his
     if trainer.is_world_process_zero():
         (staged / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(staged)
-        _write_atomic(folder / handoff.HISTORY, "".join(json.dumps(h, default=str) + "\n" for h in history))
-        _write_atomic(folder / "round.json", json.dumps(record))
+        handoff.atomic_write_text(folder / handoff.HISTORY, "".join(json.dumps(h, default=str) + "\n" for h in history))
+        handoff.atomic_write_text(folder / "round.json", json.dumps(record))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staged, final)
     distributed.barrier()
@@ -433,7 +420,8 @@ def _tidy(work: Path, keep_models: bool) -> None:
 
 
 def checks(cfg) -> list[str]:
-    """dpo's rules between keys, and: the sampler is transformers' generate (rollout.engine=vllm is ppo's and grpo's)."""
+    """dpo's rules between keys, and: the sampler is transformers' generate (rollout.engine=vllm is ppo's and
+    grpo's)."""
     out = dpo.checks(cfg)
     if "rollout" in cfg and cfg.rollout.engine == "vllm":
         out.append("rollout.engine=vllm: iterative_dpo samples with transformers' generate; set rollout.engine=hf "
