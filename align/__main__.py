@@ -152,9 +152,7 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    import datasets
-
-    datasets.disable_progress_bars()  # the training bar is the one that matters
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # the training bar is the one that matters
     logging.getLogger("alembic").setLevel(logging.WARNING)  # the Optuna sweeper's storage logs every plugin it loads
 
 

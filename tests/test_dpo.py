@@ -149,7 +149,7 @@ def test_ipo_trains(tmp_path):
 
 
 def test_displacement_rule_by_hand():
-    from align.stages.dpo import displacement
+    from align.stages.displacement import displacement
 
     # chosen log-prob 2.5 nats below the reference while the margin grew from 0 to 1.2: warned
     assert "2.50 nats below" in displacement([0.0, -1.0, -2.5], [0.0, 0.5, 1.2], bound=2.0)

@@ -142,7 +142,7 @@ def test_without_a_reference_the_guard_compares_the_last_logged_steps_with_the_f
     batches at the end against the first 10 (one batch differs from the next by a nat or two)."""
     from types import SimpleNamespace
 
-    from align.stages.dpo import DisplacementWatch
+    from align.stages.displacement import DisplacementWatch
 
     state = SimpleNamespace(global_step=0, is_world_process_zero=True)
     watch = DisplacementWatch(2.0, 2.0, reference=False)

@@ -335,7 +335,9 @@ def _train_round(cfg, stage: StageRun, r: int, source: str, pairs: list[dict], t
                                 train_dataset=rows, processing_class=tokenizer, peft_config=peft_config)
     if cfg.peft.method == "qlora":
         cast_trainable(trainer.model)
-    watch = dpo.DisplacementWatch(args.beta, cfg.stage.displacement_bound, reference=not free)
+    from align.stages.displacement import DisplacementWatch
+
+    watch = DisplacementWatch(args.beta, cfg.stage.displacement_bound, reference=not free)
     trainer.add_callback(watch)
     log.info("round %d: DPO on %d pairs from %s", r, len(rows), source)
     return trainer, stage.train(trainer), watch
