@@ -18,18 +18,40 @@ COMMANDS = ("export", "plan")  # `python -m align export stage=rm run.name=x`, `
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(=(\d+))?$")
 
 
+GYM = "gym:"
+
+
+def gym_arguments(args: list[str]) -> list[str]:
+    """`data=gym:<task>` is `data=gym data.train=gym:<task>` (reasoning-gym has about 100 tasks: one group serves
+    them all), and a task option `data.gym.<key>=v` is added to the empty dict (`++`: Hydra wants `+` for a key
+    the config does not have yet)."""
+    out = []
+    for a in args:
+        key, _, value = a.partition("=")
+        if key == "data" and value.startswith(GYM):
+            out += ["data=gym", f"data.train={value}"]
+        elif (key.startswith("data.gym.") or ".data.gym." in key) and not key.startswith(("+", "~")):
+            out.append("++" + a)
+        else:
+            out.append(a)
+    return out
+
+
 def implicit_data_group(args: list[str]) -> list[str]:
     """`data.train=mine.jsonl` (or a recipe's `sft.data.train=...`) without a `data=` group selects
     `data=custom`: the demo group's training settings (64 tokens, batch 16, 3 epochs) are for the demo's
     data and the tiny model, and must not cut a user's conversations to 64 tokens without a word."""
+    args = gym_arguments(args)
     if any(a.lstrip("+~").startswith("data=") for a in args):
         return args
     for a in args:
         key, _, value = a.lstrip("+~").partition("=")
         if key == "data.train" and value.startswith("task:"):  # a zoo task: its own group (sizes, checker)
             return [f"data=task/{value[len('task:'):]}", *args]
+        if key == "data.train" and value.startswith(GYM):  # a reasoning-gym task: the gym group
+            return ["data=gym", *args]
         if (key == "data.train" or key.endswith(".data.train")) and value not in ("", "demo") \
-                and not value.startswith("task:"):
+                and not value.startswith(("task:", GYM)):
             return ["data=custom", *args]
     return args
 

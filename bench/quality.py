@@ -26,6 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import env  # noqa: E402
 
 TASKS = ["demo", "sort", "json", "recall", "arith"]
+# reasoning-gym tasks (align/tasks/gym.py) with options the tiny model can learn; the name is gym_<task>
+GYM_TASKS = {
+    "gym_chain_sum": ["data=gym:chain_sum", "data.gym.max_terms=2", "data.gym.max_digits=2"],
+    "gym_basic_arithmetic": ["data=gym:basic_arithmetic", "data.gym.max_terms=3", "data.gym.max_digits=1",
+                             "data.gym.operators=[+,-]", "data.gym.allow_parentheses=false",
+                             "data.gym.allow_negation=false"],
+    "gym_spell_backward": ["data=gym:spell_backward", "data.gym.min_word_len=7", "data.gym.max_word_len=10"],
+    "gym_letter_counting": ["data=gym:letter_counting", "data.gym.min_words=1", "data.gym.max_words=2"],
+    "gym_lcm": ["data=gym:lcm", "data.gym.max_value=30"],
+}
 # method: (stages after sft, overrides). The budget: DPO its data group's 3 epochs over the pairs; PPO 100
 # steps of 64 prompts (6,400 answers); GRPO/RLOO 800 steps of 8 prompts x 8 answers (51,200 answers). The
 # variants beside the defaults: DPO's plain sigmoid loss, GRPO sampling at temperature 0.7 (the demo recipe's),
@@ -61,7 +71,7 @@ RECIPE = "pipeline: {name: quality, stages: [sft, eval]}\neval: {reward: none}\n
 def run(root: Path, task: str, seed: int, method: str, extra: tuple = ()) -> dict | None:
     stages, overrides = METHODS[method]
     name = f"{task}-s{seed}-{method}"
-    data = [] if task == "demo" else [f"data=task/{task}"]
+    data = [] if task == "demo" else GYM_TASKS[task] if task in GYM_TASKS else [f"data=task/{task}"]
     cmd = [sys.executable, "-m", "align", "recipe=quality", *data, f"train.seed={seed}", f"run.root={root}",
            f"run.name={name}", f"pipeline.stages=[sft,{','.join(stages)},eval]", "pipeline.summary=false",
            *overrides, *extra]
@@ -149,9 +159,9 @@ def main() -> None:
                     help="appended to every cell's command (sft.train.lr=3e-3); part of a cell's identity")
     args = ap.parse_args()
     tasks, methods = args.tasks.split(","), args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASKS]
+    unknown = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASKS and t not in GYM_TASKS]
     if unknown:
-        raise SystemExit(f"unknown: {unknown}; methods: {list(METHODS)}; tasks: {TASKS}")
+        raise SystemExit(f"unknown: {unknown}; methods: {list(METHODS)}; tasks: {TASKS + list(GYM_TASKS)}")
     root = args.root.resolve()
     (root.parent / "recipes").mkdir(parents=True, exist_ok=True)
     (root.parent / "recipes" / "quality.yaml").write_text(RECIPE)

@@ -5,6 +5,7 @@ BOS appears exactly once; with pad = EOS the end-of-turn EOS stays in the labels
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +280,50 @@ def test_editing_a_data_file_in_place_retrains_that_stage_and_its_children_in_th
     assert "sft: up to date" in caplog.text and "dpo: running (changed: data.train content changed)" in caplog.text
     again = {s: json.loads((tmp_path / "runs" / "e" / s / "stage.json").read_text())["output_id"] for s in ("sft", "dpo")}
     assert again["sft"] == ids["sft"] and again["dpo"] != ids["dpo"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_iterative_dpo_over_a_lora_sft_pairs_sampled_ids_that_end_at_the_turn_end(family, family_dirs, tmp_path,
+                                                                                 monkeypatch):
+    """stage=iterative_dpo on each family's template and special tokens, LoRA over a LoRA SFT, judged by a Python
+    reward (longer is better): every pair's chosen answer is the longer one, its token ids are the sampled ones
+    (they decode to the texts and end at the family's end of turn, or at max_new_tokens), the prompt carries BOS
+    once where the family has one, and the output adapter chains through round 1 to the SFT's and loads."""
+    from transformers import AutoModelForCausalLM
+
+    from align.data.chat import end_of_turn_ids
+    from align.models.loading import adapter_base, load_merged
+    from conftest import run_cli
+
+    user_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    common = [f"model.name_or_path={family_dirs[family]}", "run.root=runs", f"run.name={family}", "peft=lora",
+              "train.max_length=128", "data.train=sft.jsonl", "data.eval_fraction=0.15"]
+    assert run_cli(["stage=sft", *common, "train.max_steps=2"], monkeypatch) == 0
+    assert run_cli(["stage=iterative_dpo", *common, "reward=python", "reward.fn=tests.rewards_for_tests:length",
+                    "stage.rounds=2", "stage.prompts_per_round=6", "stage.samples_per_prompt=4",
+                    "stage.max_new_tokens=8", "stage.max_prompt_length=64", "train.max_steps=2",
+                    "train.batch_size=4", "train.grad_accum=1"], monkeypatch) == 0
+    out = tmp_path / "runs" / family / "iterative_dpo"
+    tok = tokenizer_of(family_dirs[family])
+    turn_end = set(end_of_turn_ids(tok))
+    for r in (1, 2):
+        pairs = [json.loads(line) for line in (out / "pairs" / f"round-{r}.jsonl").read_text().splitlines()]
+        assert pairs, r
+        for p in pairs:
+            assert len(p["chosen"]) > len(p["rejected"]) and p["chosen_score"] > p["rejected_score"]
+            for side in ("chosen", "rejected"):
+                ids = p[f"{side}_ids"]
+                assert ids[-1] in turn_end or len(ids) == 8, (family, tok.decode(ids))
+                assert tok.decode(ids, skip_special_tokens=True) == p[side]
+            if tok.bos_token_id is not None:
+                assert p["prompt_ids"].count(tok.bos_token_id) == 1 and p["prompt_ids"][0] == tok.bos_token_id
+    info = json.loads((out / "stage.json").read_text())
+    assert info["weights"] == "lora" and info["parents"][0]["stage"] == "sft"
+    round_1 = Path(adapter_base(out / "model"))  # absolute: run.root=runs was relative to where the run started
+    assert round_1.is_absolute() and round_1.parent.name == "round-1" and round_1.parent.parent.parent == out / "rounds"
+    assert Path(adapter_base(round_1)) == tmp_path / "runs" / family / "sft" / "model"
+    monkeypatch.chdir(tmp_path.parent)  # a serving script elsewhere loads the chain
+    model = load_merged(AutoModelForCausalLM, str(out / "model"))
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([pairs[0]["prompt_ids"] + pairs[0]["chosen_ids"]])).logits).all()

@@ -25,6 +25,7 @@ STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "eval")
 OTHER_MEANINGS = {
     ("align/tasks/demo.py", "sft"): "the demo's SFT data split (sft.jsonl)",
     ("align/tasks/zoo.py", "sft"): "a zoo task's SFT data split (sft.jsonl)",
+    ("align/tasks/gym.py", "sft"): "a reasoning-gym task's SFT data split (sft.jsonl)",
     ("align/data/loader.py", "sft"): "the kind of data rows (SFT conversations) and its split",
     ("align/run/fingerprint.py", "eval"): "the data.eval key",
     ("align/rl/advantages.py", "grpo"): "stage.advantage=grpo, an advantage kind",

@@ -64,24 +64,35 @@ def eight_pairs(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", rows)
 
 
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    """Fixtures shaped like Llama 3 (BOS, pad = EOS, <|eot_id|>) and Qwen (ChatML, no BOS): tests/families.py."""
+    from families import build
+
+    root = tmp_path_factory.mktemp("ref-free-families")
+    return {f: str(build(f, root / f)) for f in ("llama3", "chatml")}
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny", "llama3", "chatml"])
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])
-def test_first_loss_is_the_formula_on_the_starting_model(tmp_path, eight_pairs, loss, caplog):
+def test_first_loss_is_the_formula_on_the_starting_model(tmp_path, eight_pairs, family_models, loss, model, caplog):
     """One batch holds all eight pairs (the mean does not depend on their order): the stage's first loss is the
-    formula on the base model's log-probs, computed here with plain transformers. Nothing is loaded as a
-    reference."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    formula on the base model's log-probs, computed here with plain transformers, on the tiny model and on
+    real-family fixtures (their BOS, chat template and end-of-turn token in the encoded pairs). Nothing is loaded
+    as a reference."""
+    from transformers import AutoModelForCausalLM
 
     from align.data.loader import dpo_datasets
-    from align.models.loading import resolve_name
+    from align.models.loading import load_tokenizer, resolve_name
 
     overrides = (f"stage.loss_type={loss}", f"data.train={eight_pairs}", "data.eval=null", "train.batch_size=8",
-                 "train.max_steps=1")
+                 "train.max_steps=1", f"model.name_or_path={family_models.get(model, model)}")
     with caplog.at_level(logging.INFO, logger="align"):
         result = dpo(tmp_path / "runs", *overrides)
     assert "no reference (the loss needs none)" in caplog.text
     cfg = compose("stage=dpo", *overrides)
-    name = resolve_name("builtin:tiny")
-    rows, _, _ = dpo_datasets(cfg.data, AutoTokenizer.from_pretrained(name), 2048, cfg.train.seed)
+    name = resolve_name(cfg.model.name_or_path)
+    rows, _, _ = dpo_datasets(cfg.data, load_tokenizer(name, cfg.model), 2048, cfg.train.seed)
     assert len(rows) == 8
     chosen, rejected, (sums_counts) = plain_answer_logps(AutoModelForCausalLM.from_pretrained(name).eval(), rows)
     if loss == "simpo":  # beta 2.0, gamma 1.0 (the defaults)

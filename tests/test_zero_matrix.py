@@ -195,15 +195,28 @@ def test_a_lora_sft_then_a_lora_rm_dpo_and_kto_under_zero3_on_two_ranks(tmp_path
     assert not any((cache_root() / "merged-parents").glob("*"))  # the merged copy is gone
 
 
-def test_iterative_dpo_under_zero3_with_lora_on_two_ranks_gathers_every_ranks_pairs(tmp_path, ppo_parents):
-    """`deepspeed --num_gpus 2 launch/iterative_dpo.sh deepspeed=zero3 peft=lora reward=rm`: each rank samples its
-    share of the prompts with the whole policy and judges them with the run's reward model (loaded whole beside it),
-    the pairs of both ranks are gathered (every prompt judged once), DPO trains sharded, and the output (an adapter
-    on round 1's, on the SFT) reloads with the in-memory logits; the RM is recorded as a parent."""
+@pytest.fixture(scope="module")
+def lora_parents(tmp_path_factory) -> Path:
+    """A run whose sft and rm are LoRA adapters (one process), as the rlhf recipes leave them."""
+    from test_ppo import run_stage
+
+    runs = tmp_path_factory.mktemp("lora-parents") / "runs"
+    for stage, steps in (("sft", 10), ("rm", 5)):
+        run_stage(stage, runs, f"train.max_steps={steps}", "train.batch_size=16", "data.max_rows=200", "peft=lora",
+                  "train.lr=5e-3")
+    return runs
+
+
+def test_iterative_dpo_under_zero3_over_lora_parents_on_two_ranks_gathers_every_ranks_pairs(tmp_path, lora_parents):
+    """`deepspeed --num_gpus 2 launch/iterative_dpo.sh deepspeed=zero3 peft=lora reward=rm` after LoRA sft and rm
+    stages: each rank samples its share of the prompts with the whole policy (the SFT adapter merged) and judges them
+    with the run's reward model (its adapter merged, loaded whole beside it), the pairs of both ranks are gathered
+    (every prompt judged once), DPO trains sharded, and the output (an adapter on round 1's, on the SFT's adapter)
+    reloads with the in-memory logits; the RM is recorded as a parent."""
     from align.models.loading import load_merged
     from rank_probe import probe_logits
 
-    out, live = run_two_ranks(tmp_path, "iterative_dpo", "zero3", "lora", parents=ppo_parents)
+    out, live = run_two_ranks(tmp_path, "iterative_dpo", "zero3", "lora", parents=lora_parents)
     record = stage_record(out.parent.parent, stage="iterative_dpo")
     assert record["distributed"] == {"world_size": 2, "zero_stage": 3}
     assert [p["stage"] for p in record["parents"]] == ["sft", "rm"]
@@ -280,7 +293,7 @@ def adapter_parents(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("peft", PEFT)
 @pytest.mark.parametrize("zero", ("zero2", "zero3", "zero3_offload"))
 @pytest.mark.parametrize("parent", ("lora", "qlora"))
-@pytest.mark.parametrize("stage", ("rm", "dpo", "ppo", "grpo", "eval"))
+@pytest.mark.parametrize("stage", ("rm", "dpo", "kto", "iterative_dpo", "ppo", "grpo", "eval"))
 def test_matrix_over_adapter_parents(tmp_path, adapter_parents, stage, parent, zero, peft):
     """The parent axis: every stage that starts from a run's sft (and rm) when those are LoRA or QLoRA adapters,
     under ZeRO-2, ZeRO-3 and ZeRO-3 with offload, with full, LoRA or QLoRA weights of its own. The base-model

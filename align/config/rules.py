@@ -59,6 +59,9 @@ def relations(cfg: DictConfig) -> list[str]:
     out = []
     if cfg.data.checker == "regex" and not cfg.data.checker_pattern:
         out.append("data.checker=regex needs data.checker_pattern (a Python regular expression)")
+    if cfg.data.checker == "gym" and not str(cfg.data.train).startswith("gym:"):
+        out.append(f"data.checker=gym scores a reasoning-gym task's answers with its score_answer; data.train="
+                   f"{cfg.data.train} is not one: use data=gym:<task>, or another data.checker")
     spec = registry().get(cfg.stage.name)
     return out + (spec.checks(cfg) if spec is not None else [])
 

@@ -70,7 +70,7 @@ def keyed(default, check: Check | None = None, help: str = "", factory=None):
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
-CHECKERS = ("demo", "exact", "regex", "json")  # data.checker: align/tasks/checkers.py implements each
+CHECKERS = ("demo", "exact", "regex", "json", "gym")  # data.checker: align/tasks/checkers.py implements each
 REWARD_COMPONENTS = ("checker", "rm", "python", "env")  # what reward=weighted sums (align/rewards)
 REWARD_KINDS = ("auto", *REWARD_COMPONENTS, "weighted")
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "query_response")
@@ -122,8 +122,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = keyed("demo", help="file, save_to_disk folder, hub name, `demo` for the bundled demo, or "
-                                    "`task:<name>` for a task of the zoo (data=task/<name>)")
+    train: str = keyed("demo", help="file, save_to_disk folder, hub name, `demo` for the bundled demo, "
+                                    "`task:<name>` for a task of the zoo (data=task/<name>), or `gym:<task>` for "
+                                    "a reasoning-gym task (data=gym:<task>)")
     eval: str | None = keyed(None, help="same forms; null: data.eval_fraction, or the demo's eval split")
     eval_fraction: float = keyed(0.0, FRACTION, "share of data.train held out for evaluation when data.eval is null")
     format: str = keyed("auto", one_of(*DATA_FORMATS), "instruction format; auto: detected per row")
@@ -133,8 +134,10 @@ class DataConfig:
     on_error: str = keyed("raise", one_of("raise", "skip"), "a bad row stops the run (raise) or is skipped and counted")
     max_rows: int = keyed(0, NON_NEGATIVE, "use the first N training rows; 0: all")
     checker: str | None = keyed("auto", one_of("auto", *CHECKERS),
-                                "task checker; auto: demo on the bundled data, else none")
+                                "task checker; auto: demo on the bundled data, a zoo or gym task's own, else none")
     checker_pattern: str | None = keyed(None, help="regular expression for checker=regex")
+    gym: dict[str, Any] = keyed(None, help="data=gym:<task>: the reasoning-gym task's options (data.gym.max_terms=2)",
+                                factory=dict)
 
 
 @dataclass

@@ -42,23 +42,33 @@ class DataReport:
 
 
 TASK = "task:"  # data.train=task:<name>: a built-in task of the zoo (align/tasks/zoo.py), split like the demo
+GYM = "gym:"  # data.train=gym:<task>: a reasoning-gym task (align/tasks/gym.py), split like the zoo's
 
 
-def bundled_split(spec: str, split: str) -> str:
-    """The file of `split` (sft, sft_eval, prefs, prefs_eval) of the demo or of a zoo task."""
+def bundled_split(spec: str, split: str, data_cfg=None) -> str:
+    """The file of `split` (sft, sft_eval, prefs, prefs_eval) of the demo, a zoo task or a reasoning-gym task (whose
+    options are `data_cfg.gym`)."""
     if spec == DEMO:
         return str(demo.path(split))
+    if spec.startswith(GYM):
+        from align.tasks import gym
+        return str(gym.path(spec[len(GYM):], gym.options(data_cfg) if data_cfg is not None else {}, split))
     from align.tasks import zoo as tasks
     return str(tasks.path(spec[len(TASK):], split))
 
 
-def bundled_folder(spec: str) -> str:
-    """The folder that holds every split of the demo or of a zoo task (its fingerprint is the data's)."""
-    return str(Path(bundled_split(spec, DEMO_SPLITS["sft"][0])).parent)
+def bundled_folder(spec: str, data_cfg=None) -> str:
+    """The folder that holds every split of the demo or of a task (its fingerprint is the data's)."""
+    return str(Path(bundled_split(spec, DEMO_SPLITS["sft"][0], data_cfg)).parent)
+
+
+def is_task(spec) -> bool:
+    """A generated task (the zoo's or reasoning-gym's): its SFT and preference splits ask different questions."""
+    return isinstance(spec, str) and spec.startswith((TASK, GYM))
 
 
 def is_bundled(spec) -> bool:
-    return spec == DEMO or (isinstance(spec, str) and spec.startswith(TASK))
+    return spec == DEMO or is_task(spec)
 
 
 def resolve_sources(data_cfg, kind: str) -> tuple[str, str | None]:
@@ -67,9 +77,9 @@ def resolve_sources(data_cfg, kind: str) -> tuple[str, str | None]:
     if is_bundled(train):
         if eval_ is None and not data_cfg.eval_fraction:
             eval_ = train
-        train = bundled_split(train, DEMO_SPLITS[kind][0])
+        train = bundled_split(train, DEMO_SPLITS[kind][0], data_cfg)
     if is_bundled(eval_):
-        eval_ = bundled_split(eval_, DEMO_SPLITS[kind][1])
+        eval_ = bundled_split(eval_, DEMO_SPLITS[kind][1], data_cfg)
     return train, eval_
 
 
@@ -163,7 +173,7 @@ def prompt_datasets(data_cfg, tokenizer, max_length: int, seed: int):
     The demo uses the prompts of its SFT splits (its checker needs no reference); a zoo task those of its
     preference splits, whose reference (the chosen answer) is right, where its SFT split carries the task's
     systematic error by design and would reward that error."""
-    kind = "preference" if str(data_cfg.train).startswith(TASK) else "sft"
+    kind = "preference" if is_task(data_cfg.train) else "sft"
     return _tokenized(data_cfg, kind, lambda raw: to_prompt(raw, data_cfg.format),
                       lambda row: _encode_prompt_row(tokenizer, row, max_length), seed)
 

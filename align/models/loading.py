@@ -8,6 +8,7 @@ no-op stacked on a frozen copy).
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -274,7 +275,12 @@ def point_adapter_at(model, base: str) -> None:
     """Record `base` (the parent stage's model) as the base of the adapter about to be saved.
 
     After a parent adapter was merged in memory, PEFT would otherwise name the parent's own base,
-    and loading the new adapter there would silently drop what the parent stage learned."""
+    and loading the new adapter there would silently drop what the parent stage learned. A local folder is
+    recorded as an absolute path: with the default `run.root=runs` it was `runs/<run>/sft/model`, which PEFT,
+    plain transformers and align read relative to the directory they run in, so the adapter did not load from
+    anywhere but the one the run started in."""
+    if os.path.isdir(base):
+        base = os.path.abspath(base)
     for config in getattr(model, "peft_config", {}).values():
         config.base_model_name_or_path = base
 

@@ -214,4 +214,4 @@ def frozen_reward_model(cfg, ds_config, parent, pad_id: int):
     model = load_pretrained(AutoModelForSequenceClassification, str(parent.model), cfg.model,
                             OmegaConf.create({"method": "none"}), num_labels=1)
     model.config.pad_token_id = pad_id
-    return frozen(model, cfg, ds_config, cfg.stage.frozen_device == "cpu")
+    return frozen(model, cfg, ds_config, cfg.stage.get("frozen_device") == "cpu")

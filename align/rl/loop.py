@@ -22,6 +22,7 @@ from align.models.metrics import sequence_kl
 from align.rl import rollout, vllm_engine
 from align.rl.engine import Trainable, device
 from align.rl.gather import generation_weights, step_weights
+from align.rl.shaping import shape_scores
 from align.rl.turn_cache import TurnCache
 from align.rl.watch import overoptimisation
 from align.run import checkpointing, tracking
@@ -38,6 +39,15 @@ def on_device_of(model, batch: rollout.Batch, fn) -> torch.Tensor:
     if where == batch.mask.device:
         return fn(batch)
     return fn(batch.to(where)).to(batch.mask.device)
+
+
+@torch.no_grad()
+def reward_model_scores(rm, batch: rollout.Batch) -> torch.Tensor:
+    """A reward model's scores of the batch's answers: rm is (model, mean, std) as stages/online.load_reward_model
+    gives it, the raw scores normalised with that mean and std."""
+    model, mean, std = rm
+    raw = on_device_of(model, batch, lambda b: rollout.sequence_scores(model, b))
+    return shape_scores(raw, batch.ended, mean=mean, std=std)
 
 
 class OnlineLoop:

@@ -61,7 +61,7 @@ def inputs(cfg) -> dict:
     for key in ("train", "eval"):
         spec = cfg.data.get(key)
         if is_bundled(spec):
-            out[f"data.{key}"] = of_path(bundled_folder(spec))
+            out[f"data.{key}"] = of_path(bundled_folder(spec, cfg.data))
         elif spec:
             out[f"data.{key}"] = of_path(spec) or f"hub:{spec}"
     name = cfg.model.name_or_path

@@ -47,16 +47,14 @@ from align.rl.engine import (
     device,
     enable_checkpointing,
     frozen,
-    frozen_reward_model,
 )
 from align.rl.episodes import EpisodeRunner, Episodes
 from align.rl.kl import ESTIMATORS, kl_per_token
-from align.rl.loop import OnlineLoop, on_device_of
+from align.rl.loop import OnlineLoop, reward_model_scores
 from align.rl.losses import AGGREGATIONS, POLICY_LOSSES, RATIO_LEVELS, aggregate, aggregation_count
 from align.rl.losses import clipped_surrogate
 from align.rl.masked import masked_mean
 from align.rl.mismatch import correction
-from align.rl.shaping import shape_scores
 from align.run import handoff
 from align.run.stage_run import StageResult, StageRun
 from align.stages import online
@@ -149,11 +147,8 @@ def run(cfg: DictConfig) -> StageResult:
     s = cfg.stage
     stage = StageRun(cfg)
     parent, source = start_from(cfg, "sft", s.init)
-    uses_rm = "rm" in rewards.components_of(cfg.reward, default_reward(cfg))
-    rm_parent = handoff.find_parent(cfg, "rm", cfg.reward.model) if uses_rm else None
-    if uses_rm and rm_parent is None:
-        raise handoff.HandoffError(f"reward=rm needs a reward model: run `python -m align stage=rm run.name="
-                                   f"{cfg.run.name}` first, or pass reward.model=PATH")
+    rm_parent = online.reward_model_parent(cfg, default_reward(cfg))
+    uses_rm = rm_parent is not None
     # built once, before any model loads (a bad reward is refused here); the loop binds its rm component
     reward = rewards.build(cfg.reward, cfg.data, rm_score=(lambda b: None) if uses_rm else None,
                            auto=default_reward(cfg), env=envs.selected(cfg))
@@ -170,7 +165,7 @@ def run(cfg: DictConfig) -> StageResult:
     updates = steps * s.ppo_epochs * (samples // (cfg.train.batch_size * cfg.train.grad_accum))
 
     policy, reference, peft = _load_policy(cfg, stage, source, updates)
-    rm = _load_rm(cfg, stage, rm_parent, tokenizer) if uses_rm else None
+    rm = online.load_reward_model(cfg, stage.ds_config, rm_parent, tokenizer.pad_token_id) if uses_rm else None
     on_engine = vllm_engine.resolve(cfg.rollout.engine) == "vllm"  # the engine's log-probs are kept per turn
     episodes = EpisodeRunner.for_stage(cfg, tokenizer, return_logp=on_engine) if envs.selected(cfg) else None
     loop = GRPOLoop(cfg, policy, reference, peft, tokenizer, reward, rm, episodes)
@@ -213,13 +208,6 @@ def _load_policy(cfg, stage: StageRun, source: str, total_updates: int):
     return Trainable(policy, lr=resolve_lr(cfg), cfg=cfg, total_steps=total_updates, ds_config=ds), reference, peft
 
 
-def _load_rm(cfg, stage: StageRun, rm_parent, tokenizer):
-    """(model, mean, std) of the reward model, frozen, normalised with its stored statistics."""
-    log.info("reward model %s", rm_parent.model)
-    return (frozen_reward_model(cfg, stage.ds_config, rm_parent, tokenizer.pad_token_id),
-            *rewards.rm_statistics(rm_parent))
-
-
 class GRPOLoop(OnlineLoop):
     name = "grpo"
     progress_keys = ("reward/total_mean", "groups/zero_variance_share")
@@ -248,9 +236,7 @@ class GRPOLoop(OnlineLoop):
 
     @torch.no_grad()
     def rm_score(self, batch) -> torch.Tensor:
-        model, mean, std = self.rm
-        raw = on_device_of(model, batch, lambda b: rollout.sequence_scores(model, b))
-        return shape_scores(raw, batch.ended, mean=mean, std=std)
+        return reward_model_scores(self.rm, batch)
 
     def longest_rollout(self) -> int:
         return self.s.max_episode_tokens if self.episodes is not None else self.s.max_new_tokens
@@ -548,8 +534,7 @@ def _episode_problems(cfg) -> list[str]:
 
 
 def _parents(cfg) -> list[tuple[str, str | None]]:
-    rm = [("rm", cfg.reward.model)] if "rm" in rewards.components_of(cfg.reward, default_reward(cfg)) else []
-    return [("sft", cfg.stage.init)] + rm
+    return online.parents_with_reward_model(cfg, default_reward(cfg))
 
 
 def footprint(cfg) -> Footprint:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from align import rewards
 from align.config.registry import Footprint, Held, StageSpec
@@ -45,11 +45,11 @@ from align.models.loading import (
 )
 from align.rl import rollout
 from align.rl.judged_pairs import best_and_worst
+from align.rl.loop import reward_model_scores
 from align.rl.reference_free import REFERENCE_FREE
-from align.rl.shaping import shape_scores
 from align.run import handoff, tracking
 from align.run.stage_run import StageResult, StageRun
-from align.stages import dpo
+from align.stages import dpo, online
 from align.stages.common import (
     max_length,
     numeric_metrics,
@@ -115,7 +115,7 @@ def run(cfg: DictConfig) -> StageResult:
     names = dpo.loss_types(s)
     stage = StageRun(cfg)
     parent, source = start_from(cfg, "sft", s.init)
-    rm_parent = _rm_parent(cfg)
+    rm_parent = online.reward_model_parent(cfg, "checker")
     judge = rewards.build(cfg.reward, cfg.data, rm_score=(lambda b: None) if rm_parent else None, auto="checker")
     tokenizer = load_tokenizer(resolve_name(source), cfg.model)
     train_ds, _, report = prompt_datasets(cfg.data, tokenizer, s.max_prompt_length, cfg.train.seed)
@@ -170,17 +170,6 @@ def _metrics(done: Rounds, beta: float, report) -> dict:
     out["rounds"] = sum(1 for summary in done.summaries if summary["pairs"])
     out.update(report.metrics())
     return numeric_metrics(out)
-
-
-def _rm_parent(cfg):
-    """The reward model's stage output when the reward group uses one (refused here, before loading, without one)."""
-    if "rm" not in rewards.components_of(cfg.reward, "checker"):
-        return None
-    found = handoff.find_parent(cfg, "rm", cfg.reward.model)
-    if found is None:
-        raise handoff.HandoffError(f"reward=rm needs a reward model: run `python -m align stage=rm run.name="
-                                   f"{cfg.run.name}` first, or pass reward.model=PATH")
-    return found
 
 
 def _work_folder(stage: StageRun) -> Path:
@@ -251,7 +240,7 @@ def _sample_and_judge(cfg, source: str, prompts: list[Prompt], tokenizer, judge,
     s, K = cfg.stage, cfg.stage.samples_per_prompt
     policy, rm = _judging_models(cfg, source, rm_parent, tokenizer)
     if rm is not None:
-        judge.bind_rm(lambda b: _rm_scores(rm, b))
+        judge.bind_rm(lambda b: reward_model_scores(rm, b).cpu())
     stops = rollout.stop_token_ids(tokenizer, list(s.stop_tokens))
     pairs, total, answers, tied = [], 0.0, 0, 0
     for at in range(0, len(prompts), s.sample_batch_size):
@@ -276,7 +265,7 @@ def _judging_models(cfg, source: str, rm_parent, tokenizer):
 
     with whole_weights():
         policy = load_pretrained(AutoModelForCausalLM, source, cfg.model, cfg.peft)
-        rm = _load_rm(cfg, rm_parent, tokenizer) if rm_parent is not None else None
+        rm = online.load_reward_model(cfg, None, rm_parent, tokenizer.pad_token_id) if rm_parent else None
     if cfg.peft.method != "qlora":  # bitsandbytes placed the 4-bit weights as it loaded them
         policy = policy.to(distributed.device())
     policy.requires_grad_(False)
@@ -293,25 +282,6 @@ def _pair(p: Prompt, batch: rollout.Batch, texts: list[str], scores: torch.Tenso
     return {"where": p.where, "prompt": p.text, "chosen": texts[c], "rejected": texts[w],
             "chosen_score": round(float(scores[c]), 6), "rejected_score": round(float(scores[w]), 6),
             "prompt_ids": list(p.ids), "chosen_ids": ids(c), "rejected_ids": ids(w)}
-
-
-def _load_rm(cfg, rm_parent, tokenizer):
-    """The judge's reward model, whole and frozen on this rank, with the stored statistics that normalise it."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = load_pretrained(AutoModelForSequenceClassification, str(rm_parent.model), cfg.model,
-                            OmegaConf.create({"method": "none"}), num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.requires_grad_(False)
-    return model.to(distributed.device()).eval(), *rewards.rm_statistics(rm_parent)
-
-
-@torch.no_grad()
-def _rm_scores(rm, batch: rollout.Batch) -> torch.Tensor:
-    model, mean, std = rm
-    dev = next(model.parameters()).device
-    raw = rollout.sequence_scores(model, batch.to(dev)).cpu()
-    return shape_scores(raw, batch.ended, mean=mean, std=std)
 
 
 def _train_round(cfg, stage: StageRun, r: int, source: str, pairs: list[dict], tokenizer, names: list[str]):
@@ -441,8 +411,7 @@ def footprint(cfg) -> Footprint:
 
 
 def _parents(cfg) -> list[tuple[str, str | None]]:
-    rm = [("rm", cfg.reward.model)] if "rm" in rewards.components_of(cfg.reward, "checker") else []
-    return [("sft", cfg.stage.init)] + rm
+    return online.parents_with_reward_model(cfg, "checker")
 
 
 SPEC = StageSpec(

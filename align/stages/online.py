@@ -4,9 +4,11 @@ recorded), and saving the trained models and committing them."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
+from align import rewards
 from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Check, StageConfig, keyed, one_of
 from align.data.prompts import Prompt
 from align.models import distributed
@@ -14,6 +16,8 @@ from align.models.loading import point_adapter_at, set_use_cache
 from align.run import handoff, tracking
 from align.run.stage_run import StageResult, StageRun
 from align.stages.common import commit_staged, numeric_metrics
+
+log = logging.getLogger("align")
 
 
 @dataclass
@@ -108,3 +112,31 @@ def rollout_problems(cfg) -> list[str]:
     from align.rl import vllm_engine
 
     return vllm_engine.problems(cfg.rollout) if "rollout" in cfg else []
+
+
+def reward_model_parent(cfg, auto: str):
+    """The reward model's stage output when the reward group uses one (`auto`: the stage's default reward), None
+    when it does not; refused without one, before anything loads."""
+    if "rm" not in rewards.components_of(cfg.reward, auto):
+        return None
+    found = handoff.find_parent(cfg, "rm", cfg.reward.model)
+    if found is None:
+        raise handoff.HandoffError(f"reward=rm needs a reward model: run `python -m align stage=rm run.name="
+                                   f"{cfg.run.name}` first, or pass reward.model=PATH")
+    return found
+
+
+def parents_with_reward_model(cfg, auto: str) -> list[tuple[str, str | None]]:
+    """A stage's parents when it starts from the SFT and may be judged by the run's reward model."""
+    rm = [("rm", cfg.reward.model)] if "rm" in rewards.components_of(cfg.reward, auto) else []
+    return [("sft", cfg.stage.init)] + rm
+
+
+def load_reward_model(cfg, ds_config: dict | None, parent, pad_id: int):
+    """(model, mean, std): the reward model frozen (sharded under ZeRO-3 when `ds_config` says so, whole without
+    one), with the statistics of its scores its stage recorded (rl/loop.reward_model_scores normalises with them)."""
+    from align.rl.engine import frozen_reward_model
+
+    log.info("reward model %s", parent.model)
+    return frozen_reward_model(cfg, ds_config, parent, pad_id), *rewards.rm_statistics(parent)
+

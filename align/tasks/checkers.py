@@ -1,12 +1,13 @@
 """Task checkers: programs that say whether a response answers its prompt, configured per data set.
 
-`data.checker` picks one (default `auto`: demo on the bundled data, a zoo task's own for `data=task/<name>`,
-none otherwise):
+`data.checker` picks one (default `auto`: demo on the bundled data, a zoo task's own for `data=task/<name>`, the task's
+score_answer for `data=gym:<task>`, none otherwise):
   demo   the bundled letter-operation task (align/tasks/demo.py)
   exact  the stripped response equals the row's reference answer
   regex  the response matches `data.checker_pattern` (re.fullmatch, after stripping)
   json   the response is a JSON object; score = share of the reference object's fields it matches
          (a response that is not valid JSON scores 0)
+  gym    a reasoning-gym task's own score_answer (data=gym:<task>; align/tasks/gym.py)
 Each returns a score in [0, 1] per response; the reported accuracy is their mean.
 """
 
@@ -63,7 +64,15 @@ def from_config(data_cfg) -> Checker | None:
 
             name = CHECKERS.get(train[len("task:"):])
         else:
-            name = None
+            name = "gym" if train.startswith("gym:") else None
+    if name == "gym":
+        from align.tasks import gym
+
+        train = str(data_cfg.train)
+        if not train.startswith(gym.PREFIX):
+            raise ValueError(f"data.checker=gym scores a reasoning-gym task's answers; data.train={train} is not one "
+                             "(data=gym:<task>)")
+        return gym.checker(train[len(gym.PREFIX):], gym.options(data_cfg))
     return build(name, data_cfg.get("checker_pattern"))
 
 

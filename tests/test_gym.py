@@ -1,0 +1,112 @@
+"""reasoning-gym's tasks as data and reward (align/tasks/gym.py): `data=gym:<task>` writes the zoo's four splits from
+fixed seeds (the same bytes on every machine), held-out questions appear in no training split, every chosen answer
+scores 1 with the task's own score_answer and every rejected one less, the checker is that score_answer, and a bad
+task or option stops before anything loads with the names that exist."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from conftest import compose, run_cli
+
+CHAIN = ["data=gym", "data.train=gym:chain_sum", "++data.gym.max_terms=2", "++data.gym.max_digits=2"]
+OPTS = {"max_terms": 2, "max_digits": 2}
+
+
+def read(split: str) -> list[dict]:
+    from align.tasks import gym
+
+    return [json.loads(line) for line in gym.path("chain_sum", OPTS, split).read_text().splitlines()]
+
+
+def question(row: dict) -> str:
+    return (row["messages"] if "messages" in row else row["prompt"])[0]["content"]
+
+
+def test_the_command_line_forms_select_the_gym_group_and_add_the_task_options():
+    from align.__main__ import implicit_data_group
+
+    assert implicit_data_group(["stage=sft", "data=gym:lcm", "data.gym.max_value=30", "+data.gym.min_value=2"]) == \
+        ["stage=sft", "data=gym", "data.train=gym:lcm", "++data.gym.max_value=30", "+data.gym.min_value=2"]
+    assert implicit_data_group(["data.train=gym:lcm"]) == ["data=gym", "data.train=gym:lcm"]
+    cfg = compose(*CHAIN)
+    assert cfg.data.train == "gym:chain_sum" and dict(cfg.data.gym) == OPTS and cfg.train.max_length == 160
+
+
+def test_splits_regenerate_byte_for_byte_and_held_out_questions_are_never_trained_on(tmp_path, monkeypatch):
+    from align.tasks import gym
+
+    first = gym.path("chain_sum", OPTS, "sft").parent
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
+    again = gym.path("chain_sum", OPTS, "sft").parent
+    assert again != first and again.name == first.name
+    for split, n in gym.SPLITS.items():
+        assert (again / f"{split}.jsonl").read_bytes() == (first / f"{split}.jsonl").read_bytes()
+        assert len((first / f"{split}.jsonl").read_text().splitlines()) == n
+    held_out = {question(r) for s in ("sft_eval", "prefs_eval") for r in read(s)}
+    trained = {question(r) for s in ("sft", "prefs") for r in read(s)}
+    assert len(held_out) > 250 and not held_out & trained
+    assert gym.path("chain_sum", {"max_terms": 2, "max_digits": 1}, "sft").parent != first  # options key the folder
+
+
+def test_chosen_answers_score_one_and_rejected_near_misses_less_with_the_tasks_own_scoring():
+    import reasoning_gym
+
+    pairs = read("prefs") + read("prefs_eval")
+    by_question = {}
+    for i, n in enumerate((10000, 2000, 300, 300)):  # every split's generator, as align/tasks/gym.py seeds them
+        for e in reasoning_gym.create_dataset("chain_sum", size=2 * n, seed=20250 * 10 + i, **OPTS):
+            by_question.setdefault(e["question"], e)
+    ds = reasoning_gym.create_dataset("chain_sum", size=1, seed=0, **OPTS)
+    off_by = []
+    for p in pairs:
+        entry = by_question[question(p)]
+        chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+        assert chosen == entry["answer"] and ds.score_answer(chosen, entry) == 1.0
+        assert ds.score_answer(rejected, entry) < 1.0
+        off_by.append(abs(int(rejected) - int(chosen)))
+    assert set(off_by) <= {1, 10} and off_by.count(1) > 0.9 * len(off_by)  # off by one first
+
+
+def test_near_misses_of_a_count_stay_non_negative():
+    from align.tasks.gym import _near_misses
+
+    assert sorted(_near_misses("0", random.Random(0))[:2]) == ["1", "10"]
+    assert sorted(_near_misses("5", random.Random(0))[:3]) == ["15", "4", "6"]
+    assert _near_misses("ab", random.Random(0)) == ["ba"]
+
+
+def test_the_checker_is_the_tasks_score_answer_and_the_online_stages_take_the_pairs_prompts(tiny_tokenizer):
+    from align.data.loader import prompt_datasets
+    from align.tasks import checkers
+
+    cfg = compose(*CHAIN)
+    check = checkers.from_config(cfg.data)
+    row = read("prefs_eval")[0]
+    q, right = question(row), row["chosen"][0]["content"]
+    assert check(q, right, None) == 1.0 and check(q, f" {right} ", None) == 1.0
+    assert check(q, str(int(right) + 1), None) == 0.0 and check(q, "no idea", None) == 0.0
+    assert check("What is 2 + 2?", "4", "4") == 1.0  # not one of the task's questions: against the reference
+    with pytest.raises(ValueError, match="neither one of gym:chain_sum's questions nor has a reference"):
+        check("What is 2 + 2?", "4", None)
+    train, held_out, report = prompt_datasets(cfg.data, tiny_tokenizer, 128, 42)
+    assert report.train_rows == 2000 and report.eval_rows == 300 and not report.errors.skipped
+    assert all(check(p, r, None) == 1.0 for p, r in zip(held_out["prompt_text"], held_out["reference"]))
+
+
+@pytest.mark.parametrize("args,says", [
+    (["data=gym:chain_summ"], ["reasoning-gym has no task 'chain_summ'", "similar: chain_sum"]),
+    (["data=gym:chain_sum", "data.gym.max_terms=1"], ["max_terms must be >= min_terms",
+                                                       "options are min_terms, max_terms, min_digits"]),
+    (["data=gym:chain_sum", "data.gym.seed=3"], ["data.gym.seed is set by align", "remove data.gym.seed"]),
+    (["data=demo", "data.checker=gym"], ["data.checker=gym scores a reasoning-gym task", "data=gym:<task>"]),
+])
+def test_a_bad_task_or_option_stops_before_loading_with_the_fix(args, says, monkeypatch, caplog, tmp_path):
+    code = run_cli(["stage=grpo", f"run.root={tmp_path}", *args], monkeypatch)
+    assert code == 2
+    for text in says:
+        assert text in caplog.text
+    assert not (tmp_path / "demo").exists() or not any((tmp_path / "demo").rglob("*.safetensors"))
