@@ -5,6 +5,7 @@ checker on held-out prompts (the eval stage), over several seeds; one markdown t
     python bench/quality.py                                   # every zoo task and the demo, 3 seeds
     python bench/quality.py --tasks sort,json --seeds 42 --methods dpo,grpo
     python bench/quality.py --out docs/quality_table.md --plot docs/quality.png
+    python bench/quality.py --tasks gym_chain_sum,gym_lcm --seeds 42 --methods dpo,grpo   # reasoning-gym tasks
 
 Each (task, seed, method) is one `python -m align` pipeline, `sft -> <method's stages> -> eval`, under one
 `--root`; runs of the same task and seed share their SFT through the stage cache, so SFT trains once per

@@ -9,11 +9,13 @@ import json
 import random
 
 import pytest
+import torch
 
 from conftest import compose, run_cli
 
 CHAIN = ["data=gym", "data.train=gym:chain_sum", "++data.gym.max_terms=2", "++data.gym.max_digits=2"]
 OPTS = {"max_terms": 2, "max_digits": 2}
+SPLITS_SIZES = (10000, 2000, 300, 300)  # sft, prefs, sft_eval, prefs_eval: generated with seed 20250 * 10 + i
 
 
 def read(split: str) -> list[dict]:
@@ -57,7 +59,7 @@ def test_chosen_answers_score_one_and_rejected_near_misses_less_with_the_tasks_o
 
     pairs = read("prefs") + read("prefs_eval")
     by_question = {}
-    for i, n in enumerate((10000, 2000, 300, 300)):  # every split's generator, as align/tasks/gym.py seeds them
+    for i, n in enumerate(SPLITS_SIZES):  # every split's generator, as align/tasks/gym.py seeds them
         for e in reasoning_gym.create_dataset("chain_sum", size=2 * n, seed=20250 * 10 + i, **OPTS):
             by_question.setdefault(e["question"], e)
     ds = reasoning_gym.create_dataset("chain_sum", size=1, seed=0, **OPTS)
@@ -110,3 +112,43 @@ def test_a_bad_task_or_option_stops_before_loading_with_the_fix(args, says, monk
     for text in says:
         assert text in caplog.text
     assert not (tmp_path / "demo").exists() or not any((tmp_path / "demo").rglob("*.safetensors"))
+
+
+def test_the_eval_stages_accuracy_on_a_gym_task_is_reasoning_gyms_own_score(tmp_path):
+    """A short SFT on gym:spell_backward (partial credit: a half-reversed word scores between 0 and 1), then the eval
+    stage: its checker accuracy equals the mean of reasoning-gym's own score_answer over the same greedy answers,
+    decoded here one prompt at a time with plain transformers from the saved model."""
+    import reasoning_gym
+    from transformers import AutoModelForCausalLM
+
+    from align.data.chat import end_of_turn_ids
+    from align.data.loader import eval_prompts
+    from align.models.loading import load_tokenizer
+    from align.run import handoff, orchestrate
+
+    opts = {"max_word_len": 6}
+    overrides = ["data=gym", "data.train=gym:spell_backward", "++data.gym.max_word_len=6", f"run.root={tmp_path}",
+                 "run.name=g", "pipeline.stages=[sft,eval]", "sft.train.max_steps=150", "eval.prompts=24",
+                 "eval.max_new_tokens=12", "recipe=rlvr", "pipeline.objective=null"]
+    orchestrate.run(compose(*overrides), overrides)
+    metrics = handoff.read_stage_json(tmp_path / "g" / "eval")["metrics"]
+    cfg = compose("stage=eval", *overrides[:3])
+    model_dir = tmp_path / "g" / "sft" / "model"
+    tok = load_tokenizer(str(model_dir), cfg.model)
+    rows, _ = eval_prompts(cfg.data, tok, cfg.stage.max_prompt_length, cfg.train.max_length, cfg.train.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    by_question = {}
+    for i, n in enumerate(SPLITS_SIZES):
+        for e in reasoning_gym.create_dataset("spell_backward", size=2 * n, seed=20250 * 10 + i, **opts):
+            by_question.setdefault(e["question"], e)
+    ds = reasoning_gym.create_dataset("spell_backward", size=1, seed=0, **opts)
+    scores = []
+    with torch.no_grad():
+        for row in rows[:24]:
+            ids = torch.tensor([row["prompt_ids"]])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=False, eos_token_id=end_of_turn_ids(tok), pad_token_id=tok.pad_token_id)
+            answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            scores.append(ds.score_answer(answer, by_question[row["prompt_text"]]))
+    assert 0.0 < sum(scores) / len(scores) < 1.0, scores  # partly learned: the comparison is not 0 == 0
+    assert metrics["sft/checker_accuracy"] == pytest.approx(sum(scores) / len(scores), abs=1e-6)
