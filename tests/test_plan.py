@@ -109,6 +109,31 @@ def test_the_plan_command_imports_no_training_library(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "LOADED []"
 
 
+def test_the_vllm_share_counts_while_training_only_when_the_engine_does_not_sleep():
+    """rollout.engine=vllm reserves gpu_memory_utilization x the GPU for sampling; on a GPU the engine sleeps while the
+    step trains (weights and KV cache released), so the training phase holds it only with rollout.sleep=off."""
+    from align.plan.shapes import shape_of
+    from align.plan.stage_plan import plan_stage
+
+    common = ("stage=grpo", "model=qwen2_5_7b", "peft=lora", "data=custom", "model.dtype=bf16",
+              "rollout.engine=vllm", "rollout.gpu_memory_utilization=0.3")
+    s = shape_of(compose(*common).model.name_or_path)
+    hf = plan_stage(compose(*common[:-2]), s, 1, 80e9)
+    asleep = plan_stage(compose(*common), s, 1, 80e9)
+    awake = plan_stage(compose(*common, "rollout.sleep=off"), s, 1, 80e9)
+    share = dict(awake.rows)["vLLM engine share (rollout.gpu_memory_utilization=0.3; kept while training: "
+                             "rollout.sleep=off)"]
+    assert share == 0.3 * 80e9
+    assert "vLLM engine share (rollout.gpu_memory_utilization=0.3; released while training)" in dict(asleep.rows)
+    rows = dict(awake.rows)
+    kv = next(v for k, v in awake.rows if k.startswith("rollout KV cache"))
+    training = sum(v for k, v in awake.rows if not k.startswith(("rollout KV cache", "vLLM engine share")))
+    assert share > kv and dict(hf.rows).keys() == {k for k in rows if not k.startswith("vLLM")}
+    assert asleep.peak == max(training, training - sum(v for k, v in awake.rows if k.startswith(("activations",
+                                                                                               "logits"))) + share)
+    assert awake.phase == "training" and awake.peak == training + share
+
+
 def test_a_stage_that_does_not_fit_gets_the_overrides_that_make_it_fit():
     from align.plan.report import fitting
     from align.plan.shapes import shape_of

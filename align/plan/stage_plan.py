@@ -89,31 +89,34 @@ def plan_stage(cfg, shape: Shape, gpus: int, gpu_memory: float | None) -> StageP
         plan.rows += [(f"activations ({rows} x {length} tokens, {ckpt})", act),
                       ("logits (" + ("chunked" if fp.chunked_logits else "whole micro-batch") + ", fp32)", logits)]
         train = act + logits
-    sample = _sampling_rows(cfg, shape, fp, plan, gpu_memory, b)
+    sample, resident = _sampling_rows(cfg, shape, fp, plan, gpu_memory, b)
     context = memory.CUDA_CONTEXT
     plan.rows.append(("CUDA context and allocator reserve", context))
     if fp.sampling_apart:  # the whole policy (and judge) sample first; training loads afterwards
         whole = shape.params * b + sum(shape.params * b for h in fp.models if h.role == "reward model")
         plan.rows.append(("sampling: the whole policy (and judge) before training loads", whole))
-        sampling_peak, training_peak = whole + sample, models + train
+        sampling_peak, training_peak = whole + sample, models + train + resident
     else:
-        sampling_peak, training_peak = models + sample, models + train
+        sampling_peak, training_peak = models + sample, models + train + resident
     plan.phase = "sampling" if sampling_peak > training_peak else "training"
     plan.peak = max(sampling_peak, training_peak) + context
     return plan
 
 
-def _sampling_rows(cfg, shape: Shape, fp, plan: StagePlan, gpu_memory: float | None, b: int) -> float:
+def _sampling_rows(cfg, shape: Shape, fp, plan: StagePlan, gpu_memory: float | None, b: int) -> tuple[float, float]:
     """The rollout's KV cache (and with rollout.engine=vllm the engine's reserved share), appended to the plan's
-    rows; their sum."""
+    rows: (what sampling holds, what stays held while the step trains). On a GPU the engine sleeps while the step
+    trains (weights and KV cache released: rollout.sleep=auto/on); with rollout.sleep=off its share stays."""
     if not fp.rollout_sequences:
-        return 0.0
+        return 0.0, 0.0
     kv = memory.kv_cache_bytes(shape, fp.rollout_sequences, fp.rollout_tokens, b)
     plan.rows.append((f"rollout KV cache ({fp.rollout_sequences} x {fp.rollout_tokens} tokens)", kv))
     engine = cfg.get("rollout", {}).get("engine", "hf") if registry.get(cfg.stage.name).reads_rollout else "hf"
     if engine == "vllm" and gpu_memory is not None:
         share = cfg.rollout.gpu_memory_utilization * gpu_memory
-        plan.rows.append((f"vLLM engine share (rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization})",
+        awake = cfg.rollout.get("sleep", "auto") == "off"
+        plan.rows.append((f"vLLM engine share (rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization}; "
+                          + ("kept while training: rollout.sleep=off)" if awake else "released while training)"),
                           share))
-        return max(share, kv)
-    return kv
+        return max(share, kv), share if awake else 0.0
+    return kv, 0.0
