@@ -3,6 +3,7 @@ one PPO log-prob pass at Qwen 2.5's vocabulary, full log-softmax against align's
 
     python bench/memory.py [--hidden 1024] [--layers 12] [--steps 4] [--batch-size 8]
     python bench/memory.py --logprobs [--vocab 151936] [--rollout 8x512] [--hidden 896]
+    python bench/memory.py --stages [--sizes small,medium,large]   # sft/dpo/ppo/grpo x none/lora/qlora vs the plan
 
 Builds a randomly initialised Llama of the given size once (the embedded tokenizer: no download), then runs
 align's SFT stage on it three times — peft=none, lora, qlora — each in a process of its own, and prints each
@@ -97,9 +98,82 @@ def logprob_pass(args) -> None:
                       "chunked_mib": chunked}))
 
 
+# --stages: each stage's own settings, the same for the measured run and for its plan (small rollouts, few steps)
+STAGE_ARGS = {
+    "sft": ["train.max_steps=3"],
+    "dpo": ["train.max_steps=3"],
+    "rm": ["train.max_steps=2"],  # the parent of ppo, not measured
+    "ppo": ["train.max_steps=2", "stage.rollout_batch_size=8", "stage.max_new_tokens=16", "stage.eval_prompts=0",
+            "stage.max_prompt_length=48"],
+    "grpo": ["train.max_steps=2", "stage.rollout_batch_size=2", "stage.group_size=4", "stage.max_new_tokens=16",
+             "stage.eval_prompts=0", "stage.max_prompt_length=48"],
+}
+MEASURED = ("sft", "dpo", "ppo", "grpo")
+SIZES = {"small": (512, 6), "medium": (768, 8), "large": (1024, 12)}  # hidden, layers
+
+
+def stage_matrix(args) -> None:
+    """Peak RSS above the floor of sft, dpo, ppo and grpo (each in its own process, after its parents) for every
+    size x peft, against what `align plan` says the same run needs above that floor."""
+    common = [f"train.batch_size={args.batch_size}", "train.grad_accum=1", "data.max_rows=256", "data.eval=null",
+              "data.eval_fraction=0", "train.save_steps=1000000", "model.dtype=fp32"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for size in args.sizes.split(","):
+            hidden, layers = SIZES[size]
+            params = build_model(tmp / size, hidden, layers)
+            floor = peak_rss_mib([sys.executable, "-c", LOAD_ONLY.format(repo=str(REPO), model=str(tmp / size))], tmp)
+            for peft in ("none", "lora", "qlora"):
+                run = [f"model.name_or_path={tmp / size}", f"run.root={tmp / 'runs'}", f"run.name={size}-{peft}",
+                       f"peft={peft}", *common]
+                for stage in ("sft", "dpo", "rm", "ppo", "grpo"):
+                    extra = ["reward=checker"] if stage == "grpo" else []
+                    mib = peak_rss_mib([sys.executable, "-m", "align", f"stage={stage}", *run, *STAGE_ARGS[stage],
+                                        *extra], tmp)
+                    if stage in MEASURED:
+                        plan = planned_stage_above_floor(tmp / size, stage, [*run, *STAGE_ARGS[stage], *extra])
+                        rows.append({"size": size, "params": params, "peft": peft, "stage": stage,
+                                     "measured_mib": round(mib - floor), "plan_mib": round(plan)})
+                        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| model | weights | {' | '.join(MEASURED)} |\n|---|---|" + "---|" * len(MEASURED))
+    for size in args.sizes.split(","):
+        for peft in ("none", "lora", "qlora"):
+            cells = {r["stage"]: r for r in rows if r["size"] == size and r["peft"] == peft}
+            line = [f"{c['plan_mib']} / {c['measured_mib']} = {c['plan_mib'] / max(c['measured_mib'], 1):.2f}"
+                    for c in (cells[s] for s in MEASURED)]
+            print(f"| {size} ({cells['sft']['params'] / 1e6:.0f}M) | {peft} | " + " | ".join(line) + " |")
+    print("cells: align plan / measured above the floor (MiB) = ratio")
+
+
+def planned_stage_above_floor(model: Path, stage: str, overrides: list[str]) -> float:
+    """What `align plan` says one stage run needs beyond the floor (one fp32 copy of the weights, no CUDA context),
+    in MiB."""
+    sys.path.insert(0, str(REPO))
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from align.config.paths import config_dir
+    from align.config.recipes import register
+    from align.plan import memory
+    from align.plan.shapes import shape_of
+    from align.plan.stage_plan import plan_stage
+
+    register()
+    GlobalHydra.instance().clear()
+    keep = [o for o in overrides if not o.startswith(("run.", "train.save_steps"))]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"stage={stage}", *keep])
+    shape = shape_of(str(model))
+    plan = plan_stage(cfg, shape, 1, None)
+    return (plan.peak - memory.CUDA_CONTEXT - 4 * shape.params) / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--logprobs", action="store_true", help="the log-prob pass comparison instead of SFT")
+    ap.add_argument("--stages", action="store_true", help="sft, dpo, ppo, grpo x none/lora/qlora x --sizes vs the plan")
+    ap.add_argument("--sizes", default="small,medium,large", help=f"for --stages: of {list(SIZES)}")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--rollout", default="8x512", help="BxT of the rollout for --logprobs")
     ap.add_argument("--hidden", type=int, default=None, help="default: 1024 (SFT), 896 (Qwen 2.5 0.5B, --logprobs)")
@@ -110,6 +184,8 @@ def main() -> None:
     if args.logprobs:
         args.hidden = args.hidden or 896
         return logprob_pass(args)
+    if args.stages:
+        return stage_matrix(args)
     args.hidden = args.hidden or 1024
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
