@@ -213,28 +213,10 @@ def main() -> None:
 
 
 def planned_above_floor(model: Path, args) -> dict[str, float]:
-    """What `align plan` says the same SFT runs need beyond the floor (the model loaded once in fp32; no CUDA
-    context on a CPU), in MiB: its peak less the context and one fp32 copy of the weights."""
-    sys.path.insert(0, str(REPO))
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from align.config.paths import config_dir
-    from align.config.recipes import register
-    from align.plan import memory
-    from align.plan.shapes import shape_of
-    from align.plan.stage_plan import plan_stage
-
-    register()
-    shape, out = shape_of(str(model)), {}
-    for peft in ("none", "lora", "qlora"):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=["stage=sft", f"peft={peft}", f"model.name_or_path={model}",
-                                               "model.dtype=fp32", f"train.batch_size={args.batch_size}"])
-        plan = plan_stage(cfg, shape, 1, None)
-        out[peft] = (plan.peak - memory.CUDA_CONTEXT - 4 * shape.params) / 2**20
-    return out
+    """What `align plan` says the same SFT runs need beyond the floor, per peft, in MiB."""
+    return {peft: planned_stage_above_floor(model, "sft", [f"peft={peft}", f"model.name_or_path={model}",
+                                                           "model.dtype=fp32", f"train.batch_size={args.batch_size}"])
+            for peft in ("none", "lora", "qlora")}
 
 
 if __name__ == "__main__":

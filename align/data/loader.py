@@ -20,6 +20,7 @@ from align.data.preferences import to_preference
 from align.data.prompts import prompt_text, to_prompt
 from align.data.readers import read_rows
 from align.tasks import demo
+from align.tasks.gym import PREFIX as GYM  # data.train=gym:<task>: a reasoning-gym task, split like the zoo's
 
 DEMO = "demo"
 DEMO_SPLITS = {"sft": ("sft", "sft_eval"), "preference": ("prefs", "prefs_eval")}
@@ -42,7 +43,6 @@ class DataReport:
 
 
 TASK = "task:"  # data.train=task:<name>: a built-in task of the zoo (align/tasks/zoo.py), split like the demo
-GYM = "gym:"  # data.train=gym:<task>: a reasoning-gym task (align/tasks/gym.py), split like the zoo's
 
 
 def bundled_split(spec: str, split: str, data_cfg=None) -> str:

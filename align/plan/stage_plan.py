@@ -92,12 +92,11 @@ def plan_stage(cfg, shape: Shape, gpus: int, gpu_memory: float | None) -> StageP
     sample, resident = _sampling_rows(cfg, shape, fp, plan, gpu_memory, b)
     context = memory.CUDA_CONTEXT
     plan.rows.append(("CUDA context and allocator reserve", context))
+    training_peak, sampling_peak = models + train + resident, models + sample
     if fp.sampling_apart:  # the whole policy (and judge) sample first; training loads afterwards
         whole = shape.params * b + sum(shape.params * b for h in fp.models if h.role == "reward model")
         plan.rows.append(("sampling: the whole policy (and judge) before training loads", whole))
-        sampling_peak, training_peak = whole + sample, models + train + resident
-    else:
-        sampling_peak, training_peak = models + sample, models + train + resident
+        sampling_peak = whole + sample
     plan.phase = "sampling" if sampling_peak > training_peak else "training"
     plan.peak = max(sampling_peak, training_peak) + context
     return plan

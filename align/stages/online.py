@@ -13,6 +13,7 @@ from align.config.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Check, Sta
 from align.data.prompts import Prompt
 from align.models import distributed
 from align.models.loading import point_adapter_at, set_use_cache
+from align.rl.engine import frozen_reward_model
 from align.run import handoff, tracking
 from align.run.stage_run import StageResult, StageRun
 from align.stages.common import commit_staged, numeric_metrics
@@ -135,8 +136,6 @@ def parents_with_reward_model(cfg, auto: str) -> list[tuple[str, str | None]]:
 def load_reward_model(cfg, ds_config: dict | None, parent, pad_id: int):
     """(model, mean, std): the reward model frozen (sharded under ZeRO-3 when `ds_config` says so, whole without
     one), with the statistics of its scores its stage recorded (rl/loop.reward_model_scores normalises with them)."""
-    from align.rl.engine import frozen_reward_model
-
     log.info("reward model %s", parent.model)
     return frozen_reward_model(cfg, ds_config, parent, pad_id), *rewards.rm_statistics(parent)
 

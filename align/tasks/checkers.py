@@ -18,6 +18,7 @@ import re
 from typing import Callable
 
 from align.config.schema import CHECKERS
+from align.tasks import gym
 
 Checker = Callable[[str, str, "str | None"], float]
 
@@ -64,10 +65,8 @@ def from_config(data_cfg) -> Checker | None:
 
             name = CHECKERS.get(train[len("task:"):])
         else:
-            name = "gym" if train.startswith("gym:") else None
+            name = "gym" if train.startswith(gym.PREFIX) else None
     if name == "gym":
-        from align.tasks import gym
-
         train = str(data_cfg.train)
         if not train.startswith(gym.PREFIX):
             raise ValueError(f"data.checker=gym scores a reasoning-gym task's answers; data.train={train} is not one "

@@ -34,6 +34,10 @@ from align.config.rules import Unsupported
 PREFIX = "gym:"
 SEED = 20250  # the generation seed of split i is SEED * 10 + i (one stream per split, as the zoo's)
 SPLITS = {"sft": 10000, "prefs": 2000, "sft_eval": 300, "prefs_eval": 300}  # rows per split, as the zoo's
+
+
+def split_seed(split: str) -> int:
+    return SEED * 10 + list(SPLITS).index(split)
 INSTALL = 'pip install "align[gym]" (reasoning-gym)'
 
 
@@ -98,7 +102,6 @@ def version_key(task: str, opts: dict) -> str:
 def path(task: str, opts: dict, split: str) -> Path:
     from align.tasks.files import generated
 
-    _library()
     dataset(task, opts, 1, 0)  # a bad task or option fails here, before anything is written
     name = f"gym-{task}-{version_key(task, opts)}"
     return generated(name, lambda folder: write(task, opts, folder), __file__) / f"{split}.jsonl"
@@ -141,8 +144,8 @@ def write(task: str, opts: dict, folder: Path) -> None:
     held_out: set[str] = set()
     order = sorted(SPLITS, key=lambda s: not s.endswith("_eval"))  # sft_eval, prefs_eval, then sft, prefs
     for split in order:
-        seed = SEED * 10 + list(SPLITS).index(split)
-        rows = _split_rows(task, opts, split, SPLITS[split], seed, None if split.endswith("_eval") else held_out)
+        skip = None if split.endswith("_eval") else held_out
+        rows = _split_rows(task, opts, split, SPLITS[split], split_seed(split), skip)
         if not rows:
             raise GymError(f"data=gym:{task} with data.gym={opts}: no {split} row could be made (every question "
                            "is held out, or no answer has a near miss the task scores lower): widen the task's "
@@ -182,8 +185,8 @@ def _scorer(task: str, opts_json: str):
     """(dataset, question -> entry) over every split's questions, regenerated from the same seeds."""
     opts = json.loads(opts_json)
     entries, ds = {}, None
-    for i, n in enumerate(SPLITS.values()):
-        ds = dataset(task, opts, 2 * n, SEED * 10 + i)
+    for split, n in SPLITS.items():
+        ds = dataset(task, opts, 2 * n, split_seed(split))
         for e in ds:
             entries.setdefault(e["question"], e)
     return ds, entries
