@@ -105,8 +105,9 @@ STAGE_ARGS = {
     "rm": ["train.max_steps=2"],  # the parent of ppo, not measured
     "ppo": ["train.max_steps=2", "stage.rollout_batch_size=8", "stage.max_new_tokens=16", "stage.eval_prompts=0",
             "stage.max_prompt_length=48"],
+    # a random model's answers all score 0: without drop_zero_variance=false no group would train and no step happen
     "grpo": ["train.max_steps=2", "stage.rollout_batch_size=2", "stage.group_size=4", "stage.max_new_tokens=16",
-             "stage.eval_prompts=0", "stage.max_prompt_length=48"],
+             "stage.eval_prompts=0", "stage.max_prompt_length=48", "stage.drop_zero_variance=false"],
 }
 MEASURED = ("sft", "dpo", "ppo", "grpo")
 SIZES = {"small": (512, 6), "medium": (768, 8), "large": (1024, 12)}  # hidden, layers
@@ -132,23 +133,42 @@ def stage_matrix(args) -> None:
                     mib = peak_rss_mib([sys.executable, "-m", "align", f"stage={stage}", *run, *STAGE_ARGS[stage],
                                         *extra], tmp)
                     if stage in MEASURED:
-                        plan = planned_stage_above_floor(tmp / size, stage, [*run, *STAGE_ARGS[stage], *extra])
+                        overrides = [*run, *STAGE_ARGS[stage], *extra]
+                        bound = planned_stage_above_floor(tmp / size, stage, overrides)
+                        plan = planned_stage_above_floor(tmp / size, stage, overrides, lengths=True)
                         rows.append({"size": size, "params": params, "peft": peft, "stage": stage,
-                                     "measured_mib": round(mib - floor), "plan_mib": round(plan)})
+                                     "measured_mib": round(mib - floor), "plan_mib": round(plan),
+                                     "plan_at_bounds_mib": round(bound)})
                         print(json.dumps(rows[-1]), flush=True)
+    print_tables(rows)
+
+
+def print_tables(rows: list[dict]) -> None:
+    """The plan against the measurement per size, then what grows with the model between the smallest and the
+    largest size (the process's fixed runtime above the floor, which no GPU holds, cancels out there)."""
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    cell = {(r["size"], r["peft"], r["stage"]): r for r in rows}
     print(f"\n| model | weights | {' | '.join(MEASURED)} |\n|---|---|" + "---|" * len(MEASURED))
-    for size in args.sizes.split(","):
+    for size in sizes:
         for peft in ("none", "lora", "qlora"):
-            cells = {r["stage"]: r for r in rows if r["size"] == size and r["peft"] == peft}
             line = [f"{c['plan_mib']} / {c['measured_mib']} = {c['plan_mib'] / max(c['measured_mib'], 1):.2f}"
-                    for c in (cells[s] for s in MEASURED)]
-            print(f"| {size} ({cells['sft']['params'] / 1e6:.0f}M) | {peft} | " + " | ".join(line) + " |")
-    print("cells: align plan / measured above the floor (MiB) = ratio")
+                    for c in (cell[size, peft, s] for s in MEASURED)]
+            print(f"| {size} ({cell[size, peft, 'sft']['params'] / 1e6:.0f}M) | {peft} | " + " | ".join(line) + " |")
+    print("cells: align plan at the data's lengths / measured above the floor (MiB) = ratio")
+    if len(sizes) < 2:
+        return
+    lo, hi = sizes[0], sizes[-1]
+    print(f"\n| {hi} - {lo} | {' | '.join(MEASURED)} |\n|---|" + "---|" * len(MEASURED))
+    for peft in ("none", "lora", "qlora"):
+        grow = [(cell[hi, peft, s]["plan_mib"] - cell[lo, peft, s]["plan_mib"],
+                 cell[hi, peft, s]["measured_mib"] - cell[lo, peft, s]["measured_mib"]) for s in MEASURED]
+        print(f"| {peft} | " + " | ".join(f"{p} / {m} = {p / max(m, 1):.2f}" for p, m in grow) + " |")
+    print("cells: growth of the plan / growth of the measurement (MiB) = ratio")
 
 
-def planned_stage_above_floor(model: Path, stage: str, overrides: list[str]) -> float:
+def planned_stage_above_floor(model: Path, stage: str, overrides: list[str], lengths: bool = False) -> float:
     """What `align plan` says one stage run needs beyond the floor (one fp32 copy of the weights, no CUDA context),
-    in MiB."""
+    in MiB; with `lengths`, at the lengths the run's data has (data_lengths)."""
     sys.path.insert(0, str(REPO))
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -164,9 +184,33 @@ def planned_stage_above_floor(model: Path, stage: str, overrides: list[str]) -> 
     keep = [o for o in overrides if not o.startswith(("run.", "train.save_steps"))]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[f"stage={stage}", *keep])
+        if lengths:  # the plan sized at the longest row the run's data has, instead of at the configured bounds
+            cfg = compose("config", overrides=[f"stage={stage}", *keep, *data_lengths(cfg, model)])
     shape = shape_of(str(model))
     plan = plan_stage(cfg, shape, 1, None)
     return (plan.peak - memory.CUDA_CONTEXT - 4 * shape.params) / 2**20
+
+
+def data_lengths(cfg, model: Path) -> list[str]:
+    """Overrides that bound the plan's lengths by the data: train.max_length at the longest tokenized row (sft, dpo),
+    stage.max_prompt_length at the longest prompt (ppo, grpo: the plan adds stage.max_new_tokens). The plan sizes
+    activations at the configured bound, which a batch of short rows never reaches (the demo's rows are ~21 tokens
+    against train.max_length 64); here both sides see the same rows."""
+    from align.data import loader
+    from align.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model), cfg.model)
+    name = cfg.stage.name
+    if name in ("ppo", "grpo"):
+        rows, _, _ = loader.prompt_datasets(cfg.data, tokenizer, cfg.stage.max_prompt_length, cfg.train.seed)
+        return [f"stage.max_prompt_length={max(len(r) for r in rows['prompt_ids'])}"]
+    if name == "dpo":
+        rows, _, _ = loader.dpo_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+        longest = max(len(p) + max(len(c), len(r))
+                      for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]))
+        return [f"train.max_length={longest}"]
+    rows, _, _ = loader.sft_datasets(cfg.data, tokenizer, cfg.train.max_length, cfg.train.seed)
+    return [f"train.max_length={max(len(r) for r in rows['input_ids'])}"]
 
 
 def main() -> None:

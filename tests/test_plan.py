@@ -76,6 +76,27 @@ def test_a_two_layer_model_under_zero3_on_four_gpus_with_lora_by_hand(tmp_path):
     assert rows["activations (2 x 4 tokens, activation checkpointing)"] == 2 * 8 * 8 * 2 + 144 * 8 * 2 + lora
 
 
+
+def test_ppo_holds_the_actors_and_the_critics_activations_together(tmp_path):
+    """PPO's update runs the actor's and the critic's forward passes before either backward (align/stages/ppo.py
+    _update), so both models' activations are alive at once; the plan counted only one set, and a medium model's PPO
+    step on the CPU grew by about twice what it said. Under checkpointing each keeps its layer inputs, and one layer
+    at a time is recomputed."""
+    from align.plan.shapes import shape_of
+    from align.plan.stage_plan import plan_stage
+
+    (tmp_path / "config.json").write_text(json.dumps(TWO_LAYERS))
+    s = shape_of(str(tmp_path))
+    common = ("stage=ppo", f"model.name_or_path={tmp_path}", "peft=lora", "peft.r=2", "peft.dropout=0",
+              "model.dtype=bf16", "train.batch_size=2", "stage.max_prompt_length=3", "stage.max_new_tokens=1")
+    lora = 8 * 7 * 2 * 2  # 8 tokens, 7 adapters' A outputs of r = 2 values (no dropout)
+    rows = dict(plan_stage(compose(*common), s, gpus=1, gpu_memory=None).rows)
+    for role in ("actor", "critic"):
+        assert rows[f"{role} activations (2 x 4 tokens, no checkpointing)"] == 2 * (144 * 8 * 2 + lora)
+    rows = dict(plan_stage(compose(*common, "model.gradient_checkpointing=true"), s, 1, None).rows)
+    assert rows["actor activations (2 x 4 tokens, activation checkpointing)"] == 2 * 8 * 8 * 2 + 144 * 8 * 2 + lora
+    assert rows["critic activations (2 x 4 tokens, activation checkpointing)"] == 2 * 8 * 8 * 2
+
 def test_plan_of_a_7b_ppo_recipe_on_eight_gpus_with_no_model_on_disk(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = run_cli(["plan", "recipe=rlhf_ppo", "model=qwen2_5_7b", "deepspeed=zero3", "peft=lora", "plan.gpus=8",

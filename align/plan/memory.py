@@ -69,6 +69,14 @@ def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, compute_byt
     """What the backward pass keeps of one micro-batch of `tokens` tokens (batch x length). With LoRA adapters
     (`lora_r`) each adapted linear layer also keeps its A projection's output (r values), and with LoRA dropout the
     dropped-out copy of its input and the dropout mask (a byte a value)."""
+    return sum(activation_parts(shape, tokens, checkpointing, compute_bytes, lora_r, lora_dropout))
+
+
+def activation_parts(shape: Shape, tokens: int, checkpointing: bool, compute_bytes: int, lora_r: int = 0,
+                     lora_dropout: bool = False) -> tuple[float, float]:
+    """activation_bytes as (kept from the forward pass until the backward, the one layer recomputed at a time under
+    activation checkpointing): two models whose forwards both run before their backwards (PPO's actor and critic)
+    keep both their first parts, but recompute one layer at a time."""
     h, a, d, kv, i = shape.hidden, shape.heads, shape.head_dim, shape.kv_heads, shape.intermediate
     per_layer = (4 * h + 3 * a * d + 3 * kv * d + 4 * i) * tokens * compute_bytes
     if lora_r:
@@ -76,8 +84,8 @@ def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, compute_byt
         per_layer += len(shape.lora_dims) * lora_r * tokens * compute_bytes
         per_layer += inputs * tokens * (compute_bytes + 1) if lora_dropout else 0
     if checkpointing:
-        return shape.layers * h * tokens * compute_bytes + per_layer
-    return shape.layers * per_layer
+        return shape.layers * h * tokens * compute_bytes, per_layer
+    return shape.layers * per_layer, 0.0
 
 
 def logits_bytes(shape: Shape, tokens: int, chunked: bool) -> float:

@@ -80,15 +80,21 @@ def plan_stage(cfg, shape: Shape, gpus: int, gpu_memory: float | None) -> StageP
     tokens = t.batch_size * fp.pair_rows * length
     train = 0.0
     if trains and tokens:
-        adapted = any(h.trains and (h.peft or cfg.peft.method) != "none" for h in fp.models)
-        act = memory.activation_bytes(shape, tokens, cfg.model.gradient_checkpointing, b,
-                                      lora_r=cfg.peft.r if adapted else 0, lora_dropout=cfg.peft.dropout > 0)
-        logits = memory.logits_bytes(shape, tokens, fp.chunked_logits) if vocab_head else 0.0
         ckpt = "activation checkpointing" if cfg.model.gradient_checkpointing else "no checkpointing"
         rows = f"{t.batch_size} x {fp.pair_rows}" if fp.pair_rows > 1 else f"{t.batch_size}"
-        plan.rows += [(f"activations ({rows} x {length} tokens, {ckpt})", act),
-                      ("logits (" + ("chunked" if fp.chunked_logits else "whole micro-batch") + ", fp32)", logits)]
-        train = act + logits
+        trained = [h for h in fp.models if h.trains]
+        # every trained model's forward runs before the first backward (PPO: actor and critic), so their activations
+        # are held together; under checkpointing one layer at a time is recomputed, counted once
+        parts = [memory.activation_parts(shape, tokens, cfg.model.gradient_checkpointing, b,
+                                         lora_r=cfg.peft.r if (h.peft or cfg.peft.method) != "none" else 0,
+                                         lora_dropout=cfg.peft.dropout > 0) for h in trained]
+        recompute = max(r for _, r in parts)
+        for n, (h, (kept, _)) in enumerate(zip(trained, parts)):
+            who = f"{h.role} activations" if len(trained) > 1 else "activations"
+            plan.rows.append((f"{who} ({rows} x {length} tokens, {ckpt})", kept + (recompute if n == 0 else 0.0)))
+        logits = memory.logits_bytes(shape, tokens, fp.chunked_logits) if vocab_head else 0.0
+        plan.rows.append(("logits (" + ("chunked" if fp.chunked_logits else "whole micro-batch") + ", fp32)", logits))
+        train = sum(kept for kept, _ in parts) + recompute + logits
     sample, resident = _sampling_rows(cfg, shape, fp, plan, gpu_memory, b)
     context = memory.CUDA_CONTEXT
     plan.rows.append(("CUDA context and allocator reserve", context))
