@@ -6,7 +6,9 @@ data). In the environment with vLLM (`pip install -e ".[vllm]"`):
 
 Prints one table: SFT tokens/s and MFU (6 x parameters x tokens/s over the card's dense bf16 peak), DPO steps/s, GRPO
 step time with rollout.engine=hf and =vllm (the first step left out) and the rollout's share of it, and each run's
-peak GPU memory (nvidia-smi, sampled every 0.2 s). bf16, full weights, one process per run. Nothing asserts a time."""
+peak GPU memory (nvidia-smi, sampled every 0.2 s) beside what `align plan` says the same run needs (sized at the
+lengths the demo's rows have: bench/memory.py's stage_plan). bf16, full weights, one process per run; then SFT with
+LoRA and with QLoRA, whose terms the CPU cannot check (docs/benchmarks.md). Nothing asserts a time."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from common import REPO, run_align
+from memory import stage_plan
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 QWEN2_5_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -77,32 +80,47 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    gpu_memory = torch.cuda.get_device_properties(0).total_memory
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder, params = build(Path(tmp))
-        common = [f"model.name_or_path={folder}", "stage.init=base", "model.dtype=bf16", "peft=none"]
+        common = [f"model.name_or_path={folder}", "stage.init=base", "model.dtype=bf16"]
         runs = Path(tmp) / "runs"
-        with PeakMemory() as mem:
-            m = run_align("sft", *common, f"train.max_steps={args.sft_steps}", "train.batch_size=16", run_root=runs)
-        mfu = f"{6 * params * m['train_tokens_per_s'] / peak:.1%}" if peak else "n/a (unknown card)"
-        rows.append(("SFT", f"{m['train_tokens_per_s']:.0f} tokens/s, MFU {mfu}", mem.peak))
-        with PeakMemory() as mem:
-            m = run_align("dpo", *common, f"train.max_steps={args.dpo_steps}", "train.batch_size=8", run_root=runs)
-        rows.append(("DPO", f"{m['global_step'] / m['train_runtime_s']:.2f} steps/s", mem.peak))
-        for engine in ("hf", "vllm"):
-            with PeakMemory() as mem:
-                run_align("grpo", *common, f"rollout.engine={engine}", f"train.max_steps={args.grpo_steps}",
-                          "stage.rollout_batch_size=16", "stage.group_size=8", "train.batch_size=16",
-                          "train.grad_accum=8", "stage.max_new_tokens=256", "stage.eval_prompts=0",
-                          "stage.drop_zero_variance=false", "train.logging_steps=1", run_root=runs / engine)
-            steps = [json.loads(x) for x in (runs / engine / "demo/grpo/history.jsonl").read_text().splitlines()][1:]
-            rows.append((f"GRPO ({engine})", f"{statistics.mean(h['time/step_s'] for h in steps):.2f} s/step, rollout "
-                         f"{statistics.mean(h['time/generation_share'] for h in steps):.0%}", mem.peak))
-    print(f"\n{name}; random-initialised Qwen2.5-1.5B shape ({params / 1e9:.2f}B), bf16, full weights")
-    print("| run | speed | peak GPU memory |\n|---|---|---|")
-    for run, speed, peak_mib in rows:
-        print(f"| {run} | {speed} | {peak_mib / 1024:.1f} GiB |")
 
+        def measured(label: str, stage: str, overrides: list[str], root: Path, speed) -> None:
+            with PeakMemory() as mem:
+                m = run_align(stage, *common, *overrides, run_root=root)
+            plan, _ = stage_plan(folder, stage, [*common, *overrides], lengths=True, gpu_memory=gpu_memory)
+            rows.append((label, speed(m), mem.peak, plan.peak / 2**20))
+
+        def mfu(m) -> str:
+            share = f"{6 * params * m['train_tokens_per_s'] / peak:.1%}" if peak else "n/a (unknown card)"
+            return f"{m['train_tokens_per_s']:.0f} tokens/s, MFU {share}"
+
+        measured("SFT", "sft", ["peft=none", f"train.max_steps={args.sft_steps}", "train.batch_size=16"], runs, mfu)
+        measured("DPO", "dpo", ["peft=none", f"train.max_steps={args.dpo_steps}", "train.batch_size=8"], runs,
+                 lambda m: f"{m['global_step'] / m['train_runtime_s']:.2f} steps/s")
+        for engine in ("hf", "vllm"):
+            root = runs / engine
+
+            def step_time(m, root=root) -> str:
+                steps = [json.loads(x) for x in (root / "demo/grpo/history.jsonl").read_text().splitlines()][1:]
+                return (f"{statistics.mean(h['time/step_s'] for h in steps):.2f} s/step, rollout "
+                        f"{statistics.mean(h['time/generation_share'] for h in steps):.0%}")
+
+            measured(f"GRPO ({engine})", "grpo", [
+                "peft=none", f"rollout.engine={engine}", f"train.max_steps={args.grpo_steps}",
+                "stage.rollout_batch_size=16", "stage.group_size=8", "train.batch_size=16", "train.grad_accum=8",
+                "stage.max_new_tokens=256", "stage.eval_prompts=0", "stage.drop_zero_variance=false",
+                "train.logging_steps=1"], root, step_time)
+        for peft in ("lora", "qlora"):
+            measured(f"SFT ({peft})", "sft", [f"peft={peft}", "train.max_steps=20", "train.batch_size=16"],
+                     runs / peft, mfu)
+    print(f"\n{name}; random-initialised Qwen2.5-1.5B shape ({params / 1e9:.2f}B), bf16")
+    print("| run | speed | peak GPU memory | align plan | plan / measured |\n|---|---|---|---|---|")
+    for run, speed, peak_mib, plan_mib in rows:
+        print(f"| {run} | {speed} | {peak_mib / 1024:.1f} GiB | {plan_mib / 1024:.1f} GiB | "
+              f"{plan_mib / max(peak_mib, 1):.2f} |")
 
 if __name__ == "__main__":
     main()

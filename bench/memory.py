@@ -169,13 +169,21 @@ def print_tables(rows: list[dict]) -> None:
 def planned_stage_above_floor(model: Path, stage: str, overrides: list[str], lengths: bool = False) -> float:
     """What `align plan` says one stage run needs beyond the floor (one fp32 copy of the weights, no CUDA context),
     in MiB; with `lengths`, at the lengths the run's data has (data_lengths)."""
+    plan, shape = stage_plan(model, stage, overrides, lengths)
+    from align.plan import memory  # importable once stage_plan has put the repository on the path
+
+    return (plan.peak - memory.CUDA_CONTEXT - 4 * shape.params) / 2**20
+
+
+def stage_plan(model: Path, stage: str, overrides: list[str], lengths: bool = False, gpu_memory: float | None = None):
+    """(align plan's StagePlan of one stage run on one GPU, the model's shape); with `lengths`, sized at the lengths
+    the run's data has (data_lengths) instead of the configured bounds."""
     sys.path.insert(0, str(REPO))
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from align.config.paths import config_dir
     from align.config.recipes import register
-    from align.plan import memory
     from align.plan.shapes import shape_of
     from align.plan.stage_plan import plan_stage
 
@@ -187,8 +195,7 @@ def planned_stage_above_floor(model: Path, stage: str, overrides: list[str], len
         if lengths:  # the plan sized at the longest row the run's data has, instead of at the configured bounds
             cfg = compose("config", overrides=[f"stage={stage}", *keep, *data_lengths(cfg, model)])
     shape = shape_of(str(model))
-    plan = plan_stage(cfg, shape, 1, None)
-    return (plan.peak - memory.CUDA_CONTEXT - 4 * shape.params) / 2**20
+    return plan_stage(cfg, shape, 1, gpu_memory), shape
 
 
 def data_lengths(cfg, model: Path) -> list[str]:
