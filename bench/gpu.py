@@ -122,5 +122,6 @@ def main() -> None:
         print(f"| {run} | {speed} | {peak_mib / 1024:.1f} GiB | {plan_mib / 1024:.1f} GiB | "
               f"{plan_mib / max(peak_mib, 1):.2f} |")
 
+
 if __name__ == "__main__":
     main()

@@ -166,6 +166,7 @@ def test_gym_prompts_and_answers_survive_each_familys_template_and_tokenizer(fam
     from align.data.loader import prompt_datasets
     from align.models.loading import load_tokenizer
     from align.tasks import checkers
+
     cfg = compose(*CHAIN)
     tok = load_tokenizer(str(build(family, tmp_path / family)), cfg.model)
     check = checkers.from_config(cfg.data)

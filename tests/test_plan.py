@@ -76,7 +76,6 @@ def test_a_two_layer_model_under_zero3_on_four_gpus_with_lora_by_hand(tmp_path):
     assert rows["activations (2 x 4 tokens, activation checkpointing)"] == 2 * 8 * 8 * 2 + 144 * 8 * 2 + lora
 
 
-
 def test_ppo_holds_the_actors_and_the_critics_activations_together(tmp_path):
     """PPO's update runs the actor's and the critic's forward passes before either backward (align/stages/ppo.py
     _update), so both models' activations are alive at once; the plan counted only one set, and a medium model's PPO
@@ -96,6 +95,7 @@ def test_ppo_holds_the_actors_and_the_critics_activations_together(tmp_path):
     rows = dict(plan_stage(compose(*common, "model.gradient_checkpointing=true"), s, 1, None).rows)
     assert rows["actor activations (2 x 4 tokens, activation checkpointing)"] == 2 * 8 * 8 * 2 + 144 * 8 * 2 + lora
     assert rows["critic activations (2 x 4 tokens, activation checkpointing)"] == 2 * 8 * 8 * 2
+
 
 def test_plan_of_a_7b_ppo_recipe_on_eight_gpus_with_no_model_on_disk(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

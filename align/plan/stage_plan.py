@@ -74,15 +74,14 @@ def plan_stage(cfg, shape: Shape, gpus: int, gpu_memory: float | None) -> StageP
     for held in fp.models:
         plan.rows += held_bytes(cfg, shape, held, gpus)
     models = sum(v for _, v in plan.rows)
-    trains = any(h.trains for h in fp.models)
-    vocab_head = any(h.trains and not h.score_head for h in fp.models)  # a classifier has no logits over the vocabulary
+    trained = [h for h in fp.models if h.trains]
+    vocab_head = any(not h.score_head for h in trained)  # a classifier has no logits over the vocabulary
     length = t.max_length if fp.train_tokens is None else fp.train_tokens
     tokens = t.batch_size * fp.pair_rows * length
     train = 0.0
-    if trains and tokens:
+    if trained and tokens:
         ckpt = "activation checkpointing" if cfg.model.gradient_checkpointing else "no checkpointing"
         rows = f"{t.batch_size} x {fp.pair_rows}" if fp.pair_rows > 1 else f"{t.batch_size}"
-        trained = [h for h in fp.models if h.trains]
         # every trained model's forward runs before the first backward (PPO: actor and critic), so their activations
         # are held together; under checkpointing one layer at a time is recomputed, counted once
         parts = [memory.activation_parts(shape, tokens, cfg.model.gradient_checkpointing, b,
