@@ -9,8 +9,8 @@ Builds a randomly initialised Llama of the given size once (the embedded tokeniz
 align's SFT stage on it three times — peft=none, lora, qlora — each in a process of its own, and prints each
 process's peak resident memory (the kernel's ru_maxrss: weights, gradients, optimizer states, activations and
 the Python/torch runtime together) and its ratio to full fine-tuning. A fourth process that only imports
-align's stack and loads the model in fp32 gives the floor every run pays. On a GPU the same script measures
-host memory only; GPU numbers come from a GPU run of the stage itself.
+align's stack and loads the model in fp32 (its weights read, so that they are resident) gives the floor every run
+pays. On a GPU the same script measures host memory only; GPU numbers come from a GPU run of the stage itself.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ import sys
 sys.path.insert(0, {repo!r})
 import align.stages.sft, trl, peft, deepspeed  # noqa: F401  the same imports as a stage
 from transformers import AutoModelForCausalLM
-AutoModelForCausalLM.from_pretrained({model!r})
+model = AutoModelForCausalLM.from_pretrained({model!r})
+# the weights come memory-mapped from the safetensors file and count in RSS only once a page is read: without this
+# the floor held them on some runs (999 MiB for the 155M model) and not on others (467 MiB), by page-cache timing
+sum(float(p.sum()) for p in model.parameters())
 """
 
 
