@@ -36,6 +36,7 @@ GYM_TASKS = {
     "gym_spell_backward": ["data=gym:spell_backward", "data.gym.min_word_len=7", "data.gym.max_word_len=10"],
     "gym_letter_counting": ["data=gym:letter_counting", "data.gym.min_words=1", "data.gym.max_words=2"],
     "gym_lcm": ["data=gym:lcm", "data.gym.max_value=30"],
+    "gym_gcd": ["data=gym:gcd", "data.gym.max_value=30"],
     "gym_simple_equations": ["data=gym:simple_equations", "data.gym.max_terms=2", "data.gym.max_value=20",
                              "data.gym.operators=[+,-]", "data.gym.operators_weights=[0.5,0.5]"],
 }

@@ -16,7 +16,6 @@ from families import FAMILIES, build
 
 CHAIN = ["data=gym", "data.train=gym:chain_sum", "++data.gym.max_terms=2", "++data.gym.max_digits=2"]
 OPTS = {"max_terms": 2, "max_digits": 2}
-SPLITS_SIZES = (10000, 2000, 300, 300)  # sft, prefs, sft_eval, prefs_eval: generated with seed 20250 * 10 + i
 
 
 def read(split: str) -> list[dict]:
@@ -52,6 +51,13 @@ def test_splits_regenerate_byte_for_byte_and_held_out_questions_are_never_traine
     held_out = {question(r) for s in ("sft_eval", "prefs_eval") for r in read(s)}
     trained = {question(r) for s in ("sft", "prefs") for r in read(s)}
     assert len(held_out) > 250 and not held_out & trained
+    # each split its own stream: no two splits' generators share a question seed (reasoning-gym seeds question k
+    # with seed + k), so the prefs split is not the sft split's questions shifted by one, as it was once
+    ranges = sorted((gym.split_seed(s), gym.split_seed(s) + 2 * n) for s, n in gym.SPLITS.items())
+    assert all(end <= start for (_, end), (start, _) in zip(ranges, ranges[1:]))
+    sft = {question(r) for r in read("sft")}
+    prefs = [question(r) for r in read("prefs")]
+    assert sum(p in sft for p in prefs) < 0.6 * len(prefs)  # 51%: the questions both draw by chance (all, shifted)
     assert gym.path("chain_sum", {"max_terms": 2, "max_digits": 1}, "sft").parent != first  # options key the folder
 
 
@@ -60,8 +66,10 @@ def test_chosen_answers_score_one_and_rejected_near_misses_less_with_the_tasks_o
 
     pairs = read("prefs") + read("prefs_eval")
     by_question = {}
-    for i, n in enumerate(SPLITS_SIZES):  # every split's generator, as align/tasks/gym.py seeds them
-        for e in reasoning_gym.create_dataset("chain_sum", size=2 * n, seed=20250 * 10 + i, **OPTS):
+    from align.tasks import gym
+
+    for split, n in gym.SPLITS.items():  # every split's generator, as align/tasks/gym.py seeds them
+        for e in reasoning_gym.create_dataset("chain_sum", size=2 * n, seed=gym.split_seed(split), **OPTS):
             by_question.setdefault(e["question"], e)
     ds = reasoning_gym.create_dataset("chain_sum", size=1, seed=0, **OPTS)
     off_by = []
@@ -126,6 +134,7 @@ def test_the_eval_stages_accuracy_on_a_gym_task_is_reasoning_gyms_own_score(tmp_
     from align.data.loader import eval_prompts
     from align.models.loading import load_tokenizer
     from align.run import handoff, orchestrate
+    from align.tasks import gym
 
     opts = {"max_word_len": 6}
     overrides = ["data=gym", "data.train=gym:spell_backward", "++data.gym.max_word_len=6", f"run.root={tmp_path}",
@@ -139,8 +148,8 @@ def test_the_eval_stages_accuracy_on_a_gym_task_is_reasoning_gyms_own_score(tmp_
     rows, _ = eval_prompts(cfg.data, tok, cfg.stage.max_prompt_length, cfg.train.max_length, cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     by_question = {}
-    for i, n in enumerate(SPLITS_SIZES):
-        for e in reasoning_gym.create_dataset("spell_backward", size=2 * n, seed=20250 * 10 + i, **opts):
+    for split, n in gym.SPLITS.items():
+        for e in reasoning_gym.create_dataset("spell_backward", size=2 * n, seed=gym.split_seed(split), **opts):
             by_question.setdefault(e["question"], e)
     ds = reasoning_gym.create_dataset("spell_backward", size=1, seed=0, **opts)
     scores = []

@@ -32,12 +32,17 @@ from pathlib import Path
 from align.config.rules import Unsupported
 
 PREFIX = "gym:"
-SEED = 20250  # the generation seed of split i is SEED * 10 + i (one stream per split, as the zoo's)
+SEED = 20250
 SPLITS = {"sft": 10000, "prefs": 2000, "sft_eval": 300, "prefs_eval": 300}  # rows per split, as the zoo's
+# reasoning-gym makes question k of a dataset seeded s from Random(s + k), so two splits whose seeds differ by less
+# than a split's dataset (2n questions) share questions position by position: seeds SEED * 10 + i made the prefs
+# split the sft split's questions shifted by one. Split i starts STRIDE further on, past every other split's stream.
+STRIDE = 10**6
 
 
 def split_seed(split: str) -> int:
-    return SEED * 10 + list(SPLITS).index(split)
+    """The generation seed of `split`: one stream per split, as the zoo's, no two sharing a question seed."""
+    return SEED * 10 + list(SPLITS).index(split) * STRIDE
 INSTALL = 'pip install "align[gym]" (reasoning-gym)'
 
 
