@@ -62,16 +62,10 @@ def test_splits_regenerate_byte_for_byte_and_held_out_questions_are_never_traine
 
 
 def test_chosen_answers_score_one_and_rejected_near_misses_less_with_the_tasks_own_scoring():
-    import reasoning_gym
-
     pairs = read("prefs") + read("prefs_eval")
-    by_question = {}
     from align.tasks import gym
 
-    for split, n in gym.SPLITS.items():  # every split's generator, as align/tasks/gym.py seeds them
-        for e in reasoning_gym.create_dataset("chain_sum", size=2 * n, seed=gym.split_seed(split), **OPTS):
-            by_question.setdefault(e["question"], e)
-    ds = reasoning_gym.create_dataset("chain_sum", size=1, seed=0, **OPTS)
+    ds, by_question = gym._scorer("chain_sum", json.dumps(OPTS, sort_keys=True))  # every split's entries
     off_by = []
     for p in pairs:
         entry = by_question[question(p)]
@@ -127,7 +121,6 @@ def test_the_eval_stages_accuracy_on_a_gym_task_is_reasoning_gyms_own_score(tmp_
     """A short SFT on gym:spell_backward (partial credit: a half-reversed word scores between 0 and 1), then the eval
     stage: its checker accuracy equals the mean of reasoning-gym's own score_answer over the same greedy answers,
     decoded here one prompt at a time with plain transformers from the saved model."""
-    import reasoning_gym
     from transformers import AutoModelForCausalLM
 
     from align.data.chat import end_of_turn_ids
@@ -147,11 +140,7 @@ def test_the_eval_stages_accuracy_on_a_gym_task_is_reasoning_gyms_own_score(tmp_
     tok = load_tokenizer(str(model_dir), cfg.model)
     rows, _ = eval_prompts(cfg.data, tok, cfg.stage.max_prompt_length, cfg.train.max_length, cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    by_question = {}
-    for split, n in gym.SPLITS.items():
-        for e in reasoning_gym.create_dataset("spell_backward", size=2 * n, seed=gym.split_seed(split), **opts):
-            by_question.setdefault(e["question"], e)
-    ds = reasoning_gym.create_dataset("spell_backward", size=1, seed=0, **opts)
+    ds, by_question = gym._scorer("spell_backward", json.dumps(opts, sort_keys=True))  # every split's entries
     scores = []
     with torch.no_grad():
         for row in rows[:24]:

@@ -43,6 +43,8 @@ STRIDE = 10**6
 def split_seed(split: str) -> int:
     """The generation seed of `split`: one stream per split, as the zoo's, no two sharing a question seed."""
     return SEED * 10 + list(SPLITS).index(split) * STRIDE
+
+
 INSTALL = 'pip install "align[gym]" (reasoning-gym)'
 
 
