@@ -220,3 +220,44 @@ def test_ppo_takes_its_reward_from_the_reward_group(pipeline):
         right = h["reward/checker"] * rollouts  # the share of right answers: a whole number of them, not an RM score
         assert right == pytest.approx(round(right), abs=1e-4), h
     assert "reward/rm" not in history[0]  # no reward model was run
+
+
+def test_a_reward_model_at_chance_is_named_before_training():
+    """rewards.at_chance: accuracy under 0.5 + 1/sqrt(n) on n held-out pairs (two standard errors of a coin flip)
+    is warned about, naming the folder, the accuracy and the bound; above it, or with nothing recorded, nothing."""
+    from types import SimpleNamespace
+
+    from align import rewards
+
+    def parent(**metrics):
+        return SimpleNamespace(path="/runs/x/rm", info={"metrics": metrics})
+
+    (warning,) = rewards.at_chance(parent(eval_accuracy=0.453, **{"data/eval_rows": 300}), "ppo")
+    assert warning["kind"] == "reward_model_at_chance" and warning["step"] == 0
+    assert "/runs/x/rm ranks 45.3% of its 300 held-out pairs right" in warning["message"]
+    assert "under 55.8%" in warning["message"] and "ppo would optimise noise" in warning["message"]
+    assert rewards.at_chance(parent(eval_accuracy=0.56, **{"data/eval_rows": 300}), "ppo") == []  # 0.5 + 0.0577
+    assert len(rewards.at_chance(parent(eval_accuracy=0.59, **{"data/eval_rows": 100}), "grpo")) == 1  # bound 0.6
+    assert rewards.at_chance(parent(eval_accuracy=0.9, **{"data/eval_rows": 100}), "grpo") == []
+    assert rewards.at_chance(parent(), "ppo") == []  # a model folder named by path records no accuracy
+
+
+def test_ppo_over_a_reward_model_at_chance_says_so_in_stage_json(full_ppo, pipeline, tmp_path):
+    """The warning's wiring: the pipeline's RM (78% of 300 pairs) gives none; the same RM with its recorded accuracy
+    set to 48% gives one, first in stage.json's warnings; reward=checker (the RM only starts the critic) gives none."""
+    import shutil
+
+    kinds = [w["kind"] for w in json.loads((full_ppo.out / "stage.json").read_text())["warnings"]]
+    assert "reward_model_at_chance" not in kinds
+    weak = tmp_path / "weak-rm"
+    shutil.copytree(pipeline / "demo" / "rm", weak)
+    record = json.loads((weak / "stage.json").read_text())
+    record["metrics"]["eval_accuracy"] = 0.48
+    (weak / "stage.json").write_text(json.dumps(record))
+    short = ("train.max_steps=1", "stage.eval_prompts=0", f"stage.actor={pipeline / 'demo' / 'sft'}",
+             f"stage.reward={weak}")
+    result = run_stage("ppo", pipeline, *PPO[1:], *short, "run.name=weak-rm")
+    warnings = json.loads((result.out / "stage.json").read_text())["warnings"]
+    assert warnings[0]["kind"] == "reward_model_at_chance" and f"{weak} ranks 48.0%" in warnings[0]["message"]
+    checked = run_stage("ppo", pipeline, *PPO[1:], *short, "reward=checker", "run.name=weak-rm-checker")
+    assert [w["kind"] for w in json.loads((checked.out / "stage.json").read_text())["warnings"]] == []

@@ -98,6 +98,8 @@ def run(cfg: DictConfig) -> StageResult:
         raise handoff.HandoffError(
             f"ppo needs a reward model: run `python -m align stage=rm run.name={cfg.run.name}` first, "
             "or pass stage.reward=PATH")
+    rewarded = "rm" in rewards.components_of(cfg.reward, DEFAULT_REWARD)  # else the RM only starts the critic
+    rm_warnings = rewards.at_chance(reward_parent, "ppo") if rewarded else []
     critic_parent = handoff.find_parent(cfg, "rm", s.critic) if s.critic else reward_parent
     actor_source = str(actor_parent.model) if actor_parent else cfg.model.name_or_path
 
@@ -122,7 +124,7 @@ def run(cfg: DictConfig) -> StageResult:
     parents = [p for p in (actor_parent, reward_parent, critic_parent if s.critic else None) if p]
     trained = {handoff.MODEL_DIR: (models.actor, actor_parent), CRITIC_DIR: (models.critic, critic_parent)}
     extra = {"critic": {"dir": CRITIC_DIR, "task": "seq_cls", "init": str(critic_parent.model)},
-             "warnings": loop.warnings}
+             "warnings": rm_warnings + loop.warnings}
     return online.save_and_commit(stage, trained, tokenizer, parents, actor_parent, metrics,
                                   [{"step": i + 1, **h} for i, h in enumerate(history)], extra)
 
