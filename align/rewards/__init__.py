@@ -28,6 +28,7 @@ import torch
 from align.config.schema import REWARD_COMPONENTS as COMPONENTS
 from align.config.schema import REWARD_KINDS as KINDS
 from align.data.prompts import Prompt
+from align.run import tracking
 from align.tasks import checkers
 
 log = logging.getLogger("align")
@@ -215,7 +216,8 @@ def at_chance(parent, stage: str) -> list[dict]:
                f"(eval_accuracy in its stage.json), within chance (under {0.5 + 1 / math.sqrt(pairs):.1%}): "
                f"{stage} would optimise noise. Check that its chosen answers differ from the rejected ones in "
                "a way the model can see, train it longer, or reward with a checker (reward=checker)")
-    log.warning("%s: %s", stage, message)
+    if tracking.is_main_process():
+        log.warning("%s: %s", stage, message)
     return [{"kind": "reward_model_at_chance", "step": 0, "message": message}]
 
 
