@@ -240,6 +240,7 @@ def test_a_reward_model_at_chance_is_named_before_training():
     assert len(rewards.at_chance(parent(eval_accuracy=0.59, **{"data/eval_rows": 100}), "grpo")) == 1  # bound 0.6
     assert rewards.at_chance(parent(eval_accuracy=0.9, **{"data/eval_rows": 100}), "grpo") == []
     assert rewards.at_chance(parent(), "ppo") == []  # a model folder named by path records no accuracy
+    assert rewards.at_chance(None, "grpo") == []  # no reward model in the reward group
 
 
 def test_ppo_over_a_reward_model_at_chance_says_so_in_stage_json(full_ppo, pipeline, tmp_path):

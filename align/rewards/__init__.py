@@ -206,14 +206,16 @@ def build(reward_cfg, data_cfg, rm_score=None, auto: str = "checker", env: bool 
 
 def at_chance(parent, stage: str) -> list[dict]:
     """[a warning] when the reward model ranks its held-out pairs no better than a coin flip would, as its stage
-    recorded it: accuracy under 0.5 + 1/sqrt(n) on n pairs (two standard errors of chance); [] otherwise, and when
-    it recorded no accuracy (a model folder named by path). A policy trained on such a model optimises noise."""
-    stats = parent.info.get("metrics", {})
+    recorded it: accuracy under 0.5 + 1/sqrt(n) on n pairs (two standard errors of chance); [] otherwise, when
+    there is no reward model (None), and when it recorded no accuracy (a model folder named by path). A policy
+    trained on such a model optimises noise."""
+    stats = parent.info.get("metrics", {}) if parent is not None else {}
     accuracy, pairs = stats.get("eval_accuracy"), stats.get("data/eval_rows")
-    if accuracy is None or not pairs or accuracy >= 0.5 + 1 / math.sqrt(pairs):
+    bound = 0.5 + 1 / math.sqrt(pairs) if pairs else None
+    if accuracy is None or bound is None or accuracy >= bound:
         return []
     message = (f"the reward model {parent.path} ranks {accuracy:.1%} of its {pairs} held-out pairs right "
-               f"(eval_accuracy in its stage.json), within chance (under {0.5 + 1 / math.sqrt(pairs):.1%}): "
+               f"(eval_accuracy in its stage.json), within chance (under {bound:.1%}): "
                f"{stage} would optimise noise. Check that its chosen answers differ from the rejected ones in "
                "a way the model can see, train it longer, or reward with a checker (reward=checker)")
     if tracking.is_main_process():

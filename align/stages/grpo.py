@@ -149,7 +149,7 @@ def run(cfg: DictConfig) -> StageResult:
     parent, source = start_from(cfg, "sft", s.init)
     rm_parent = online.reward_model_parent(cfg, default_reward(cfg))
     uses_rm = rm_parent is not None
-    rm_warnings = rewards.at_chance(rm_parent, "grpo") if uses_rm else []
+    rm_warnings = rewards.at_chance(rm_parent, "grpo")
     # built once, before any model loads (a bad reward is refused here); the loop binds its rm component
     reward = rewards.build(cfg.reward, cfg.data, rm_score=(lambda b: None) if uses_rm else None,
                            auto=default_reward(cfg), env=envs.selected(cfg))

@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> StageResult:
     log.info("prompts: %d; %s", len(prompts), report.errors.summary())
 
     work, done = _work_folder(stage), Rounds()
-    done.warnings.extend(rewards.at_chance(rm_parent, "iterative_dpo") if rm_parent else [])
+    done.warnings.extend(rewards.at_chance(rm_parent, "iterative_dpo"))
     stage.start_logging()
     for r in range(1, s.rounds + 1):
         folder = work / f"round-{r}"
