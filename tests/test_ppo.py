@@ -243,18 +243,24 @@ def test_a_reward_model_at_chance_is_named_before_training():
     assert rewards.at_chance(None, "grpo") == []  # no reward model in the reward group
 
 
-def test_ppo_over_a_reward_model_at_chance_says_so_in_stage_json(full_ppo, pipeline, tmp_path):
-    """The warning's wiring: the pipeline's RM (78% of 300 pairs) gives none; the same RM with its recorded accuracy
-    set to 48% gives one, first in stage.json's warnings; reward=checker (the RM only starts the critic) gives none."""
+def _reward_model_recorded_at(accuracy: float, pipeline, tmp_path):
+    """A copy of the pipeline's RM whose stage.json records `accuracy` on its held-out pairs."""
     import shutil
 
-    kinds = [w["kind"] for w in json.loads((full_ppo.out / "stage.json").read_text())["warnings"]]
-    assert "reward_model_at_chance" not in kinds
     weak = tmp_path / "weak-rm"
     shutil.copytree(pipeline / "demo" / "rm", weak)
     record = json.loads((weak / "stage.json").read_text())
-    record["metrics"]["eval_accuracy"] = 0.48
+    record["metrics"]["eval_accuracy"] = accuracy
     (weak / "stage.json").write_text(json.dumps(record))
+    return weak
+
+
+def test_ppo_over_a_reward_model_at_chance_says_so_in_stage_json(full_ppo, pipeline, tmp_path):
+    """The warning's wiring: the pipeline's RM (78% of 300 pairs) gives none; the same RM with its recorded accuracy
+    set to 48% gives one, first in stage.json's warnings; reward=checker (the RM only starts the critic) gives none."""
+    kinds = [w["kind"] for w in json.loads((full_ppo.out / "stage.json").read_text())["warnings"]]
+    assert "reward_model_at_chance" not in kinds
+    weak = _reward_model_recorded_at(0.48, pipeline, tmp_path)
     short = ("train.max_steps=1", "stage.eval_prompts=0", f"stage.actor={pipeline / 'demo' / 'sft'}",
              f"stage.reward={weak}")
     result = run_stage("ppo", pipeline, *PPO[1:], *short, "run.name=weak-rm")
@@ -262,3 +268,19 @@ def test_ppo_over_a_reward_model_at_chance_says_so_in_stage_json(full_ppo, pipel
     assert warnings[0]["kind"] == "reward_model_at_chance" and f"{weak} ranks 48.0%" in warnings[0]["message"]
     checked = run_stage("ppo", pipeline, *PPO[1:], *short, "reward=checker", "run.name=weak-rm-checker")
     assert [w["kind"] for w in json.loads((checked.out / "stage.json").read_text())["warnings"]] == []
+
+
+def test_grpo_and_iterative_dpo_judged_by_a_reward_model_at_chance_say_so_in_stage_json(pipeline, tmp_path):
+    """The same warning from the two other stages that read the run's RM (reward=rm): first in stage.json's
+    warnings (iterative DPO's as its stage-wide entry, with no round), naming the folder and its 48%."""
+    weak = _reward_model_recorded_at(0.48, pipeline, tmp_path)
+    sft = pipeline / "demo" / "sft"
+    judged = ("reward=rm", f"reward.model={weak}", f"stage.init={sft}", "train.max_steps=1", "train.batch_size=16")
+    grpo = run_stage("grpo", pipeline, *judged, "run.name=weak-rm-grpo", "stage.rollout_batch_size=8",
+                     "stage.group_size=2", "stage.eval_prompts=0", "stage.max_new_tokens=8")
+    rounds = run_stage("iterative_dpo", pipeline, *judged, "run.name=weak-rm-rounds", "stage.rounds=1",
+                       "stage.prompts_per_round=16", "stage.samples_per_prompt=2", "stage.max_new_tokens=8")
+    for result in (grpo, rounds):
+        (first, *_) = json.loads((result.out / "stage.json").read_text())["warnings"]
+        assert first["kind"] == "reward_model_at_chance" and "round" not in first, first
+        assert f"{weak} ranks 48.0% of its" in first["message"], first
