@@ -7,6 +7,7 @@
   run, below rl/rewards, below stages, below the CLI; no cycles.
 - No function is over 60 lines.
 - A built-in-style stage is its module plus one registry line, and runs alone and in a recipe.
+- Every relative link in the README and docs/ reaches its file, and its #anchor a heading of that file.
 """
 
 from __future__ import annotations
@@ -104,3 +105,38 @@ def test_no_module_sits_flat_in_align():
     """align/ holds the packages and the entry points only."""
     flat = sorted(p.name for p in ALIGN.glob("*.py"))
     assert flat == ["__init__.py", "__main__.py", "launch.py"], flat
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # a markdown link's target: [text](target)
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation but - and _ dropped, spaces to -."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in path.read_text().splitlines() if line.startswith("#")}
+
+
+def broken_links(files) -> list[str]:
+    broken = []
+    for doc in files:
+        for target in LINK.findall(doc.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            name, _, anchor = target.partition("#")
+            path = (doc.parent / name).resolve() if name else doc
+            if not path.exists():
+                broken.append(f"{doc.name}: {target} (no such file)")
+            elif anchor and path.suffix == ".md" and anchor not in heading_anchors(path):
+                broken.append(f"{doc.name}: {target} (no such heading in {path.name})")
+    return broken
+
+
+def test_every_link_in_the_docs_reaches_its_file_and_heading():
+    assert broken_links([REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]) == []
+
+
+def test_the_link_check_catches_a_renamed_heading_and_a_missing_file(tmp_path):
+    (tmp_path / "a.md").write_text("# Tool use: recipe=agent (2026-12-07)\n\n[ok](#tool-use-recipeagent-2026-12-07)\n")
+    (tmp_path / "b.md").write_text("[old](a.md#tool-use-recipeagent-2026-12-05) [gone](c.md) [web](https://x.org/#y)\n")
+    assert broken_links([tmp_path / "a.md", tmp_path / "b.md"]) == [
+        "b.md: a.md#tool-use-recipeagent-2026-12-05 (no such heading in a.md)", "b.md: c.md (no such file)"]
