@@ -110,24 +110,34 @@ def test_no_module_sits_flat_in_align():
 LINK = re.compile(r"\]\(([^)\s]+)\)")  # a markdown link's target: [text](target)
 
 
-def heading_anchors(path: Path) -> set[str]:
-    """GitHub's anchors of a markdown file's headings: lower case, punctuation but - and _ dropped, spaces to -."""
-    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
-            for line in path.read_text().splitlines() if line.startswith("#")}
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a markdown text's headings: lower case, punctuation but - and _ dropped, spaces to -.
+    A `#` line inside a fenced code block (a shell comment) is not a heading."""
+    anchors, fenced = set(), False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif line.startswith("#") and not fenced:
+            anchors.add(re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-"))
+    return anchors
 
 
 def broken_links(files) -> list[str]:
-    broken = []
+    broken, anchors = [], {}  # each target file's headings read once
     for doc in files:
         for target in LINK.findall(doc.read_text()):
             if "://" in target or target.startswith("mailto:"):
                 continue
             name, _, anchor = target.partition("#")
-            path = (doc.parent / name).resolve() if name else doc
+            path = (doc.parent / name).resolve() if name else doc.resolve()
             if not path.exists():
                 broken.append(f"{doc.name}: {target} (no such file)")
-            elif anchor and path.suffix == ".md" and anchor not in heading_anchors(path):
-                broken.append(f"{doc.name}: {target} (no such heading in {path.name})")
+                continue
+            if anchor and path.suffix == ".md":
+                if path not in anchors:
+                    anchors[path] = heading_anchors(path.read_text())
+                if anchor not in anchors[path]:
+                    broken.append(f"{doc.name}: {target} (no such heading in {path.name})")
     return broken
 
 
@@ -135,8 +145,11 @@ def test_every_link_in_the_docs_reaches_its_file_and_heading():
     assert broken_links([REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]) == []
 
 
-def test_the_link_check_catches_a_renamed_heading_and_a_missing_file(tmp_path):
-    (tmp_path / "a.md").write_text("# Tool use: recipe=agent (2026-12-07)\n\n[ok](#tool-use-recipeagent-2026-12-07)\n")
-    (tmp_path / "b.md").write_text("[old](a.md#tool-use-recipeagent-2026-12-05) [gone](c.md) [web](https://x.org/#y)\n")
+def test_the_link_check_catches_a_renamed_heading_a_missing_file_and_a_code_comment(tmp_path):
+    (tmp_path / "a.md").write_text("# Tool use: recipe=agent (2026-12-07)\n\n[ok](#tool-use-recipeagent-2026-12-07)\n"
+                                   "```bash\n# the demo\npython -m align recipe=demo\n```\n")
+    (tmp_path / "b.md").write_text("[old](a.md#tool-use-recipeagent-2026-12-05) [gone](c.md) [web](https://x.org/#y) "
+                                   "[comment](a.md#the-demo)\n")
     assert broken_links([tmp_path / "a.md", tmp_path / "b.md"]) == [
-        "b.md: a.md#tool-use-recipeagent-2026-12-05 (no such heading in a.md)", "b.md: c.md (no such file)"]
+        "b.md: a.md#tool-use-recipeagent-2026-12-05 (no such heading in a.md)", "b.md: c.md (no such file)",
+        "b.md: a.md#the-demo (no such heading in a.md)"]
