@@ -61,6 +61,8 @@ METHODS = {
     # sparse signal (a deliberately weak SFT, docs/quality.md): 300 steps without and with dynamic sampling
     "grpo_300": (["grpo"], ["grpo.train.max_steps=300"]),
     "grpo_300_dynamic": (["grpo"], ["grpo.train.max_steps=300", "grpo.dynamic_sampling=4"]),
+    # flat groups kept in the update at advantage 0: the step divides by every answer's tokens, not only theirs
+    "grpo_300_keep_flat": (["grpo"], ["grpo.train.max_steps=300", "grpo.drop_zero_variance=false"]),
     # rollouts on vLLM (the environment with vLLM), each correction of the engine/trainer mismatch (docs/rollouts.md)
     "grpo_vllm_none": (["grpo"], ["grpo.train.max_steps=800", "grpo.rollout.engine=vllm",
                                   "grpo.rollout.is_correction=none"]),

@@ -161,3 +161,29 @@ def test_data_train_task_selects_its_group():
 
     assert implicit_data_group(["stage=sft", "data.train=task:sort"]) == ["data=task/sort", "stage=sft",
                                                                          "data.train=task:sort"]
+
+
+def test_bench_heldout_holds_every_arith_prompt_no_training_split_asks():
+    """bench/heldout.py's file (docs/quality.md, "Sparse reward signal"): the whole unseen population, right answers."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import heldout
+
+    rows = heldout.arith_unseen()
+    prompts = [r["messages"][0]["content"] for r in rows]
+    from align.tasks.zoo import prompt_turns
+
+    trained = {prompt_turns(r)[-1]["content"] for split in ("sft", "prefs") for r in read("arith", split)}
+    assert len(prompts) == len(set(prompts)) == 8100 - len(trained) == 1859
+    assert not set(prompts) & trained
+    assert {r["messages"][0]["content"] for r in read("arith", "sft_eval")} <= set(prompts)
+    for r in rows:
+        a, b = r["messages"][0]["content"].removeprefix("add: ").split("+")
+        assert r["messages"][1]["content"] == str(int(a) + int(b))
+    # McNemar's exact p, by hand: 5 against 0 is 2 * (1/2)^5; 17 against 12 is 2 * P(X <= 12), X ~ Bin(29, 1/2)
+    assert heldout.mcnemar(5, 0) == pytest.approx(0.0625)
+    assert heldout.mcnemar(17, 12) == pytest.approx(0.4583, abs=1e-4)
+    assert heldout.mcnemar(0, 0) == 1.0 and heldout.mcnemar(3, 3) == 1.0
