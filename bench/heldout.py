@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from align.tasks import zoo  # noqa: E402
+from align.tasks import checkers, zoo  # noqa: E402
 
 TRAINING_SPLITS = ("sft", "prefs")
 
@@ -48,7 +48,8 @@ def arith_unseen() -> list[dict]:
 
 
 def right_answers(model_dir: Path, rows: list[dict], batch: int = 128) -> list[bool]:
-    """Whether the model's greedy answer to each row's prompt equals the row's answer (the exact checker)."""
+    """Whether the model's greedy answer to each row's prompt passes the task's checker (exact) against the row's
+    answer, as in the eval stage."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,7 +66,7 @@ def right_answers(model_dir: Path, rows: list[dict], batch: int = 128) -> list[b
             done = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
         for row, answer in zip(chunk, done[:, enc["input_ids"].shape[1] :]):
             text = tokenizer.decode(answer, skip_special_tokens=True)
-            out.append(text.strip() == row["messages"][-1]["content"].strip())
+            out.append(checkers.exact(row["messages"][0]["content"], text, row["messages"][-1]["content"]) == 1.0)
     return out
 
 

@@ -167,6 +167,7 @@ def test_bench_heldout_holds_every_arith_prompt_no_training_split_asks():
     """bench/heldout.py's file (docs/quality.md, "Sparse reward signal"): the whole unseen population, right answers."""
     import sys
 
+    from align.tasks.zoo import prompt_turns
     from conftest import REPO
 
     sys.path.insert(0, str(REPO / "bench"))
@@ -174,8 +175,6 @@ def test_bench_heldout_holds_every_arith_prompt_no_training_split_asks():
 
     rows = heldout.arith_unseen()
     prompts = [r["messages"][0]["content"] for r in rows]
-    from align.tasks.zoo import prompt_turns
-
     trained = {prompt_turns(r)[-1]["content"] for split in ("sft", "prefs") for r in read("arith", split)}
     assert len(prompts) == len(set(prompts)) == 8100 - len(trained) == 1859
     assert not set(prompts) & trained
