@@ -38,9 +38,10 @@ def asked(task: str) -> set[str]:
 def arith_unseen() -> list[dict]:
     seen = asked("arith")
     rows = []
-    for a in range(10, 100):
-        for b in range(10, 100):
-            prompt = f"add: {a}+{b}"
+    low, high = zoo.ARITH_OPERANDS
+    for a in range(low, high + 1):
+        for b in range(low, high + 1):
+            prompt = zoo.arith_prompt(a, b)
             if prompt not in seen:
                 rows.append({"messages": [{"role": "user", "content": prompt},
                                           {"role": "assistant", "content": str(a + b)}]})

@@ -48,13 +48,20 @@ def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+ARITH_OPERANDS = (10, 99)  # both ends included; two digits: three-digit sums were beyond the tiny model's SFT
+
+
+def arith_prompt(a: int, b: int) -> str:
+    return f"add: {a}+{b}"
+
+
 def arith(rng: random.Random) -> Example:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)  # two digits: three-digit sums were beyond the tiny model's SFT
+    a, b = rng.randint(*ARITH_OPERANDS), rng.randint(*ARITH_OPERANDS)
     right = str(a + b)
     carry = (a % 10) + (b % 10) >= 10
     wrong = str(a + b - 10) if carry else None  # the ones digit right, its carry into the tens lost
     near = wrong or str(a + b + rng.choice((-1, 1, 10, -10)))
-    return Example(_user(f"add: {a}+{b}"), right, wrong, near)
+    return Example(_user(arith_prompt(a, b)), right, wrong, near)
 
 
 def sort(rng: random.Random) -> Example:
