@@ -112,7 +112,7 @@ def main() -> None:
                 "peft=none", f"rollout.engine={engine}", f"train.max_steps={args.grpo_steps}",
                 "stage.rollout_batch_size=16", "stage.group_size=8", "train.batch_size=16", "train.grad_accum=8",
                 "stage.max_new_tokens=256", "stage.eval_prompts=0", "stage.drop_zero_variance=false",
-                "train.logging_steps=1"], root, step_time)
+                "stage.dynamic_sampling=0", "train.logging_steps=1"], root, step_time)
         for peft in ("lora", "qlora"):
             measured(f"SFT ({peft})", "sft", [f"peft={peft}", "train.max_steps=20", "train.batch_size=16"],
                      runs / peft, mfu)

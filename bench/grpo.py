@@ -33,7 +33,7 @@ def main() -> None:
         ours = run_align("grpo", f"train.max_steps={args.steps}", f"stage.rollout_batch_size={args.prompts}",
                          f"stage.group_size={args.group}", f"train.batch_size={args.micro}",
                          f"train.grad_accum={samples // args.micro}", f"stage.max_new_tokens={args.tokens}",
-                         "stage.temperature=0.7", "train.lr=3e-4", "stage.eval_prompts=0",
+                         "stage.temperature=0.7", "train.lr=3e-4", "stage.eval_prompts=0", "stage.dynamic_sampling=0",
                          f"train.logging_steps={args.steps}", run_root=runs)
         peer = run_peer("trl_grpo_peer.py", "--sft", str(runs / "demo/sft/model"), "--steps", str(args.steps),
                         "--prompts", str(args.prompts), "--group", str(args.group), "--micro", str(args.micro),

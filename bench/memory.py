@@ -110,7 +110,8 @@ STAGE_ARGS = {
             "stage.max_prompt_length=48"],
     # a random model's answers all score 0: without drop_zero_variance=false no group would train and no step happen
     "grpo": ["train.max_steps=2", "stage.rollout_batch_size=2", "stage.group_size=4", "stage.max_new_tokens=16",
-             "stage.eval_prompts=0", "stage.max_prompt_length=48", "stage.drop_zero_variance=false"],
+             "stage.eval_prompts=0", "stage.max_prompt_length=48", "stage.drop_zero_variance=false",
+             "stage.dynamic_sampling=0"],
 }
 MEASURED = ("sft", "dpo", "ppo", "grpo")
 SIZES = {"small": (512, 6), "medium": (768, 8), "large": (1024, 12)}  # hidden, layers

@@ -57,12 +57,17 @@ METHODS = {
     "grpo": (["grpo"], ["grpo.train.max_steps=800"]),
     "grpo_t07": (["grpo"], ["grpo.train.max_steps=800", "grpo.temperature=0.7"]),
     "rloo": (["grpo"], ["grpo.train.max_steps=800", "grpo.advantage=rloo"]),
-    "grpo_dynamic": (["grpo"], ["grpo.train.max_steps=800", "grpo.dynamic_sampling=4"]),  # DAPO's dynamic sampling
-    # sparse signal (a deliberately weak SFT, docs/quality.md): 300 steps without and with dynamic sampling
-    "grpo_300": (["grpo"], ["grpo.train.max_steps=300"]),
-    "grpo_300_dynamic": (["grpo"], ["grpo.train.max_steps=300", "grpo.dynamic_sampling=4"]),
+    # dynamic sampling: extra rounds for the failing flat groups (dynamic_sampling_replaces' default), and DAPO's form
+    "grpo_dynamic": (["grpo"], ["grpo.train.max_steps=800", "grpo.dynamic_sampling=4"]),
+    "grpo_dynamic_flat": (["grpo"], ["grpo.train.max_steps=800", "grpo.dynamic_sampling=4",
+                                     "grpo.dynamic_sampling_replaces=flat"]),
+    # sparse signal (a deliberately weak SFT, docs/quality.md): 300 steps without and with DAPO's dynamic sampling
+    "grpo_300": (["grpo"], ["grpo.train.max_steps=300", "grpo.dynamic_sampling=0"]),
+    "grpo_300_dynamic": (["grpo"], ["grpo.train.max_steps=300", "grpo.dynamic_sampling=4",
+                                    "grpo.dynamic_sampling_replaces=flat"]),
     # flat groups kept in the update at advantage 0: the step divides by every answer's tokens, not only theirs
-    "grpo_300_keep_flat": (["grpo"], ["grpo.train.max_steps=300", "grpo.drop_zero_variance=false"]),
+    "grpo_300_keep_flat": (["grpo"], ["grpo.train.max_steps=300", "grpo.drop_zero_variance=false",
+                                      "grpo.dynamic_sampling=0"]),
     # rollouts on vLLM (the environment with vLLM), each correction of the engine/trainer mismatch (docs/rollouts.md)
     "grpo_vllm_none": (["grpo"], ["grpo.train.max_steps=800", "grpo.rollout.engine=vllm",
                                   "grpo.rollout.is_correction=none"]),

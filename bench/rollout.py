@@ -178,7 +178,8 @@ def grpo_step(folder: Path, size: str, engine: str, prompts: int, group: int, to
         run_align("grpo", f"model.name_or_path={folder}", "stage.init=base", peft, f"rollout.engine={engine}",
                   f"train.max_steps={steps}", f"stage.rollout_batch_size={prompts}", f"stage.group_size={group}",
                   f"train.batch_size={prompts * group}", f"stage.max_new_tokens={tokens}", "stage.eval_prompts=0",
-                  "stage.drop_zero_variance=false", "train.logging_steps=1", run_root=Path(tmp) / "runs")
+                  "stage.drop_zero_variance=false", "stage.dynamic_sampling=0", "train.logging_steps=1",
+                  run_root=Path(tmp) / "runs")
         history = [json.loads(line) for line in (Path(tmp) / "runs/demo/grpo/history.jsonl").read_text().splitlines()]
     later = history[1:] or history
     return {"step_s": statistics.mean(h["time/step_s"] for h in later),

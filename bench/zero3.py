@@ -53,7 +53,7 @@ def main() -> None:
         shapes = {
             "ppo": [f"stage.rollout_batch_size={args.rollout}", "train.batch_size=8", "stage.ppo_epochs=1"],
             "grpo": [f"stage.rollout_batch_size={args.rollout // 4}", "stage.group_size=4", "train.batch_size=8",
-                     "reward=python", "reward.fn=tests.rewards_for_tests:length"],
+                     "reward=python", "reward.fn=tests.rewards_for_tests:length", "stage.dynamic_sampling=0"],
         }
         for stage, shape in shapes.items():
             common = [f"train.max_steps={args.steps}", f"stage.max_new_tokens={args.tokens}", *shape]

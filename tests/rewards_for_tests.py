@@ -9,3 +9,9 @@ def length(prompts, completions, **fields):
 def constant(prompts, completions, **fields):
     """Every answer alike: no preference anywhere."""
     return [1.0 for _ in completions]
+
+
+def half_solved(prompts, completions, **fields):
+    """Half the prompts (by their characters) solved, every answer 1.0; the rest 0.5 and 0 by turns (answers are
+    scored in their groups' order): flat groups at the best reward beside groups that differ, whatever the model."""
+    return [1.0 if sum(map(ord, p)) % 2 else 0.5 * (i % 2) for i, p in enumerate(prompts)]

@@ -211,3 +211,23 @@ def test_dynamic_sampling_fills_each_step_with_groups_that_carry_signal(sft_run)
     assert [round(h["samples/s"] * h["time/step_s"]) for h in history] == [64 * r for r in rounds]
     assert with_signal > sampled_signal + 0.05 and with_signal > 0.9, (with_signal, sampled_signal)
     assert sum(h["groups/dropped"] for h in history) < sum(8 * h["groups/zero_variance_share"] for h in history)
+
+
+def test_dynamic_sampling_replaces_failing_groups_and_keeps_solved_ones(sft_run):
+    """stage.dynamic_sampling_replaces: with about half the prompts solved (every answer at the best reward there
+    is) and the others' answers differing, DAPO's `flat` samples extra rounds on every step (no round holds 8 groups
+    that differ), and `failing` none (every group is solved or differs). Flat groups below the best, which `failing`
+    does sample again for, are the test above's."""
+    from align.run.handoff import read_history
+
+    keys = [*GRPO, "train.max_steps=4", "stage.eval_prompts=0", f"stage.init={sft_run / 'demo' / 'sft'}",
+            "stage.dynamic_sampling=3", "reward=python", "reward.fn=tests.rewards_for_tests:half_solved"]
+    histories = {how: read_history(run_stage("grpo", sft_run, *keys, f"run.name=replaces_{how}",
+                                             f"stage.dynamic_sampling_replaces={how}").out)
+                 for how in ("flat", "failing")}
+    flat, failing = ([h["sampling/rounds"] for h in histories[k]] for k in ("flat", "failing"))
+    assert min(flat) >= 2 and failing == [1, 1, 1, 1], (flat, failing)
+    solved = [h["groups/solved_share"] for h in histories["failing"]]
+    assert all(0.1 < s < 0.9 for s in solved) and 0.3 < sum(solved) / 4 < 0.7, solved
+    assert [h["groups/with_signal"] for h in histories["failing"]] == [1 - s for s in solved]
+    assert all(h["groups/solved_share"] == 0 for h in histories["flat"])

@@ -147,6 +147,25 @@ def test_dynamic_sampling_fills_the_batch_with_groups_with_signal_by_hand():
     assert dynamic.rows_of(torch.tensor([1, 2]), 2).tolist() == [2, 3, 4, 5]
 
 
+def test_solved_groups_are_flat_at_the_best_reward_seen_by_hand():
+    from align.rl import dynamic
+
+    # groups of 2: all right (1, 1), all wrong (0, 0), mixed (1, 0), right but one answer invalid (1, -), none valid
+    total = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 5.0, 2.0, 2.0])
+    valid = torch.tensor([True, True, True, True, True, True, True, False, False, False])
+    flat = torch.tensor([True, True, True, True, False, False, True, True, True, True])
+    seen = dynamic.seen_range(None, total, valid)
+    assert seen == (0.0, 1.0)  # the invalid 5.0 and 2.0 are not rewards the run has seen
+    assert dynamic.solved(flat, total, valid, 2, seen).tolist() == [True, False, False, True, False]
+    # one reward seen so far: a flat group may be all wrong as well as all right, so none counts as solved
+    assert dynamic.solved(flat, total, valid, 2, (1.0, 1.0)).tolist() == [False] * 5
+    assert dynamic.solved(flat, total, valid, 2, None).tolist() == [False] * 5
+    # a better reward seen on an earlier step: flat at 1.0 is no longer the best
+    assert dynamic.solved(flat, total, valid, 2, (0.0, 1.5)).tolist() == [False] * 5
+    assert dynamic.seen_range((-2.0, 0.5), total, valid) == (-2.0, 1.0)
+    assert dynamic.seen_range((-2.0, 0.5), total, torch.zeros(10, dtype=torch.bool)) == (-2.0, 0.5)
+
+
 def test_batches_of_two_rounds_concatenate_with_their_padding_by_hand():
     from align.rl.rollout import Batch
 

@@ -95,8 +95,12 @@ class GRPOStageConfig(OnlineStageConfig):
     drop_zero_variance: bool = keyed(True, help="leave out groups whose rewards are all equal (DAPO); counted")
     dynamic_sampling: int = keyed(0, NON_NEGATIVE, "DAPO's dynamic sampling: up to N more rounds of fresh prompts per "
                                                    "step until the batch holds rollout_batch_size groups whose "
-                                                   "rewards differ (logged: sampling/rounds, groups/with_signal); "
-                                                   "0: off")
+                                                   "rewards differ or are solved (logged: sampling/rounds, "
+                                                   "groups/with_signal, groups/solved_share); 0: off")
+    dynamic_sampling_replaces: str = keyed("failing", one_of("failing", "flat"),
+                                           "which flat groups the extra rounds replace: failing (all but those "
+                                           "flat at the best reward the run has seen, which are solved), flat "
+                                           "(every one, as DAPO)")
     beta: float = keyed(0.0, NON_NEGATIVE, "KL(policy || reference) coefficient; 0: no reference pass at all")
     kl_in: str = keyed("auto", one_of("auto", "loss", "reward"),
                        "auto: in the reward for reinforce_pp, in the loss otherwise; reward needs reinforce_pp (the "
@@ -231,6 +235,8 @@ class GRPOLoop(OnlineLoop):
         self.agg, self.clip = loss_aggregation(s), clip_range(s)
         self.kl_in = grpo_kl_in(s)
         self.kl_in_reward = s.beta > 0 and self.kl_in == "reward"
+        self.extra_rounds = s.dynamic_sampling
+        self.reward_seen: tuple[float, float] | None = None  # dynamic sampling: the run's lowest and highest reward
 
     def frozen_models(self) -> tuple:
         return (*super().frozen_models(), *([self.rm[0]] if self.rm is not None else []))
@@ -272,12 +278,15 @@ class GRPOLoop(OnlineLoop):
         return self._stats(r, update, time.perf_counter() - t0)
 
     def _rollout(self, prompts: list[Prompt]) -> GroupRollout:
-        """Sample group_size answers per prompt and score them (with stage.dynamic_sampling, more rounds of fresh
-        prompts until the batch is full of groups with signal), then turn the scores into per-token advantages."""
-        s, G = self.s, self.s.group_size
+        """Sample group_size answers per prompt and score them (with dynamic sampling, more rounds of fresh prompts
+        while the batch is short of groups with signal or solved), then turn the scores into per-token advantages."""
+        G = self.s.group_size
         sampled, rounds = self._sample(prompts), 0
-        while rounds < s.dynamic_sampling and self._short_of_signal(sampled, len(prompts)):
-            sampled, rounds = Sampled.concat([sampled, self._sample(self.draw_prompts())], self.pad), rounds + 1
+        self._see(sampled)
+        while rounds < self.extra_rounds and self._short_of_signal(sampled, len(prompts)):
+            more = self._sample(self.draw_prompts())
+            self._see(more)
+            sampled, rounds = Sampled.concat([sampled, more], self.pad), rounds + 1
         every = sampled
         if rounds:  # the first len(prompts) groups with signal, then flat ones: every rank keeps its row count
             sampled = sampled.select(dynamic.rows_of(dynamic.fill(dynamic.signal(sampled.flat, G), len(prompts)), G))
@@ -291,9 +300,31 @@ class GRPOLoop(OnlineLoop):
         return self.s.ppo_epochs == 1 and rows == self.cfg.train.batch_size * self.cfg.train.grad_accum
 
     def _short_of_signal(self, sampled: "Sampled", target: int) -> bool:
-        """Some rank has fewer than `target` groups with signal (all ranks then sample another round together)."""
-        missing = target - int(dynamic.signal(sampled.flat, self.s.group_size).sum())
-        return distributed.all_reduce_scalar(float(missing), "max") > 0
+        """Some rank has fewer than `target` groups with signal, or solved (dynamic_sampling_replaces=failing); all
+        ranks then sample another round together."""
+        found = int(dynamic.signal(sampled.flat, self.s.group_size).sum()) + int(self._solved(sampled).sum())
+        return distributed.all_reduce_scalar(float(target - found), "max") > 0
+
+    def _solved(self, sampled: "Sampled") -> torch.Tensor:
+        """[groups] bool: flat at the best reward the run has seen (none with dynamic_sampling_replaces=flat)."""
+        if self.s.dynamic_sampling_replaces == "flat":
+            return torch.zeros(len(sampled.flat) // self.s.group_size, dtype=torch.bool)
+        return dynamic.solved(sampled.flat, sampled.total, sampled.scored.valid, self.s.group_size, self.reward_seen)
+
+    def _see(self, sampled: "Sampled") -> None:
+        """Widen the run's range of rewards seen (over every rank) by one sampling round; only dynamic sampling
+        reads it, and only then is it gathered (a collective per round)."""
+        if not self.extra_rounds:
+            return
+        seen = dynamic.seen_range(self.reward_seen, sampled.total, sampled.scored.valid) or (math.inf, -math.inf)
+        lo, hi = distributed.all_reduce_scalar(seen[0], "min"), distributed.all_reduce_scalar(seen[1], "max")
+        self.reward_seen = (lo, hi) if lo <= hi else None
+
+    def extra_state(self) -> dict:
+        return {"reward_seen": self.reward_seen}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.reward_seen = None if state.get("reward_seen") is None else tuple(state["reward_seen"])
 
     def _sample(self, prompts: list[Prompt]) -> "Sampled":
         """One round: group_size answers per prompt, the log-probs the update needs, the shaped rewards."""
@@ -401,9 +432,10 @@ class GRPOLoop(OnlineLoop):
                "time/generation_share": r.t_gen / step_time, "time/step_s": step_time,
                "samples/s": len(scored.total) / step_time}
         out.update({f"reward/{k}": float(v.mean()) for k, v in scored.components.items()})
-        if self.s.dynamic_sampling:  # the rounds this step sampled, and the share of its batch that has signal
+        if self.extra_rounds:  # the rounds this step sampled, and the share of its batch that has signal
             out.update({"sampling/rounds": float(1 + r.rounds),
-                        "groups/with_signal": float(dynamic.signal(r.flat, G).float().mean())})
+                        "groups/with_signal": float(dynamic.signal(r.flat, G).float().mean()),
+                        "groups/solved_share": float(self._solved(every).float().mean())})
         out.update(online.engine_stats(self.vllm, r.mismatch))
         if r.episodes is not None:  # turns, tool calls, env errors; the rollout's time in the environment
             out.update(r.episodes)
