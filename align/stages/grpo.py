@@ -235,7 +235,6 @@ class GRPOLoop(OnlineLoop):
         self.agg, self.clip = loss_aggregation(s), clip_range(s)
         self.kl_in = grpo_kl_in(s)
         self.kl_in_reward = s.beta > 0 and self.kl_in == "reward"
-        self.extra_rounds = s.dynamic_sampling
         self.reward_seen: tuple[float, float] | None = None  # dynamic sampling: the run's lowest and highest reward
 
     def frozen_models(self) -> tuple:
@@ -283,7 +282,7 @@ class GRPOLoop(OnlineLoop):
         G = self.s.group_size
         sampled, rounds = self._sample(prompts), 0
         self._see(sampled)
-        while rounds < self.extra_rounds and self._short_of_signal(sampled, len(prompts)):
+        while rounds < self.s.dynamic_sampling and self._short_of_signal(sampled, len(prompts)):
             more = self._sample(self.draw_prompts())
             self._see(more)
             sampled, rounds = Sampled.concat([sampled, more], self.pad), rounds + 1
@@ -312,9 +311,9 @@ class GRPOLoop(OnlineLoop):
         return dynamic.solved(sampled.flat, sampled.total, sampled.scored.valid, self.s.group_size, self.reward_seen)
 
     def _see(self, sampled: "Sampled") -> None:
-        """Widen the run's range of rewards seen (over every rank) by one sampling round; only dynamic sampling
-        reads it, and only then is it gathered (a collective per round)."""
-        if not self.extra_rounds:
+        """Widen the run's range of rewards seen (over every rank) by one sampling round; only dynamic sampling's
+        `failing` form reads it, and only then is it gathered (a collective per round)."""
+        if not self.s.dynamic_sampling or self.s.dynamic_sampling_replaces == "flat":
             return
         seen = dynamic.seen_range(self.reward_seen, sampled.total, sampled.scored.valid) or (math.inf, -math.inf)
         lo, hi = distributed.all_reduce_scalar(seen[0], "min"), distributed.all_reduce_scalar(seen[1], "max")
@@ -432,7 +431,7 @@ class GRPOLoop(OnlineLoop):
                "time/generation_share": r.t_gen / step_time, "time/step_s": step_time,
                "samples/s": len(scored.total) / step_time}
         out.update({f"reward/{k}": float(v.mean()) for k, v in scored.components.items()})
-        if self.extra_rounds:  # the rounds this step sampled, and the share of its batch that has signal
+        if self.s.dynamic_sampling:  # the rounds this step sampled, and the share of its batch that has signal
             out.update({"sampling/rounds": float(1 + r.rounds),
                         "groups/with_signal": float(dynamic.signal(r.flat, G).float().mean()),
                         "groups/solved_share": float(self._solved(every).float().mean())})
