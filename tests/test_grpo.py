@@ -231,3 +231,17 @@ def test_dynamic_sampling_replaces_failing_groups_and_keeps_solved_ones(sft_run)
     assert all(0.1 < s < 0.9 for s in solved) and 0.3 < sum(solved) / 4 < 0.7, solved
     assert [h["groups/with_signal"] for h in histories["failing"]] == [1 - s for s in solved]
     assert all(h["groups/solved_share"] == 0 for h in histories["flat"])
+
+
+def test_dynamic_sampling_pays_no_round_in_a_run_never_rewarded_differently(sft_run):
+    """stage.dynamic_sampling with `failing`: a run whose rewards are all alike cannot tell a solved group from a
+    failing one, so it samples no extra round, where DAPO's `flat` pays its 4 every step (5x the generation, for
+    groups as flat as the first)."""
+    from align.run.handoff import read_history
+
+    keys = [*GRPO, "train.max_steps=3", "stage.eval_prompts=0", f"stage.init={sft_run / 'demo' / 'sft'}",
+            "stage.dynamic_sampling=4", "reward=python", "reward.fn=tests.rewards_for_tests:constant"]
+    rounds = {how: [h["sampling/rounds"] for h in read_history(run_stage(
+        "grpo", sft_run, *keys, f"run.name=never_{how}", f"stage.dynamic_sampling_replaces={how}").out)]
+        for how in ("flat", "failing")}
+    assert rounds == {"flat": [5, 5, 5], "failing": [1, 1, 1]}, rounds

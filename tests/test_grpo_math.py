@@ -160,6 +160,7 @@ def test_solved_groups_are_flat_at_the_best_reward_seen_by_hand():
     # one reward seen so far: a flat group may be all wrong as well as all right, so none counts as solved
     assert dynamic.solved(flat, total, valid, 2, (1.0, 1.0)).tolist() == [False] * 5
     assert dynamic.solved(flat, total, valid, 2, None).tolist() == [False] * 5
+    assert [dynamic.can_tell(s) for s in (None, (1.0, 1.0), (0.0, 1.0))] == [False, False, True]
     # a better reward seen on an earlier step: flat at 1.0 is no longer the best
     assert dynamic.solved(flat, total, valid, 2, (0.0, 1.5)).tolist() == [False] * 5
     assert dynamic.seen_range((-2.0, 0.5), total, valid) == (-2.0, 1.0)

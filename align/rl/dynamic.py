@@ -7,7 +7,9 @@ sampled, then with flat groups (left out of the update, as without dynamic sampl
 A flat group is *solved* when its reward is the best the run has seen, once the run has seen two different rewards:
 every answer to its prompt already gets the most there is to get, and sampling the prompt again teaches nothing. Any
 other flat group is *failing* (all wrong, or all equally mediocre). With `stage.dynamic_sampling_replaces=failing`
-the extra rounds replace only failing groups; DAPO's `flat` replaces solved ones too.
+the extra rounds replace only failing groups, and only once the run can tell the two apart (it has seen two different
+rewards): a run never rewarded yet samples no extra round, where every round would find the same zero. DAPO's `flat`
+replaces solved ones too, from the first step.
 """
 
 from __future__ import annotations
@@ -40,12 +42,17 @@ def seen_range(seen: tuple[float, float] | None, total: torch.Tensor, valid: tor
     return (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
 
 
+def can_tell(seen: tuple[float, float] | None) -> bool:
+    """The run has seen two different rewards, so a flat group can be told solved or failing."""
+    return seen is not None and seen[1] > seen[0]
+
+
 def solved(flat: torch.Tensor, total: torch.Tensor, valid: torch.Tensor, group_size: int,
            seen: tuple[float, float] | None) -> torch.Tensor:
     """[groups] bool: the group is flat at the best reward seen (`seen`: the run's lowest and highest); none while
     the run has seen fewer than two different rewards (a flat group then may be all wrong or all right)."""
     groups = len(flat) // group_size
-    if seen is None or seen[1] <= seen[0]:
+    if not can_tell(seen):
         return torch.zeros(groups, dtype=torch.bool)
     best = torch.where(valid, total.float(), torch.full_like(total, -torch.inf, dtype=torch.float)).view(groups, -1)
     tolerance = 1e-6 * max(1.0, abs(seen[1]))

@@ -299,8 +299,10 @@ class GRPOLoop(OnlineLoop):
         return self.s.ppo_epochs == 1 and rows == self.cfg.train.batch_size * self.cfg.train.grad_accum
 
     def _short_of_signal(self, sampled: "Sampled", target: int) -> bool:
-        """Some rank has fewer than `target` groups with signal, or solved (dynamic_sampling_replaces=failing); all
-        ranks then sample another round together."""
+        """Some rank has fewer than `target` groups with signal, or solved (dynamic_sampling_replaces=failing, once
+        the run has seen two different rewards: before, no round); all ranks then sample another round together."""
+        if self.s.dynamic_sampling_replaces == "failing" and not dynamic.can_tell(self.reward_seen):
+            return False  # every rank holds the same range (gathered per round)
         found = int(dynamic.signal(sampled.flat, self.s.group_size).sum()) + int(self._solved(sampled).sum())
         return distributed.all_reduce_scalar(float(target - found), "max") > 0
 
