@@ -139,14 +139,16 @@ def test_sft_loss_curve_is_the_same_on_one_process_and_on_two_ranks_under_zero2_
 def test_zero3_outputs_reload_with_the_in_memory_logits(tmp_path, ppo_parents, stage, zero, peft):
     # PPO also with its memory knobs: checkpointed actor/critic, the reward model's shards offloaded to the CPU
     extra = PPO_KNOBS if stage in ("ppo", "grpo") else []
-    extra += ["stage.dynamic_sampling=2"] if stage == "grpo" else []  # extra sampling rounds in lock-step
+    # extra sampling rounds in lock-step: a reward with solved, failing and mixed groups, so `failing` takes them
+    extra += ["stage.dynamic_sampling=2", "reward.fn=tests.rewards_for_tests:thirds"] if stage == "grpo" else []
     online = stage in ("ppo", "grpo")
     out, live = run_two_ranks(tmp_path, stage, zero, peft, *extra, parents=ppo_parents if online else None)
     check_output(out, stage, zero, peft, live)
     if stage == "grpo":
         from align.run.handoff import read_history
 
-        assert all(1 <= h["sampling/rounds"] <= 3 for h in read_history(out))
+        rounds = [h["sampling/rounds"] for h in read_history(out)]
+        assert all(1 <= r <= 3 for r in rounds) and max(rounds) > 1, rounds
 
 
 def test_a_zero3_ppo_step_with_its_models_gathered_once_trains_as_layer_by_layer(tmp_path, ppo_parents):
