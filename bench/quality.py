@@ -55,6 +55,8 @@ METHODS = {
     "ppo": (["rm", "ppo"], ["ppo.train.max_steps=100"]),
     "ppo_kl005": (["rm", "ppo"], ["ppo.train.max_steps=100", "ppo.kl_coef=0.05"]),
     "grpo": (["grpo"], ["grpo.train.max_steps=800"]),
+    # dynamic sampling off: the `grpo` cells of docs/quality.md measured before it became the default (2026-12-07)
+    "grpo_no_dynamic": (["grpo"], ["grpo.train.max_steps=800", "grpo.dynamic_sampling=0"]),
     "grpo_t07": (["grpo"], ["grpo.train.max_steps=800", "grpo.temperature=0.7"]),
     "rloo": (["grpo"], ["grpo.train.max_steps=800", "grpo.advantage=rloo"]),
     # dynamic sampling: extra rounds for the failing flat groups (dynamic_sampling_replaces' default), and DAPO's form

@@ -170,11 +170,16 @@ def test_the_env_group_is_refused_where_it_does_not_apply_and_with_one_answer_ke
     assert any("multi-turn episodes run in stage=grpo" in p for p in ppo), ppo
     grpo = problems(compose("stage=grpo", "env=python", "env.cls=nowhere:Env", "stage.overlong_buffer=8"))
     assert any("cannot import 'nowhere'" in p for p in grpo) and any("overlong_buffer" in p for p in grpo), grpo
-    # dynamic sampling: off by default; on, it asks for what episodes do not run
+    # dynamic sampling: its default (null) is 4 extra rounds for single answers and off with env=python; set, it
+    # asks for what episodes do not run
+    from align.stages.grpo import extra_rounds
+
     calc = ("stage=grpo", "env=python", "env.cls=align.tasks.calc:Calculator")
     assert not any("dynamic_sampling" in p for p in problems(compose(*calc)))
+    assert extra_rounds(compose(*calc)) == 0 and extra_rounds(compose("stage=grpo")) == 4
+    assert extra_rounds(compose("stage=grpo", "stage.dynamic_sampling=0")) == 0
     refused = [p for p in problems(compose(*calc, "stage.dynamic_sampling=2")) if "dynamic_sampling" in p]
-    assert len(refused) == 1 and "Fix: stage.dynamic_sampling=0 with env=python" in refused[0], refused
+    assert len(refused) == 1 and "Fix: stage.dynamic_sampling=null (off with env=python) or 0" in refused[0], refused
     from align import rewards  # reward=env without an environment: refused when the reward is built
 
     with pytest.raises(rewards.RewardError, match="set env=python"):

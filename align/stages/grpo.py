@@ -93,10 +93,11 @@ class GRPOStageConfig(OnlineStageConfig):
     clip_high: float | None = keyed(None, POSITIVE, "ratio clip above 1 (DAPO's clip-higher when above clip_low); "
                                                     "null: 0.28, or 4e-4 with ratio_level=sequence (GSPO's)")
     drop_zero_variance: bool = keyed(True, help="leave out groups whose rewards are all equal (DAPO); counted")
-    dynamic_sampling: int = keyed(0, NON_NEGATIVE, "DAPO's dynamic sampling: up to N more rounds of fresh prompts per "
-                                                   "step until the batch holds rollout_batch_size groups whose "
-                                                   "rewards differ or are solved (logged: sampling/rounds, "
-                                                   "groups/with_signal, groups/solved_share); 0: off")
+    dynamic_sampling: int | None = keyed(None, NON_NEGATIVE,
+                                         "DAPO's dynamic sampling: up to N more rounds of fresh prompts per step "
+                                         "until the batch holds rollout_batch_size groups whose rewards differ or "
+                                         "are solved (logged: sampling/rounds, groups/with_signal, "
+                                         "groups/solved_share); 0: off; null: 4, or 0 with env=python")
     dynamic_sampling_replaces: str = keyed("failing", one_of("failing", "flat"),
                                            "which flat groups the extra rounds replace: failing (all but those "
                                            "flat at the best reward the run has seen, which are solved), flat "
@@ -118,6 +119,14 @@ class GRPOStageConfig(OnlineStageConfig):
 def default_reward(cfg) -> str:
     """What reward=auto means: the environment's reward when the stage runs episodes, else the data's checker."""
     return "env" if envs.selected(cfg) else DEFAULT_REWARD
+
+
+def extra_rounds(cfg) -> int:
+    """stage.dynamic_sampling, null resolved: 4 extra rounds at most for single answers (docs/quality.md: sparse
+    signal, three seeds), none for env=python's episodes, which it does not sample again."""
+    if cfg.stage.dynamic_sampling is not None:
+        return cfg.stage.dynamic_sampling
+    return 0 if envs.selected(cfg) else 4
 
 
 def clip_range(stage) -> tuple[float, float]:
@@ -235,6 +244,7 @@ class GRPOLoop(OnlineLoop):
         self.agg, self.clip = loss_aggregation(s), clip_range(s)
         self.kl_in = grpo_kl_in(s)
         self.kl_in_reward = s.beta > 0 and self.kl_in == "reward"
+        self.extra_rounds = extra_rounds(cfg)
         self.reward_seen: tuple[float, float] | None = None  # dynamic sampling: the run's lowest and highest reward
 
     def frozen_models(self) -> tuple:
@@ -282,7 +292,7 @@ class GRPOLoop(OnlineLoop):
         G = self.s.group_size
         sampled, rounds = self._sample(prompts), 0
         self._see(sampled)
-        while rounds < self.s.dynamic_sampling and self._short_of_signal(sampled, len(prompts)):
+        while rounds < self.extra_rounds and self._short_of_signal(sampled, len(prompts)):
             more = self._sample(self.draw_prompts())
             self._see(more)
             sampled, rounds = Sampled.concat([sampled, more], self.pad), rounds + 1
@@ -315,7 +325,7 @@ class GRPOLoop(OnlineLoop):
     def _see(self, sampled: "Sampled") -> None:
         """Widen the run's range of rewards seen (over every rank) by one sampling round; only dynamic sampling's
         `failing` form reads it, and only then is it gathered (a collective per round)."""
-        if not self.s.dynamic_sampling or self.s.dynamic_sampling_replaces == "flat":
+        if not self.extra_rounds or self.s.dynamic_sampling_replaces == "flat":
             return
         seen = dynamic.seen_range(self.reward_seen, sampled.total, sampled.scored.valid) or (math.inf, -math.inf)
         lo, hi = distributed.all_reduce_scalar(seen[0], "min"), distributed.all_reduce_scalar(seen[1], "max")
@@ -433,7 +443,7 @@ class GRPOLoop(OnlineLoop):
                "time/generation_share": r.t_gen / step_time, "time/step_s": step_time,
                "samples/s": len(scored.total) / step_time}
         out.update({f"reward/{k}": float(v.mean()) for k, v in scored.components.items()})
-        if self.s.dynamic_sampling:  # the rounds this step sampled, and the share of its batch that has signal
+        if self.extra_rounds:  # the rounds this step sampled, and the share of its batch that has signal
             out.update({"sampling/rounds": float(1 + r.rounds),
                         "groups/with_signal": float(dynamic.signal(r.flat, G).float().mean()),
                         "groups/solved_share": float(self._solved(every).float().mean())})
@@ -561,9 +571,9 @@ def _episode_problems(cfg) -> list[str]:
     if s.max_new_tokens > s.max_episode_tokens:
         out.append(f"stage.max_new_tokens={s.max_new_tokens} (one model turn) is over stage.max_episode_tokens="
                    f"{s.max_episode_tokens} (the whole episode). Fix: raise stage.max_episode_tokens")
-    if s.dynamic_sampling > 0:
+    if s.dynamic_sampling:
         out.append("stage.dynamic_sampling samples single answers again; it does not run multi-turn episodes "
-                   "(env=python). Fix: stage.dynamic_sampling=0 with env=python")
+                   "(env=python). Fix: stage.dynamic_sampling=null (off with env=python) or 0")
     return out
 
 
